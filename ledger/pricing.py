@@ -1,0 +1,136 @@
+"""What a call cost, in Decimal USD: genai-prices' catalogue at the call's time, under the config's overrides."""
+from __future__ import annotations
+
+import fnmatch
+import logging
+from dataclasses import dataclass
+from datetime import datetime
+from decimal import Decimal
+
+import genai_prices
+
+from .records import Usage
+
+log = logging.getLogger("meterline.pricing")
+
+MTOK = Decimal(1_000_000)
+# the ledger's DECIMAL(38, 12): amounts are rounded to a trillionth of a dollar, once, here
+QUANTUM = Decimal("0.000000000001")
+CATALOG_SOURCE = f"genai-prices {genai_prices.__version__}"
+UNPRICED = "unpriced"
+FREE = "free"
+
+# units of ours that genai-prices does not know; they are priced only by config rules
+_OWN_UNITS = frozenset({"images", "counted_tokens", "requests"})
+
+
+@dataclass(frozen=True, slots=True)
+class PriceRule:
+    """A config `prices:` entry: per-million-token rates, per image, per second of audio."""
+
+    provider: str | None
+    model: str  # glob
+    input_per_mtok: Decimal | None = None
+    output_per_mtok: Decimal | None = None
+    cache_read_per_mtok: Decimal | None = None
+    cache_write_per_mtok: Decimal | None = None
+    per_image: Decimal | None = None
+    per_second: Decimal | None = None
+
+    def matches(self, provider: str, model: str) -> bool:
+        return (self.provider is None or self.provider == provider) and fnmatch.fnmatchcase(model, self.model)
+
+
+@dataclass(frozen=True, slots=True)
+class Cost:
+    input_usd: Decimal | None
+    output_usd: Decimal | None
+    total_usd: Decimal | None
+    source: str
+
+    @classmethod
+    def unpriced(cls) -> Cost:
+        return cls(None, None, None, UNPRICED)
+
+
+FREE_COST = Cost(Decimal(0), Decimal(0), Decimal(0), FREE)
+
+
+class Pricer:
+    """Prices calls; config rules win over the catalogue, the first matching rule wins."""
+
+    def __init__(self, rules: list[PriceRule] | None = None) -> None:
+        self.rules = list(rules or ())
+
+    def warm(self) -> None:
+        """Loads the catalogue now, so the first call does not pay for it."""
+        try:
+            genai_prices.calc_price(genai_prices.Usage(input_tokens=1, output_tokens=1), "gpt-4o-mini",
+                                    provider_id="openai")
+        except Exception:  # noqa: BLE001 - a broken catalogue shows up as unpriced calls
+            log.warning("genai-prices catalogue failed to load", exc_info=True)
+
+    def cost(self, provider: str, models: tuple[str | None, ...], usage: Usage, at: datetime) -> Cost:
+        """`models` in order of preference (the response's model, then the request's)."""
+        names = [m for m in models if m]
+        if not names or usage.is_empty():
+            return Cost.unpriced()
+        for name in names:
+            for rule in self.rules:
+                if rule.matches(provider, name):
+                    return _rule_cost(rule, usage)
+        for name in names:
+            cost = _catalog_cost(provider, name, usage, at)
+            if cost is not None:
+                return cost
+        return Cost.unpriced()
+
+
+def _q(amount: Decimal) -> Decimal:
+    return amount.quantize(QUANTUM)
+
+
+def _rule_cost(rule: PriceRule, usage: Usage) -> Cost:
+    input_tokens = usage.input_tokens or 0
+    cache_read = usage.cache_read_tokens or 0
+    cache_write = usage.cache_write_tokens or 0
+    input_rate = rule.input_per_mtok or Decimal(0)
+    input_usd = (
+        Decimal(input_tokens - cache_read - cache_write) * input_rate
+        + Decimal(cache_read) * (rule.cache_read_per_mtok if rule.cache_read_per_mtok is not None else input_rate)
+        + Decimal(cache_write) * (rule.cache_write_per_mtok if rule.cache_write_per_mtok is not None else input_rate)
+    ) / MTOK
+    output_usd = Decimal(usage.output_tokens or 0) * (rule.output_per_mtok or Decimal(0)) / MTOK
+    if rule.per_image is not None:
+        output_usd += Decimal(usage.units.get("images", 0)) * rule.per_image
+    if rule.per_second is not None:
+        input_usd += Decimal(str(usage.units.get("audio_seconds", 0))) * rule.per_second
+    return Cost(_q(input_usd), _q(output_usd), _q(input_usd) + _q(output_usd), "config")
+
+
+def catalog_usage(usage: Usage) -> genai_prices.Usage:
+    """Our Usage in genai-prices' terms (the same convention, so only names differ)."""
+    values: dict[str, int | float] = {}
+    for name in ("input_tokens", "output_tokens", "cache_read_tokens", "cache_write_tokens"):
+        value = getattr(usage, name)
+        if value is not None:
+            values[name] = value
+    if usage.reasoning_tokens:
+        values["output_reasoning_tokens"] = usage.reasoning_tokens
+    for name, value in usage.units.items():
+        if name not in _OWN_UNITS:
+            values[name] = value
+    return genai_prices.Usage(**values)
+
+
+def _catalog_cost(provider: str, model: str, usage: Usage, at: datetime) -> Cost | None:
+    try:
+        calc = genai_prices.calc_price(catalog_usage(usage), model, provider_id=provider,
+                                       genai_request_timestamp=at)
+    except LookupError:
+        return None
+    except Exception:  # noqa: BLE001 - e.g. inconsistent counts; the call stays unpriced, not zero
+        log.warning("genai-prices could not price %s/%s", provider, model, exc_info=True)
+        return None
+    return Cost(_q(calc.input_price), _q(calc.output_price),
+                _q(calc.input_price) + _q(calc.output_price), CATALOG_SOURCE)

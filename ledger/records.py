@@ -1,0 +1,117 @@
+"""The shared vocabulary of meterline: plain data that crosses every boundary (Usage, CallInfo, CallRecord).
+
+This module imports nothing else of ours. Adapters fill `CallInfo` and `Usage`; the proxy
+assembles one `CallRecord` per call; the journal, the ledger and every exporter read it.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from datetime import datetime
+from decimal import Decimal
+
+# `outcome` values, the contract of the ledger's `outcome` column.
+OK = "ok"
+UPSTREAM_ERROR = "upstream_error"
+NETWORK_ERROR = "network_error"
+TIMEOUT = "timeout"
+CANCELLED = "cancelled"
+BLOCKED = "blocked"
+INTERRUPTED = "interrupted"
+OUTCOMES = (OK, UPSTREAM_ERROR, NETWORK_ERROR, TIMEOUT, CANCELLED, BLOCKED, INTERRUPTED)
+
+
+@dataclass(slots=True)
+class Usage:
+    """Token and unit counts in the OpenTelemetry GenAI / genai-prices convention.
+
+    `input_tokens` counts every input token, cached ones included; `cache_read_tokens` and
+    `cache_write_tokens` are parts of it. `output_tokens` includes `reasoning_tokens`.
+    `units` holds other priced quantities under genai-prices' names (e.g. `input_audio_tokens`,
+    `audio_seconds`) or ours (`images`, `requests`). None means "not reported".
+    """
+
+    input_tokens: int | None = None
+    output_tokens: int | None = None
+    cache_read_tokens: int | None = None
+    cache_write_tokens: int | None = None
+    reasoning_tokens: int | None = None
+    units: dict[str, int | float] = field(default_factory=dict)
+
+    def is_empty(self) -> bool:
+        return (
+            self.input_tokens is None
+            and self.output_tokens is None
+            and self.cache_read_tokens is None
+            and self.cache_write_tokens is None
+            and not self.units
+        )
+
+
+@dataclass(slots=True)
+class CallInfo:
+    """What is known of a call before it is forwarded: who asks which model for what."""
+
+    provider: str  # genai-prices provider id: openai, anthropic, google, groq, ...
+    operation: str  # chat, responses, text_completion, embeddings, generate_content, ...
+    endpoint: str  # the upstream path, with any key in its query redacted
+    request_model: str | None = None
+    stream: bool = False
+    max_output_tokens: int | None = None
+    input_estimate: int = 0  # rough input token count, for budget reservations
+    priced: bool = True  # False for calls that cost nothing (e.g. count_tokens)
+    user_id: str | None = None  # from the body (OpenAI `user`, Anthropic metadata.user_id)
+
+
+@dataclass(slots=True)
+class Observation:
+    """What an observer learned from a response once it ended."""
+
+    usage: Usage = field(default_factory=Usage)
+    response_model: str | None = None
+    response_id: str | None = None
+    finish_reason: str | None = None
+    error_type: str | None = None  # the provider's error type or code, on error responses
+    anomaly: str | None = None  # set when the body could not be metered (malformed, truncated)
+
+
+@dataclass(slots=True)
+class CallRecord:
+    """One call, as it lands in the ledger's `calls` table (field names are the column names)."""
+
+    call_id: str
+    started_at: datetime
+    ended_at: datetime | None
+    duration_ms: float | None
+    ttft_ms: float | None
+    overhead_ms: float | None
+    app: str | None
+    upstream: str
+    provider: str
+    operation: str
+    endpoint: str
+    request_model: str | None
+    response_model: str | None
+    response_id: str | None
+    stream: bool
+    status_code: int | None
+    outcome: str
+    error_type: str | None
+    finish_reason: str | None
+    input_tokens: int | None
+    output_tokens: int | None
+    cache_read_tokens: int | None
+    cache_write_tokens: int | None
+    reasoning_tokens: int | None
+    units: dict[str, int | float] | None
+    input_cost_usd: Decimal | None
+    output_cost_usd: Decimal | None
+    cost_usd: Decimal | None
+    price_source: str | None
+    user_id: str | None
+    key_fingerprint: str | None
+    tags: dict[str, str]
+    trace_id: str | None
+    span_id: str | None
+    request_bytes: int
+    response_bytes: int
+    anomaly: str | None = None

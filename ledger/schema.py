@@ -1,0 +1,112 @@
+"""The ledger's DuckDB schema: the `calls` table, its Arrow twin for batch inserts, and the spend views."""
+from __future__ import annotations
+
+import dataclasses
+from typing import Any
+
+import orjson
+import pyarrow as pa
+
+from .records import CallRecord
+
+MONEY = "DECIMAL(38, 12)"
+_money = pa.decimal128(38, 12)
+
+# (column, DuckDB type, Arrow type), in CallRecord's field order
+COLUMNS: list[tuple[str, str, pa.DataType]] = [
+    ("call_id", "VARCHAR", pa.string()),
+    ("started_at", "TIMESTAMPTZ", pa.timestamp("us", tz="UTC")),
+    ("ended_at", "TIMESTAMPTZ", pa.timestamp("us", tz="UTC")),
+    ("duration_ms", "DOUBLE", pa.float64()),
+    ("ttft_ms", "DOUBLE", pa.float64()),
+    ("overhead_ms", "DOUBLE", pa.float64()),
+    ("app", "VARCHAR", pa.string()),
+    ("upstream", "VARCHAR", pa.string()),
+    ("provider", "VARCHAR", pa.string()),
+    ("operation", "VARCHAR", pa.string()),
+    ("endpoint", "VARCHAR", pa.string()),
+    ("request_model", "VARCHAR", pa.string()),
+    ("response_model", "VARCHAR", pa.string()),
+    ("response_id", "VARCHAR", pa.string()),
+    ("stream", "BOOLEAN", pa.bool_()),
+    ("status_code", "INTEGER", pa.int32()),
+    ("outcome", "VARCHAR", pa.string()),
+    ("error_type", "VARCHAR", pa.string()),
+    ("finish_reason", "VARCHAR", pa.string()),
+    ("input_tokens", "BIGINT", pa.int64()),
+    ("output_tokens", "BIGINT", pa.int64()),
+    ("cache_read_tokens", "BIGINT", pa.int64()),
+    ("cache_write_tokens", "BIGINT", pa.int64()),
+    ("reasoning_tokens", "BIGINT", pa.int64()),
+    ("units", "JSON", pa.string()),
+    ("input_cost_usd", MONEY, _money),
+    ("output_cost_usd", MONEY, _money),
+    ("cost_usd", MONEY, _money),
+    ("price_source", "VARCHAR", pa.string()),
+    ("user_id", "VARCHAR", pa.string()),
+    ("key_fingerprint", "VARCHAR", pa.string()),
+    ("tags", "MAP(VARCHAR, VARCHAR)", pa.map_(pa.string(), pa.string())),
+    ("trace_id", "VARCHAR", pa.string()),
+    ("span_id", "VARCHAR", pa.string()),
+    ("request_bytes", "BIGINT", pa.int64()),
+    ("response_bytes", "BIGINT", pa.int64()),
+    ("anomaly", "VARCHAR", pa.string()),
+]
+assert [c[0] for c in COLUMNS] == [f.name for f in dataclasses.fields(CallRecord)], "schema and CallRecord drifted"
+
+ARROW_SCHEMA = pa.schema([(name, arrow) for name, _, arrow in COLUMNS])
+
+CREATE_CALLS = "CREATE TABLE IF NOT EXISTS calls (\n  " + ",\n  ".join(
+    f"{name} {sql}" for name, sql, _ in COLUMNS) + "\n)"
+
+VIEWS = {
+    "spend_daily": """
+        SELECT CAST(date_trunc('day', started_at AT TIME ZONE 'UTC') AS DATE) AS day, app, provider,
+               count(*) AS calls,
+               sum(input_tokens) AS input_tokens, sum(output_tokens) AS output_tokens,
+               sum(cost_usd) AS cost_usd,
+               count(*) FILTER (WHERE cost_usd IS NULL AND outcome <> 'blocked') AS unpriced_calls
+        FROM calls GROUP BY ALL""",
+    "spend_by_model": """
+        SELECT provider, coalesce(response_model, request_model) AS model, count(*) AS calls,
+               sum(input_tokens) AS input_tokens, sum(cache_read_tokens) AS cache_read_tokens,
+               sum(cache_write_tokens) AS cache_write_tokens, sum(output_tokens) AS output_tokens,
+               sum(reasoning_tokens) AS reasoning_tokens, sum(cost_usd) AS cost_usd,
+               count(*) FILTER (WHERE cost_usd IS NULL AND outcome <> 'blocked') AS unpriced_calls
+        FROM calls GROUP BY ALL""",
+    "spend_by_tag": """
+        SELECT entry.key AS tag, entry.value AS value, count(*) AS calls,
+               sum(input_tokens) AS input_tokens, sum(output_tokens) AS output_tokens,
+               sum(cost_usd) AS cost_usd
+        FROM calls, unnest(map_entries(tags)) AS t(entry) GROUP BY ALL""",
+}
+
+
+CREATE_META = "CREATE TABLE IF NOT EXISTS meta (key VARCHAR PRIMARY KEY, value VARCHAR)"
+
+
+def create(con: Any) -> None:
+    con.execute(CREATE_CALLS)
+    con.execute(CREATE_META)
+    for name, body in VIEWS.items():
+        con.execute(f"CREATE OR REPLACE VIEW {name} AS {body}")
+
+
+def meta_value(con: Any, key: str, make: Any) -> str:
+    """A persistent setting of this ledger (e.g. the key-fingerprint salt), created by `make()` once."""
+    row = con.execute("SELECT value FROM meta WHERE key = ?", [key]).fetchone()
+    if row:
+        return row[0]
+    value = make()
+    con.execute("INSERT INTO meta VALUES (?, ?)", [key, value])
+    return value
+
+
+def to_arrow(records: list[CallRecord]) -> pa.Table:
+    columns: dict[str, list[Any]] = {name: [] for name, _, _ in COLUMNS}
+    for record in records:
+        for name, values in columns.items():
+            values.append(getattr(record, name))
+    columns["units"] = [orjson.dumps(u).decode() if u else None for u in columns["units"]]
+    columns["tags"] = [list(t.items()) if t else [] for t in columns["tags"]]
+    return pa.Table.from_pydict(columns, schema=ARROW_SCHEMA)

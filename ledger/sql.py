@@ -1,0 +1,114 @@
+"""Read-only SQL over the ledger: one SELECT at a time, no file access, results as plain rows."""
+from __future__ import annotations
+
+import csv
+import io
+from dataclasses import dataclass
+from datetime import date, datetime
+from decimal import Decimal
+from pathlib import Path
+from typing import Any
+
+import duckdb
+import orjson
+
+READ_ONLY_STATEMENTS = frozenset({duckdb.StatementType.SELECT, duckdb.StatementType.EXPLAIN})
+MAX_ROWS = 10_000
+
+
+class QueryRefused(ValueError):
+    """The statement is not a single read-only query."""
+
+
+@dataclass(slots=True)
+class Result:
+    columns: list[str]
+    rows: list[tuple[Any, ...]]
+    truncated: bool = False
+
+
+def check(con: duckdb.DuckDBPyConnection, query: str) -> None:
+    try:
+        statements = con.extract_statements(query)
+    except duckdb.Error as e:
+        raise QueryRefused(str(e)) from None
+    if len(statements) != 1:
+        raise QueryRefused(f"exactly one statement is allowed, got {len(statements)}")
+    kind = statements[0].type
+    if kind not in READ_ONLY_STATEMENTS:
+        raise QueryRefused(f"only SELECT queries are allowed, not {kind.name}")
+
+
+def run(con: duckdb.DuckDBPyConnection, query: str, max_rows: int = MAX_ROWS) -> Result:
+    """Runs one read-only query on a cursor of its own (call from a worker thread, never the loop)."""
+    check(con, query)
+    cur = con.cursor()
+    try:
+        # a read-only transaction: even a statement that slipped past `check` cannot write
+        cur.execute("BEGIN TRANSACTION READ ONLY")
+        cur.execute(query)
+        columns = [d[0] for d in cur.description or ()]
+        rows = cur.fetchmany(max_rows + 1)
+        cur.execute("ROLLBACK")
+    finally:
+        cur.close()
+    return Result(columns, rows[:max_rows], truncated=len(rows) > max_rows)
+
+
+def open_file(path: str | Path) -> duckdb.DuckDBPyConnection:
+    """Opens a ledger file directly (no sidecar running), read-only and without file access."""
+    if not Path(path).exists():
+        raise FileNotFoundError(f"no ledger at {path}")
+    return duckdb.connect(str(path), read_only=True,
+                          config={"enable_external_access": False, "lock_configuration": True})
+
+
+def _plain(value: Any) -> Any:
+    if isinstance(value, Decimal):
+        return str(value)  # exact: money never passes through a float
+    if isinstance(value, (datetime, date)):
+        return value.isoformat()
+    return value
+
+
+def to_json(result: Result) -> bytes:
+    return orjson.dumps({"columns": result.columns, "rows": result.rows, "truncated": result.truncated},
+                        default=_plain)
+
+
+def from_json(payload: bytes) -> Result:
+    doc = orjson.loads(payload)
+    return Result(doc["columns"], [tuple(r) for r in doc["rows"]], doc.get("truncated", False))
+
+
+def render(result: Result, fmt: str) -> str:
+    if fmt == "json":
+        return orjson.dumps([dict(zip(result.columns, row)) for row in result.rows], default=_plain,
+                            option=orjson.OPT_INDENT_2).decode()
+    if fmt == "csv":
+        out = io.StringIO()
+        writer = csv.writer(out)
+        writer.writerow(result.columns)
+        writer.writerows([[_cell(v) for v in row] for row in result.rows])
+        return out.getvalue()
+    return _table(result)
+
+
+def _cell(value: Any) -> str:
+    if value is None:
+        return ""
+    if isinstance(value, (dict, list)):
+        return orjson.dumps(value, default=_plain).decode()
+    return str(_plain(value))
+
+
+def _table(result: Result) -> str:
+    cells = [[_cell(v) if v is not None else "NULL" for v in row] for row in result.rows]
+    widths = [max([len(c)] + [len(row[i]) for row in cells]) for i, c in enumerate(result.columns)]
+    line = "+" + "+".join("-" * (w + 2) for w in widths) + "+"
+    out = [line, "| " + " | ".join(c.ljust(w) for c, w in zip(result.columns, widths)) + " |", line]
+    out += ["| " + " | ".join(v.ljust(w) for v, w in zip(row, widths)) + " |" for row in cells]
+    out.append(line)
+    note = f"({len(result.rows)} row{'s' if len(result.rows) != 1 else ''}"
+    out.append(note + (", truncated)" if result.truncated else ")"))
+    return "\n".join(out)

@@ -1,0 +1,156 @@
+"""The ledger's owner: opens the DuckDB file, replays the journal, and writes records in batches on its own thread.
+
+The event loop only ever calls `submit` (a non-blocking queue put). One thread owns the write
+connection; queries get their own cursors from `cursor()` and run on other threads.
+"""
+from __future__ import annotations
+
+import logging
+import os
+import queue
+import threading
+import time
+from pathlib import Path
+from typing import Any
+
+import duckdb
+
+from . import schema
+from .journal import Journal
+from .records import CallRecord
+
+log = logging.getLogger("meterline.ledger")
+
+_STOP = object()
+MAX_BATCH = 5000
+
+
+def journal_dir(db_path: str | Path) -> Path:
+    return Path(f"{db_path}.journal")
+
+
+class LedgerWriter:
+    def __init__(self, db_path: str | Path, journal: Journal | None = None) -> None:
+        self.path = Path(db_path)
+        self.journal = journal or Journal(journal_dir(self.path))
+        self.queue: queue.SimpleQueue[Any] = queue.SimpleQueue()
+        self.con: duckdb.DuckDBPyConnection | None = None
+        self.thread: threading.Thread | None = None
+        self.salt = b""  # salt for API-key fingerprints, kept in the ledger so they stay stable
+        # visible state, for health and metrics
+        self.submitted = 0  # counted on the event loop
+        self.written = 0  # counted on the writer thread
+        self.failures = 0
+        self.last_lag_s = 0.0  # from a record's end to its commit, for the last batch
+
+    def open(self) -> int:
+        """Opens the ledger, replays what the journal holds, locks down file access. Returns calls replayed."""
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        self.con = duckdb.connect(str(self.path))
+        schema.create(self.con)
+        self.salt = bytes.fromhex(schema.meta_value(self.con, "fingerprint_salt", lambda: os.urandom(16).hex()))
+        recovered = self.journal.recover()
+        self.journal.open()
+        replayed = self._replay(recovered) if recovered else 0
+        self.journal.discard_recovered()
+        # from here on no statement on this database can touch files, attach or install anything
+        self.con.execute("SET enable_external_access = false")
+        self.con.execute("SET lock_configuration = true")
+        return replayed
+
+    def _replay(self, records: list[CallRecord]) -> int:
+        cur = self.con.cursor()
+        cur.register("replay", schema.to_arrow(records))
+        new = "FROM replay WHERE call_id NOT IN (SELECT call_id FROM calls)"
+        cur.execute("BEGIN")
+        (count,) = cur.execute(f"SELECT count(*) {new}").fetchone()
+        cur.execute(f"INSERT INTO calls BY NAME SELECT * {new}")
+        cur.execute("COMMIT")
+        cur.unregister("replay")
+        cur.close()
+        interrupted = sum(1 for r in records if r.outcome == "interrupted")
+        log.info("journal replay: %d calls in the journal (%d interrupted), %d new to the ledger",
+                 len(records), interrupted, count)
+        return count
+
+    def start(self) -> None:
+        self.thread = threading.Thread(target=self._run, name="meterline-ledger", daemon=True)
+        self.thread.start()
+
+    def submit(self, record: CallRecord, segment: int | None) -> None:
+        self.submitted += 1
+        self.queue.put((record, segment))
+
+    @property
+    def pending(self) -> int:
+        """Records submitted and not yet committed."""
+        return self.submitted - self.written
+
+    def cursor(self) -> duckdb.DuckDBPyConnection:
+        assert self.con is not None
+        return self.con.cursor()
+
+    def stop(self, timeout: float = 10.0) -> None:
+        if self.thread is not None:
+            self.queue.put(_STOP)
+            self.thread.join(timeout)
+            self.thread = None
+        self.journal.close()
+        if self.con is not None:
+            self.con.close()
+            self.con = None
+
+    # --- the writer thread ---------------------------------------------------------------------
+
+    def _run(self) -> None:
+        cur = self.con.cursor()
+        stopping = False
+        carry: list[tuple[CallRecord, int | None]] = []
+        while not stopping:
+            batch = carry
+            if not batch:
+                item = self.queue.get()
+                if item is _STOP:
+                    break
+                batch.append(item)
+            while len(batch) < MAX_BATCH:
+                try:
+                    item = self.queue.get_nowait()
+                except queue.Empty:
+                    break
+                if item is _STOP:
+                    stopping = True
+                    break
+                batch.append(item)
+            carry = [] if self._write(cur, batch) else batch
+            if carry:
+                time.sleep(min(5.0, 0.1 * 2 ** min(self.failures, 6)))
+        if carry:
+            self._write(cur, carry)
+        cur.close()
+
+    def _write(self, cur: duckdb.DuckDBPyConnection, batch: list[tuple[CallRecord, int | None]]) -> bool:
+        records = [r for r, _ in batch]
+        try:
+            cur.register("batch", schema.to_arrow(records))
+            cur.execute("BEGIN")
+            cur.execute("INSERT INTO calls BY NAME SELECT * FROM batch")
+            cur.execute("COMMIT")
+        except Exception:  # noqa: BLE001 - keep the batch (it is in the journal too) and retry
+            self.failures += 1
+            log.exception("ledger write of %d records failed; will retry", len(batch))
+            try:
+                cur.execute("ROLLBACK")
+            except Exception:  # noqa: BLE001
+                pass
+            return False
+        finally:
+            try:
+                cur.unregister("batch")
+            except Exception:  # noqa: BLE001
+                pass
+        self.journal.committed([s for _, s in batch if s is not None])
+        self.written += len(batch)
+        newest = max((r.ended_at or r.started_at) for r in records)
+        self.last_lag_s = max(0.0, time.time() - newest.timestamp())
+        return True

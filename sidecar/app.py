@@ -1,0 +1,72 @@
+"""Assembles the sidecar: the aiohttp application, its routes, and the start-up and shutdown of its parts."""
+from __future__ import annotations
+
+import asyncio
+import logging
+import socket
+
+import aiohttp
+from aiohttp import web
+
+from ledger.pricing import Pricer
+from ledger.writer import LedgerWriter
+
+from . import admin, proxy
+from .config import Config
+from .runtime import Runtime
+
+log = logging.getLogger("meterline")
+
+
+def build(config: Config) -> web.Application:
+    """The application; the ledger opens (and the journal replays) when it starts up."""
+    app = web.Application(client_max_size=512 * 1024 * 1024)
+    rt = Runtime(config=config, writer=LedgerWriter(config.ledger_path), pricer=Pricer(config.prices))
+    app[proxy.RUNTIME] = rt
+    admin.add_routes(app)
+    app.router.add_route("*", "/{upstream}/{tail:.*}", proxy.handle)
+    app.cleanup_ctx.append(_lifecycle)
+    return app
+
+
+async def _lifecycle(app: web.Application):
+    rt = app[proxy.RUNTIME]
+    loop = asyncio.get_running_loop()
+    # DuckDB and the price catalogue load on a thread: start-up I/O stays off the loop too
+    replayed = await loop.run_in_executor(None, rt.writer.open)
+    await loop.run_in_executor(None, rt.pricer.warm)
+    if replayed:
+        log.info("recovered %d calls from the journal", replayed)
+    rt.writer.start()
+    connector = aiohttp.TCPConnector(
+        limit=0,  # the app decides its concurrency; the sidecar adds no queue of its own
+        ttl_dns_cache=300,
+        keepalive_timeout=60,
+        family=socket.AF_UNSPEC,
+    )
+    timeout = aiohttp.ClientTimeout(total=None, connect=rt.config.connect_timeout_s,
+                                    sock_read=rt.config.read_timeout_s)
+    rt.session = aiohttp.ClientSession(
+        connector=connector, timeout=timeout, auto_decompress=False,
+        # forward only the app's own headers: no default User-Agent or Accept-Encoding of ours
+        skip_auto_headers=("User-Agent", "Accept-Encoding", "Content-Type"),
+        cookie_jar=aiohttp.DummyCookieJar(),
+    )
+    yield
+    await rt.session.close()
+    await loop.run_in_executor(None, rt.writer.stop)
+
+
+async def serve(config: Config) -> None:
+    """Runs until cancelled (SIGINT/SIGTERM handled by the caller)."""
+    app = build(config)
+    runner = web.AppRunner(app, access_log=None, handler_cancellation=True)
+    await runner.setup()
+    site = web.TCPSite(runner, config.host, config.port, reuse_address=True, backlog=1024)
+    await site.start()
+    log.info("meterline listening on http://%s:%d (ledger %s)", config.host, config.port, config.ledger_path)
+    print(f"meterline listening on http://{config.host}:{config.port}  ledger: {config.ledger_path}", flush=True)
+    try:
+        await asyncio.Event().wait()
+    finally:
+        await runner.cleanup()

@@ -1,0 +1,146 @@
+"""The `meterline` command: serve the sidecar, and query its ledger."""
+from __future__ import annotations
+
+import argparse
+import asyncio
+import logging
+import os
+import signal
+import sys
+import urllib.error
+import urllib.request
+
+import orjson
+
+from ledger import sql
+
+from . import config as config_mod
+
+DEFAULT_CONFIG = "meterline.yaml"
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="meterline",
+                                     description="A localhost sidecar that meters every AI model call.")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    serve = sub.add_parser("serve", help="run the sidecar",
+                           description="Run the sidecar (default 127.0.0.1:8720, ledger ./meterline.duckdb).")
+    serve.add_argument("--config", help=f"config file (default: ./{DEFAULT_CONFIG} if present)")
+    serve.add_argument("--host", help="address to bind (default 127.0.0.1; loopback keeps it private)")
+    serve.add_argument("--port", type=int, help="port (default 8720)")
+    serve.add_argument("--db", help="ledger file (default ./meterline.duckdb)")
+    serve.add_argument("--log-level", default=os.environ.get("METERLINE_LOG_LEVEL", "INFO"))
+
+    q = sub.add_parser("sql", help="run read-only SQL on the ledger",
+                       description="Run one read-only SELECT on the ledger: through the running sidecar "
+                                   "(which owns the file), or on the file itself when none runs.")
+    q.add_argument("query")
+    q.add_argument("--format", choices=("table", "csv", "json"), default="table")
+    q.add_argument("--config", help=f"config file (default: ./{DEFAULT_CONFIG} if present)")
+    q.add_argument("--url", help="sidecar URL (default from the config's listen address)")
+    q.add_argument("--db", help="ledger file, used when no sidecar answers")
+
+    args = parser.parse_args(argv)
+    try:
+        cfg = config_mod.load(_config_path(args.config))
+    except config_mod.ConfigError as e:
+        print(f"meterline: {e}", file=sys.stderr)
+        return 2
+    if args.command == "serve":
+        return _serve(args, cfg)
+    return _sql(args, cfg)
+
+
+def _config_path(given: str | None) -> str | None:
+    if given:
+        return given
+    return DEFAULT_CONFIG if os.path.exists(DEFAULT_CONFIG) else None
+
+
+def _serve(args: argparse.Namespace, cfg: config_mod.Config) -> int:
+    logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    if args.host:
+        cfg.host = args.host
+    if args.port is not None:
+        cfg.port = args.port
+    if args.db:
+        cfg.ledger_path = args.db
+    try:
+        import uvloop  # optional: a faster event loop where installed
+    except ImportError:
+        uvloop = None
+    from .app import serve  # imported late: `meterline sql` should start fast
+
+    async def run() -> None:
+        task = asyncio.current_task()
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            loop.add_signal_handler(sig, task.cancel)
+        try:
+            await serve(cfg)
+        except asyncio.CancelledError:
+            pass
+
+    try:
+        if uvloop is not None:
+            uvloop.run(run())
+        else:
+            asyncio.run(run())
+    except OSError as e:
+        print(f"meterline: cannot listen on {cfg.host}:{cfg.port}: {e.strerror}", file=sys.stderr)
+        return 1
+    return 0
+
+
+def _sql(args: argparse.Namespace, cfg: config_mod.Config) -> int:
+    url = args.url or f"http://{_connect_host(cfg.host)}:{cfg.port}"
+    try:
+        result = _sql_via_sidecar(url, args.query)
+    except ConnectionRefusedError:
+        result = None
+    except _Refused as e:
+        print(f"meterline: {e}", file=sys.stderr)
+        return 1
+    if result is None:
+        try:
+            con = sql.open_file(args.db or cfg.ledger_path)
+            result = sql.run(con, args.query)
+        except (FileNotFoundError, sql.QueryRefused) as e:
+            print(f"meterline: {e}", file=sys.stderr)
+            return 1
+        except Exception as e:  # noqa: BLE001 - DuckDB's own message is the useful one
+            print(f"meterline: {e}", file=sys.stderr)
+            return 1
+    print(sql.render(result, args.format))
+    return 0
+
+
+class _Refused(Exception):
+    pass
+
+
+def _sql_via_sidecar(url: str, query: str) -> sql.Result | None:
+    request = urllib.request.Request(f"{url}/_meterline/sql", data=query.encode(), method="POST",
+                                     headers={"content-type": "text/plain"})
+    try:
+        with urllib.request.urlopen(request, timeout=60) as resp:
+            return sql.from_json(resp.read())
+    except urllib.error.HTTPError as e:
+        try:
+            message = orjson.loads(e.read())["error"]
+        except Exception:  # noqa: BLE001
+            message = f"HTTP {e.code}"
+        raise _Refused(message) from None
+    except urllib.error.URLError as e:
+        if isinstance(e.reason, ConnectionRefusedError):
+            raise e.reason from None
+        raise
+
+
+def _connect_host(host: str) -> str:
+    return "127.0.0.1" if host in ("0.0.0.0", "") else ("[::1]" if host == "::" else host)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

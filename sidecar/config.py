@@ -1,0 +1,198 @@
+"""The sidecar's configuration: `meterline.yaml` parsed and validated into plain data, with clear errors."""
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field
+from decimal import Decimal, InvalidOperation
+from pathlib import Path
+from typing import Any
+from urllib.parse import urlsplit
+
+import yaml
+
+from ledger.pricing import PriceRule
+
+DEFAULT_HOST = "127.0.0.1"
+DEFAULT_PORT = 8720
+DEFAULT_DB = "meterline.duckdb"
+ADAPTERS = ("openai", "anthropic", "gemini")
+
+# name -> (base URL, adapter, genai-prices provider id)
+BUILTIN_UPSTREAMS = {
+    "openai": ("https://api.openai.com", "openai", "openai"),
+    "anthropic": ("https://api.anthropic.com", "anthropic", "anthropic"),
+    "gemini": ("https://generativelanguage.googleapis.com", "gemini", "google"),
+}
+RESERVED_NAMES = ("_meterline",)
+
+
+class ConfigError(ValueError):
+    """A config value is wrong; the message names the key and the problem."""
+
+
+@dataclass(slots=True)
+class Upstream:
+    name: str
+    base_url: str  # no trailing slash
+    adapter: str
+    provider: str
+
+
+@dataclass(slots=True)
+class Config:
+    host: str = DEFAULT_HOST
+    port: int = DEFAULT_PORT
+    app: str | None = None
+    ledger_path: str = DEFAULT_DB
+    upstreams: dict[str, Upstream] = field(default_factory=dict)
+    prices: list[PriceRule] = field(default_factory=list)
+    connect_timeout_s: float = 10.0
+    read_timeout_s: float = 600.0  # longest silence allowed on an upstream socket
+    budgets: list[dict[str, Any]] = field(default_factory=list)  # kept for the budget guard
+    alerts: dict[str, Any] = field(default_factory=dict)
+    telemetry: dict[str, Any] = field(default_factory=dict)
+
+
+_TOP_KEYS = {"listen", "app", "ledger", "upstreams", "prices", "budgets", "alerts", "telemetry", "timeouts"}
+
+
+def load(path: str | os.PathLike[str] | None) -> Config:
+    """Reads the config file (None: defaults only); raises ConfigError naming the bad key."""
+    doc: Any = {}
+    if path is not None:
+        try:
+            text = Path(path).read_text()
+        except OSError as e:
+            raise ConfigError(f"cannot read config file {path}: {e.strerror}") from None
+        try:
+            doc = yaml.safe_load(text) or {}
+        except yaml.YAMLError as e:
+            raise ConfigError(f"config file {path} is not valid YAML: {e}") from None
+    return parse(doc)
+
+
+def parse(doc: Any) -> Config:
+    if not isinstance(doc, dict):
+        raise ConfigError("config must be a mapping of keys to values")
+    unknown = set(doc) - _TOP_KEYS
+    if unknown:
+        raise ConfigError(f"unknown config key {sorted(unknown)[0]!r} (known: {', '.join(sorted(_TOP_KEYS))})")
+    cfg = Config()
+    if "listen" in doc:
+        cfg.host, cfg.port = _listen(doc["listen"])
+    cfg.app = _str(doc, "app") or os.environ.get("OTEL_SERVICE_NAME") or None
+    ledger = _map(doc, "ledger")
+    if "path" in ledger:
+        cfg.ledger_path = _str(ledger, "path", "ledger.path")
+    cfg.upstreams = _upstreams(_map(doc, "upstreams"))
+    cfg.prices = [_price(i, p) for i, p in enumerate(_list(doc, "prices"))]
+    timeouts = _map(doc, "timeouts")
+    cfg.connect_timeout_s = _positive(timeouts, "connect_s", cfg.connect_timeout_s)
+    cfg.read_timeout_s = _positive(timeouts, "read_s", cfg.read_timeout_s)
+    cfg.budgets = _list(doc, "budgets")
+    cfg.alerts = _map(doc, "alerts")
+    cfg.telemetry = _map(doc, "telemetry")
+    return cfg
+
+
+def _listen(value: Any) -> tuple[str, int]:
+    host, sep, port = str(value).rpartition(":")
+    if not sep or not host or not port.isdigit() or not 0 < int(port) < 65536:
+        raise ConfigError(f"config key 'listen': expected HOST:PORT like 127.0.0.1:8720, got {value!r}")
+    return host.strip("[]"), int(port)
+
+
+def _upstreams(doc: dict[str, Any]) -> dict[str, Upstream]:
+    result = {name: Upstream(name, url, adapter, provider)
+              for name, (url, adapter, provider) in BUILTIN_UPSTREAMS.items()}
+    for name, spec in doc.items():
+        key = f"upstreams.{name}"
+        if not isinstance(name, str) or not name or "/" in name or name in RESERVED_NAMES:
+            raise ConfigError(f"config key {key!r}: not a usable route name")
+        if not isinstance(spec, dict):
+            raise ConfigError(f"config key {key!r}: expected a mapping with base_url")
+        known = {"base_url", "adapter", "provider"}
+        if set(spec) - known:
+            raise ConfigError(f"config key '{key}.{sorted(set(spec) - known)[0]}': unknown (known: base_url, adapter, provider)")
+        builtin = BUILTIN_UPSTREAMS.get(name)
+        url = spec.get("base_url", builtin[0] if builtin else None)
+        parts = urlsplit(url) if isinstance(url, str) else None
+        if parts is None or parts.scheme not in ("http", "https") or not parts.netloc:
+            raise ConfigError(f"config key '{key}.base_url': expected an http(s) URL, got {url!r}")
+        adapter = spec.get("adapter", builtin[1] if builtin else "openai")
+        if adapter not in ADAPTERS:
+            raise ConfigError(f"config key '{key}.adapter': expected one of {', '.join(ADAPTERS)}, got {adapter!r}")
+        provider = spec.get("provider", builtin[2] if builtin else name)
+        if not isinstance(provider, str) or not provider:
+            raise ConfigError(f"config key '{key}.provider': expected a provider id such as 'groq'")
+        result[name] = Upstream(name, url.rstrip("/"), adapter, provider)
+    return result
+
+
+_PRICE_KEYS = ("input_per_mtok", "output_per_mtok", "cache_read_per_mtok", "cache_write_per_mtok",
+               "per_image", "per_second")
+
+
+def _price(i: int, spec: Any) -> PriceRule:
+    key = f"prices[{i}]"
+    if not isinstance(spec, dict):
+        raise ConfigError(f"config key {key!r}: expected a mapping with model and prices")
+    unknown = set(spec) - {"provider", "model", *_PRICE_KEYS}
+    if unknown:
+        raise ConfigError(f"config key '{key}.{sorted(unknown)[0]}': unknown (known: provider, model, {', '.join(_PRICE_KEYS)})")
+    model = spec.get("model")
+    if not isinstance(model, str) or not model:
+        raise ConfigError(f"config key '{key}.model': required, a model name or glob")
+    rates: dict[str, Decimal] = {}
+    for name in _PRICE_KEYS:
+        if name in spec:
+            rates[name] = _money(spec[name], f"{key}.{name}")
+    if not rates:
+        raise ConfigError(f"config key {key!r}: give at least one of {', '.join(_PRICE_KEYS)}")
+    provider = spec.get("provider")
+    if provider is not None and not isinstance(provider, str):
+        raise ConfigError(f"config key '{key}.provider': expected a provider id")
+    return PriceRule(provider=provider, model=model, **rates)
+
+
+def _money(value: Any, key: str) -> Decimal:
+    # str() first: YAML gives floats, and Decimal(0.1) would carry binary noise into money
+    try:
+        amount = Decimal(str(value)) if not isinstance(value, bool) else None
+    except InvalidOperation:
+        amount = None
+    if amount is None or not amount.is_finite() or amount < 0:
+        raise ConfigError(f"config key {key!r}: expected a non-negative amount in USD, got {value!r}")
+    return amount
+
+
+def _map(doc: dict[str, Any], key: str) -> dict[str, Any]:
+    value = doc.get(key)
+    if value is None:
+        return {}
+    if not isinstance(value, dict):
+        raise ConfigError(f"config key {key!r}: expected a mapping, got {type(value).__name__}")
+    return value
+
+
+def _list(doc: dict[str, Any], key: str) -> list[Any]:
+    value = doc.get(key)
+    if value is None:
+        return []
+    if not isinstance(value, list):
+        raise ConfigError(f"config key {key!r}: expected a list, got {type(value).__name__}")
+    return value
+
+
+def _str(doc: dict[str, Any], key: str, name: str | None = None) -> str | None:
+    value = doc.get(key)
+    if value is not None and not isinstance(value, str):
+        raise ConfigError(f"config key {name or key!r}: expected a string, got {value!r}")
+    return value
+
+
+def _positive(doc: dict[str, Any], key: str, default: float) -> float:
+    value = doc.get(key, default)
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or value <= 0:
+        raise ConfigError(f"config key 'timeouts.{key}': expected a positive number of seconds, got {value!r}")
+    return float(value)

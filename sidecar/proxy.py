@@ -1,0 +1,296 @@
+"""The forwarding handler: one call from the app, passed to its upstream untouched and metered on the way."""
+from __future__ import annotations
+
+import asyncio
+import os
+import time
+import uuid
+from datetime import datetime, timedelta, timezone
+from typing import Any
+
+import aiohttp
+import orjson
+from aiohttp import web
+
+from ledger import records
+from ledger.pricing import FREE_COST
+from ledger.records import CallInfo, CallRecord, Observation
+
+from . import attribution
+from .decoding import decoder_for
+from .runtime import ADAPTER_MODULES, Runtime
+
+RUNTIME = web.AppKey("runtime", Runtime)
+
+# RFC 9110 hop-by-hop headers, plus those aiohttp recomputes for the new connection
+_DROP_REQUEST = frozenset({"host", "connection", "keep-alive", "proxy-connection", "proxy-authorization",
+                           "te", "trailer", "transfer-encoding", "upgrade", "content-length"})
+_DROP_RESPONSE = frozenset({"connection", "keep-alive", "proxy-connection", "te", "trailer",
+                            "transfer-encoding", "upgrade"})
+_META_PREFIX = "x-meterline-"
+
+
+class _Call:
+    """What the handler learns as one call proceeds; becomes a CallRecord at the end."""
+
+    __slots__ = ("t0", "started_at", "info", "upstream", "status", "outcome", "error_type", "ttft",
+                 "work", "response_bytes", "observation")
+
+    def __init__(self, t0: float, started_at: datetime, info: CallInfo, upstream: str) -> None:
+        self.t0 = t0
+        self.started_at = started_at
+        self.info = info
+        self.upstream = upstream
+        self.status: int | None = None
+        self.outcome = records.OK
+        self.error_type: str | None = None
+        self.ttft: float | None = None
+        self.work = 0.0  # seconds spent in the sidecar's own code for this call
+        self.response_bytes = 0
+        self.observation = Observation()
+
+
+async def handle(request: web.Request) -> web.StreamResponse:
+    t0 = time.perf_counter()
+    started_at = datetime.now(timezone.utc)
+    rt = request.app[RUNTIME]
+    name = request.match_info["upstream"]
+    upstream = rt.config.upstreams.get(name)
+    if upstream is None:
+        return web.json_response(
+            {"error": {"message": f"meterline: no upstream named {name!r}; configure it under 'upstreams:'",
+                       "type": "meterline_unknown_upstream"}}, status=404)
+    adapter = ADAPTER_MODULES[upstream.adapter]
+    path = "/" + request.match_info["tail"]
+    query = request.query_string
+    raw = await request.read()
+    t_read = time.perf_counter()
+
+    headers = request.headers
+    body: Any = None
+    if raw and raw[:1] in (b"{", b"[") and "json" in headers.get("content-type", "json"):
+        try:
+            body = orjson.loads(raw)
+        except orjson.JSONDecodeError:
+            body = None  # forwarded as is; the upstream will say what is wrong
+    info = adapter.describe(upstream.provider, path, body, raw)
+    if query:
+        info.endpoint = f"{path}?{attribution.redact_query(query)}"
+    call = _Call(t0, started_at, info, upstream.name)
+    call_id = uuid.uuid4().hex
+    trace_id, parent_span = _trace_context(headers.get("traceparent"))
+    span_id = os.urandom(8).hex()
+    record_base = dict(
+        call_id=call_id, app=headers.get(attribution.APP_HEADER) or rt.config.app,
+        user_id=headers.get(attribution.USER_HEADER) or info.user_id,
+        tags=attribution.parse_tags(headers.get(attribution.TAGS_HEADER)),
+        key_fingerprint=attribution.fingerprint(attribution.api_key(headers, query), rt.writer.salt),
+        trace_id=trace_id, span_id=span_id, request_bytes=len(raw),
+    )
+
+    rewritten = adapter.prepare(info, body)
+    if rewritten is not None:
+        raw = rewritten
+    out_headers = _forward_headers(headers, identity=rewritten is not None)
+    segment = rt.writer.journal.begin(_record(rt, call, record_base, provisional=True))
+    rt.in_flight += 1
+    resp: web.StreamResponse | None = None
+    pending: bytes | None = None
+    try:
+        call.work += time.perf_counter() - t_read
+        resp, pending = await _exchange(rt, request, adapter, upstream.base_url + path, query, raw,
+                                        out_headers, call, rewritten is not None)
+    except asyncio.CancelledError:
+        call.outcome = records.CANCELLED  # the app went away: the upstream request was dropped with it
+        raise
+    finally:
+        rt.in_flight -= 1
+        t_end = time.perf_counter()
+        record = _record(rt, call, record_base, provisional=False)
+        rt.writer.submit(record, rt.writer.journal.end(record, segment))
+        call.work += time.perf_counter() - t_end
+    if call.outcome in (records.NETWORK_ERROR, records.TIMEOUT) and resp is None:
+        message = f"meterline: upstream {upstream.name} failed: {call.error_type}"
+        status = 504 if call.outcome == records.TIMEOUT else 502
+        return web.Response(status=status, body=adapter.error_body(status, message, "api_error"),
+                            content_type="application/json")
+    assert resp is not None
+    if call.outcome == records.CANCELLED:
+        return resp
+    if call.outcome in (records.NETWORK_ERROR, records.TIMEOUT):
+        # the stream broke upstream: break it for the app too rather than end it cleanly
+        if request.transport is not None:
+            request.transport.abort()
+        return resp
+    if pending:
+        await resp.write(pending)
+    await resp.write_eof()
+    return resp
+
+
+async def _exchange(rt: Runtime, request: web.Request, adapter: Any, url: str, query: str, raw: bytes,
+                    headers: dict[str, str], call: _Call, rewritten: bool,
+                    ) -> tuple[web.StreamResponse | None, bytes | None]:
+    """Sends the request upstream and streams the response back. Returns the response and, for
+    non-streamed bodies, the last chunk, held back so the journal gets the record first."""
+    assert rt.session is not None
+    resp: web.StreamResponse | None = None
+    pending: bytes | None = None
+    observer = None
+    info = call.info
+    try:
+        async with rt.session.request(request.method, url + ("?" + query if query else ""), data=raw,
+                                      headers=headers, allow_redirects=False) as up:
+            t = time.perf_counter()
+            call.status = up.status
+            content_type = up.headers.get("content-type", "")
+            observer = adapter.observe(info, up.status, content_type, rewritten)
+            try:
+                decode = decoder_for(up.headers.get("content-encoding", ""))
+            except ValueError as e:
+                decode = None
+                observer = None
+                rt.anomaly("unknown_encoding", str(e))
+            resp = web.StreamResponse(status=up.status, reason=up.reason)
+            for key, value in up.headers.items():
+                if key.lower() not in _DROP_RESPONSE:
+                    resp.headers.add(key, value)
+            if rewritten:
+                resp.headers.popall("content-length", None)
+            streaming = info.stream or content_type.startswith("text/event-stream")
+            call.work += time.perf_counter() - t
+            await resp.prepare(request)
+            async for chunk in up.content.iter_any():
+                t = time.perf_counter()
+                if call.ttft is None:
+                    call.ttft = t - call.t0
+                call.response_bytes += len(chunk)
+                out = chunk
+                if observer is not None:
+                    try:
+                        fed = observer.feed(decode(chunk) if decode else chunk)
+                        if not decode:
+                            out = fed
+                    except Exception as e:  # noqa: BLE001 - metering faults never break the call
+                        rt.anomaly("observer_error", f"{type(e).__name__}: {e}")
+                        observer = None
+                call.work += time.perf_counter() - t
+                if streaming:
+                    if out:
+                        await _send(resp, out)
+                else:
+                    if pending:
+                        await _send(resp, pending)
+                    pending = out
+            t = time.perf_counter()
+            if up.status >= 400:
+                call.outcome = records.UPSTREAM_ERROR
+            if observer is not None:
+                try:
+                    call.observation = observer.finish()
+                except Exception as e:  # noqa: BLE001
+                    rt.anomaly("observer_error", f"{type(e).__name__}: {e}")
+                    call.observation = Observation(anomaly="observer_error")
+            call.work += time.perf_counter() - t
+    except asyncio.TimeoutError:
+        call.outcome, call.error_type = records.TIMEOUT, "timeout"
+    except _AppGone:
+        call.outcome, call.error_type = records.CANCELLED, "client_disconnected"
+        _finish_partial(call, observer)
+    except (aiohttp.ClientError, ConnectionError) as e:
+        call.outcome, call.error_type = records.NETWORK_ERROR, type(e).__name__
+        _finish_partial(call, observer)
+    except asyncio.CancelledError:
+        _finish_partial(call, observer)
+        raise
+    return resp, pending
+
+
+class _AppGone(Exception):
+    """The app closed its connection while the response was being sent."""
+
+
+async def _send(resp: web.StreamResponse, data: bytes) -> None:
+    try:
+        await resp.write(data)
+    except (ConnectionError, aiohttp.ClientConnectionResetError) as e:
+        raise _AppGone from e
+
+
+def _finish_partial(call: _Call, observer: Any) -> None:
+    """A call that broke off keeps the usage seen so far (e.g. Anthropic's message_start)."""
+    if observer is None:
+        return
+    try:
+        call.observation = observer.finish()
+    except Exception:  # noqa: BLE001 - partial bodies may not parse; the row says what is known
+        pass
+
+
+def _forward_headers(headers: Any, identity: bool) -> dict[str, str]:
+    out: dict[str, str] = {}
+    for key, value in headers.items():
+        lower = key.lower()
+        if lower in _DROP_REQUEST or lower.startswith(_META_PREFIX):
+            continue
+        out[key] = value
+    if identity:
+        # the sidecar rewrites this response, so it asks for it uncompressed
+        for key in [k for k in out if k.lower() == "accept-encoding"]:
+            del out[key]
+        out["Accept-Encoding"] = "identity"
+    return out
+
+
+def _trace_context(traceparent: str | None) -> tuple[str, str | None]:
+    """The app's W3C trace id (so the call joins its trace), or a new one."""
+    if traceparent:
+        parts = traceparent.strip().split("-")
+        if len(parts) >= 4 and len(parts[1]) == 32 and len(parts[2]) == 16 and parts[1] != "0" * 32:
+            return parts[1].lower(), parts[2].lower()
+    return os.urandom(16).hex(), None
+
+
+def _record(rt: Runtime, call: _Call, base: dict[str, Any], provisional: bool) -> CallRecord:
+    info = call.info
+    seen = call.observation
+    usage = seen.usage
+    if provisional:
+        ended_at = duration_ms = None
+        outcome = records.INTERRUPTED
+        cost = None
+    else:
+        duration = time.perf_counter() - call.t0
+        ended_at = call.started_at + timedelta(seconds=duration)
+        duration_ms = duration * 1000
+        outcome = call.outcome
+        if outcome == records.OK and seen.anomaly and seen.anomaly not in ("no_usage",):
+            rt.anomaly(seen.anomaly, f"{info.provider} {info.endpoint} status {call.status}")
+        elif outcome == records.OK and seen.anomaly == "no_usage" and info.priced:
+            rt.anomaly("no_usage", f"{info.provider} {info.endpoint} reported no usage")
+        if not info.priced:
+            cost = FREE_COST if outcome == records.OK else None
+        elif usage.is_empty():
+            cost = None
+        else:
+            cost = rt.pricer.cost(info.provider, (seen.response_model, info.request_model), usage,
+                                  call.started_at)
+    return CallRecord(
+        call_id=base["call_id"], started_at=call.started_at, ended_at=ended_at, duration_ms=duration_ms,
+        ttft_ms=call.ttft * 1000 if call.ttft is not None else None,
+        overhead_ms=None if provisional else call.work * 1000,
+        app=base["app"], upstream=call.upstream, provider=info.provider, operation=info.operation,
+        endpoint=info.endpoint, request_model=info.request_model, response_model=seen.response_model,
+        response_id=seen.response_id, stream=info.stream, status_code=call.status, outcome=outcome,
+        error_type=call.error_type or seen.error_type, finish_reason=seen.finish_reason,
+        input_tokens=usage.input_tokens, output_tokens=usage.output_tokens,
+        cache_read_tokens=usage.cache_read_tokens, cache_write_tokens=usage.cache_write_tokens,
+        reasoning_tokens=usage.reasoning_tokens, units=usage.units or None,
+        input_cost_usd=cost.input_usd if cost else None, output_cost_usd=cost.output_usd if cost else None,
+        cost_usd=cost.total_usd if cost else None,
+        price_source=cost.source if cost else (None if provisional or usage.is_empty() else "unpriced"),
+        user_id=base["user_id"], key_fingerprint=base["key_fingerprint"], tags=base["tags"],
+        trace_id=base["trace_id"], span_id=base["span_id"], request_bytes=base["request_bytes"],
+        response_bytes=call.response_bytes, anomaly=None if provisional else seen.anomaly,
+    )
+

@@ -57,6 +57,8 @@ class CallInfo:
     request_model: str | None = None
     stream: bool = False
     max_output_tokens: int | None = None
+    temperature: float | None = None
+    top_p: float | None = None
     input_estimate: int = 0  # rough input token count, for budget reservations
     priced: bool = True  # False for calls that cost nothing (e.g. count_tokens)
     user_id: str | None = None  # from the body (OpenAI `user`, Anthropic metadata.user_id)
@@ -115,3 +117,21 @@ class CallRecord:
     request_bytes: int
     response_bytes: int
     anomaly: str | None = None
+
+
+@dataclass(slots=True)
+class CallExtras:
+    """What telemetry needs of a call beyond its ledger row; passed to sinks, never stored."""
+
+    parent_span_id: str | None = None  # the app's span (from traceparent), parent of the call's span
+    sampled: bool = True  # the app's trace flags, when it sent a traceparent
+    tracestate: str | None = None
+    server_address: str | None = None  # the upstream's host and port
+    server_port: int | None = None
+    temperature: float | None = None
+    top_p: float | None = None
+    max_output_tokens: int | None = None
+    input_messages: str | None = None  # JSON, only when telemetry.capture_content is on
+    output_messages: str | None = None
+    attributes: dict[str, str | int | float | bool] = field(default_factory=dict)  # e.g. meterline.budget.*
+    events: list[tuple[str, datetime, dict[str, str | int | float | bool]]] = field(default_factory=list)

@@ -11,13 +11,13 @@ import queue
 import threading
 import time
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 import duckdb
 
 from . import schema
 from .journal import Journal
-from .records import CallRecord
+from .records import CallExtras, CallRecord
 
 log = logging.getLogger("meterline.ledger")
 
@@ -29,6 +29,12 @@ def journal_dir(db_path: str | Path) -> Path:
     return Path(f"{db_path}.journal")
 
 
+class Sink(Protocol):
+    """Something that receives every record off the request path, in batches, on the writer thread."""
+
+    def consume(self, batch: list[tuple[CallRecord, CallExtras | None]]) -> None: ...
+
+
 class LedgerWriter:
     def __init__(self, db_path: str | Path, journal: Journal | None = None) -> None:
         self.path = Path(db_path)
@@ -37,6 +43,7 @@ class LedgerWriter:
         self.con: duckdb.DuckDBPyConnection | None = None
         self.thread: threading.Thread | None = None
         self.salt = b""  # salt for API-key fingerprints, kept in the ledger so they stay stable
+        self.sinks: list[Sink] = []  # telemetry and the like; a failing sink never stops the ledger
         # visible state, for health and metrics
         self.submitted = 0  # counted on the event loop
         self.written = 0  # counted on the writer thread
@@ -77,9 +84,9 @@ class LedgerWriter:
         self.thread = threading.Thread(target=self._run, name="meterline-ledger", daemon=True)
         self.thread.start()
 
-    def submit(self, record: CallRecord, segment: int | None) -> None:
+    def submit(self, record: CallRecord, segment: int | None, extras: CallExtras | None = None) -> None:
         self.submitted += 1
-        self.queue.put((record, segment))
+        self.queue.put((record, segment, extras))
 
     @property
     def pending(self) -> int:
@@ -105,15 +112,15 @@ class LedgerWriter:
     def _run(self) -> None:
         cur = self.con.cursor()
         stopping = False
-        carry: list[tuple[CallRecord, int | None]] = []
+        retry: list[tuple[CallRecord, int | None, CallExtras | None]] = []  # a batch DuckDB refused
         while not stopping:
-            batch = carry
-            if not batch:
+            new = []
+            if not retry:
                 item = self.queue.get()
                 if item is _STOP:
                     break
-                batch.append(item)
-            while len(batch) < MAX_BATCH:
+                new.append(item)
+            while len(retry) + len(new) < MAX_BATCH:
                 try:
                     item = self.queue.get_nowait()
                 except queue.Empty:
@@ -121,16 +128,28 @@ class LedgerWriter:
                 if item is _STOP:
                     stopping = True
                     break
-                batch.append(item)
-            carry = [] if self._write(cur, batch) else batch
-            if carry:
+                new.append(item)
+            self._fan_out(new)
+            batch = retry + new
+            retry = [] if self._write(cur, batch) else batch
+            if retry and not stopping:
                 time.sleep(min(5.0, 0.1 * 2 ** min(self.failures, 6)))
-        if carry:
-            self._write(cur, carry)
+        if retry:
+            self._write(cur, retry)
         cur.close()
 
-    def _write(self, cur: duckdb.DuckDBPyConnection, batch: list[tuple[CallRecord, int | None]]) -> bool:
-        records = [r for r, _ in batch]
+    def _fan_out(self, batch: list[tuple[CallRecord, int | None, CallExtras | None]]) -> None:
+        if not self.sinks:
+            return
+        items = [(record, extras) for record, _, extras in batch]
+        for sink in self.sinks:
+            try:
+                sink.consume(items)
+            except Exception:  # noqa: BLE001 - telemetry faults never touch the ledger
+                log.exception("sink %s failed on a batch of %d", type(sink).__name__, len(items))
+
+    def _write(self, cur: duckdb.DuckDBPyConnection, batch: list[tuple[CallRecord, int | None, CallExtras | None]]) -> bool:
+        records = [r for r, _, _ in batch]
         try:
             cur.register("batch", schema.to_arrow(records))
             cur.execute("BEGIN")
@@ -149,7 +168,7 @@ class LedgerWriter:
                 cur.unregister("batch")
             except Exception:  # noqa: BLE001
                 pass
-        self.journal.committed([s for _, s in batch if s is not None])
+        self.journal.committed([s for _, s, _ in batch if s is not None])
         self.written += len(batch)
         newest = max((r.ended_at or r.started_at) for r in records)
         self.last_lag_s = max(0.0, time.time() - newest.timestamp())

@@ -36,6 +36,8 @@ class Upstream:
     base_url: str  # no trailing slash
     adapter: str
     provider: str
+    host: str = ""  # of base_url, for telemetry's server.address / server.port
+    port: int = 0
 
 
 @dataclass(slots=True)
@@ -103,7 +105,7 @@ def _listen(value: Any) -> tuple[str, int]:
 
 
 def _upstreams(doc: dict[str, Any]) -> dict[str, Upstream]:
-    result = {name: Upstream(name, url, adapter, provider)
+    result = {name: _upstream(name, url, adapter, provider)
               for name, (url, adapter, provider) in BUILTIN_UPSTREAMS.items()}
     for name, spec in doc.items():
         key = f"upstreams.{name}"
@@ -125,8 +127,14 @@ def _upstreams(doc: dict[str, Any]) -> dict[str, Upstream]:
         provider = spec.get("provider", builtin[2] if builtin else name)
         if not isinstance(provider, str) or not provider:
             raise ConfigError(f"config key '{key}.provider': expected a provider id such as 'groq'")
-        result[name] = Upstream(name, url.rstrip("/"), adapter, provider)
+        result[name] = _upstream(name, url, adapter, provider)
     return result
+
+
+def _upstream(name: str, url: str, adapter: str, provider: str) -> Upstream:
+    parts = urlsplit(url)
+    port = parts.port or (443 if parts.scheme == "https" else 80)
+    return Upstream(name, url.rstrip("/"), adapter, provider, parts.hostname or "", port)
 
 
 _PRICE_KEYS = ("input_per_mtok", "output_per_mtok", "cache_read_per_mtok", "cache_write_per_mtok",

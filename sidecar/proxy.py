@@ -14,7 +14,7 @@ from aiohttp import web
 
 from ledger import records
 from ledger.pricing import FREE_COST
-from ledger.records import CallInfo, CallRecord, Observation
+from ledger.records import CallExtras, CallInfo, CallRecord, Observation
 
 from . import attribution
 from .decoding import decoder_for
@@ -24,7 +24,7 @@ RUNTIME = web.AppKey("runtime", Runtime)
 
 # RFC 9110 hop-by-hop headers, plus those aiohttp recomputes for the new connection
 _DROP_REQUEST = frozenset({"host", "connection", "keep-alive", "proxy-connection", "proxy-authorization",
-                           "te", "trailer", "transfer-encoding", "upgrade", "content-length"})
+                           "te", "trailer", "transfer-encoding", "upgrade", "content-length", "traceparent"})
 _DROP_RESPONSE = frozenset({"connection", "keep-alive", "proxy-connection", "te", "trailer",
                             "transfer-encoding", "upgrade"})
 _META_PREFIX = "x-meterline-"
@@ -78,8 +78,12 @@ async def handle(request: web.Request) -> web.StreamResponse:
         info.endpoint = f"{path}?{attribution.redact_query(query)}"
     call = _Call(t0, started_at, info, upstream.name)
     call_id = uuid.uuid4().hex
-    trace_id, parent_span = _trace_context(headers.get("traceparent"))
+    trace_id, parent_span, sampled = _trace_context(headers.get("traceparent"))
     span_id = os.urandom(8).hex()
+    extras = CallExtras(parent_span_id=parent_span, sampled=sampled, tracestate=headers.get("tracestate"),
+                        server_address=upstream.host, server_port=upstream.port,
+                        temperature=info.temperature, top_p=info.top_p,
+                        max_output_tokens=info.max_output_tokens)
     record_base = dict(
         call_id=call_id, app=headers.get(attribution.APP_HEADER) or rt.config.app,
         user_id=headers.get(attribution.USER_HEADER) or info.user_id,
@@ -92,6 +96,9 @@ async def handle(request: web.Request) -> web.StreamResponse:
     if rewritten is not None:
         raw = rewritten
     out_headers = _forward_headers(headers, identity=rewritten is not None)
+    if parent_span is not None or rt.tracing:
+        # the upstream request is a child of the call's span, which is a child of the app's
+        out_headers["traceparent"] = f"00-{trace_id}-{span_id}-{'01' if sampled else '00'}"
     segment = rt.writer.journal.begin(_record(rt, call, record_base, provisional=True))
     rt.in_flight += 1
     resp: web.StreamResponse | None = None
@@ -107,7 +114,7 @@ async def handle(request: web.Request) -> web.StreamResponse:
         rt.in_flight -= 1
         t_end = time.perf_counter()
         record = _record(rt, call, record_base, provisional=False)
-        rt.writer.submit(record, rt.writer.journal.end(record, segment))
+        rt.writer.submit(record, rt.writer.journal.end(record, segment), extras)
         call.work += time.perf_counter() - t_end
     if call.outcome in (records.NETWORK_ERROR, records.TIMEOUT) and resp is None:
         message = f"meterline: upstream {upstream.name} failed: {call.error_type}"
@@ -242,13 +249,23 @@ def _forward_headers(headers: Any, identity: bool) -> dict[str, str]:
     return out
 
 
-def _trace_context(traceparent: str | None) -> tuple[str, str | None]:
-    """The app's W3C trace id (so the call joins its trace), or a new one."""
+def _trace_context(traceparent: str | None) -> tuple[str, str | None, bool]:
+    """The app's W3C trace id, parent span and sampled flag (so the call joins its trace), or a new trace."""
     if traceparent:
         parts = traceparent.strip().split("-")
-        if len(parts) >= 4 and len(parts[1]) == 32 and len(parts[2]) == 16 and parts[1] != "0" * 32:
-            return parts[1].lower(), parts[2].lower()
-    return os.urandom(16).hex(), None
+        if (len(parts) >= 4 and len(parts[0]) == 2 and parts[0] != "ff" and len(parts[1]) == 32
+                and len(parts[2]) == 16 and len(parts[3]) == 2 and parts[1] != "0" * 32
+                and parts[2] != "0" * 16 and _is_hex(parts[1] + parts[2] + parts[3])):
+            return parts[1].lower(), parts[2].lower(), bool(int(parts[3], 16) & 1)
+    return os.urandom(16).hex(), None, True
+
+
+def _is_hex(text: str) -> bool:
+    try:
+        int(text, 16)
+    except ValueError:
+        return False
+    return True
 
 
 def _record(rt: Runtime, call: _Call, base: dict[str, Any], provisional: bool) -> CallRecord:

@@ -27,6 +27,7 @@ class Runtime:
     session: aiohttp.ClientSession | None = None
     anomalies: collections.Counter[str] = field(default_factory=collections.Counter)
     in_flight: int = 0
+    tracing: bool = False  # spans are exported, so upstream requests carry the call's span context
 
     def anomaly(self, kind: str, detail: str) -> None:
         """A metering fault: counted and logged, never raised into the call."""

@@ -16,6 +16,7 @@ from .base import (
     estimate_tokens,
     int_or_none,
     is_sse,
+    number_or_none,
 )
 
 
@@ -36,6 +37,8 @@ def describe(provider: str, path: str, body: Any, raw: bytes = b"") -> CallInfo:
         info.request_model = model if isinstance(model, str) else None
         info.stream = body.get("stream") is True
         info.max_output_tokens = int_or_none(body.get("max_tokens") or body.get("max_tokens_to_sample"))
+        info.temperature = number_or_none(body.get("temperature"))
+        info.top_p = number_or_none(body.get("top_p"))
         user = dig(body, "metadata", "user_id")
         info.user_id = user if isinstance(user, str) else None
     return info

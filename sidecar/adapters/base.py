@@ -39,6 +39,10 @@ def int_or_none(value: Any) -> int | None:
     return value if isinstance(value, int) and not isinstance(value, bool) else None
 
 
+def number_or_none(value: Any) -> float | None:
+    return float(value) if isinstance(value, (int, float)) and not isinstance(value, bool) else None
+
+
 def dig(doc: Any, *keys: str) -> Any:
     """doc[k1][k2]... or None where any step is missing or not a dict."""
     for key in keys:

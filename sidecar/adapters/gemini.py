@@ -16,6 +16,7 @@ from .base import (
     estimate_tokens,
     int_or_none,
     is_sse,
+    number_or_none,
 )
 from .framing import JsonArraySplitter
 
@@ -41,6 +42,8 @@ def describe(provider: str, path: str, body: Any, raw: bytes = b"") -> CallInfo:
                     priced=operation in ("generate_content", "embeddings"))
     if isinstance(body, dict):
         info.max_output_tokens = int_or_none(dig(body, "generationConfig", "maxOutputTokens"))
+        info.temperature = number_or_none(dig(body, "generationConfig", "temperature"))
+        info.top_p = number_or_none(dig(body, "generationConfig", "topP"))
     return info
 
 

@@ -18,6 +18,7 @@ from .base import (
     estimate_tokens,
     int_or_none,
     is_sse,
+    number_or_none,
 )
 from .framing import SseEvent
 
@@ -52,6 +53,8 @@ def describe(provider: str, path: str, body: Any, raw: bytes = b"") -> CallInfo:
         info.max_output_tokens = int_or_none(
             body.get("max_output_tokens") if suffix == "/responses"
             else body.get("max_completion_tokens") or body.get("max_tokens"))
+        info.temperature = number_or_none(body.get("temperature"))
+        info.top_p = number_or_none(body.get("top_p"))
         user = body.get("user") or body.get("safety_identifier")
         info.user_id = user if isinstance(user, str) else None
     elif operation == "transcription" and raw:

@@ -59,8 +59,27 @@ FREE_COST = Cost(Decimal(0), Decimal(0), Decimal(0), FREE)
 class Pricer:
     """Prices calls; config rules win over the catalogue, the first matching rule wins."""
 
-    def __init__(self, rules: list[PriceRule] | None = None) -> None:
+    def __init__(self, rules: list[PriceRule] | None = None, default_max_output: int = 32_768) -> None:
         self.rules = list(rules or ())
+        self.default_max_output = default_max_output
+        self._rates: dict[tuple[str, str, str], Rates | None] = {}
+
+    def worst_case(self, provider: str, model: str | None, input_tokens: int, max_output: int | None,
+                   at: datetime) -> tuple[Decimal | None, int]:
+        """An upper bound of a call's cost before it is sent, and the output tokens it assumes: the
+        request's max tokens, else what the model's context window leaves, else a default."""
+        rates = None
+        if model:
+            k = (provider, model, at.strftime("%Y-%m-%d"))
+            if k not in self._rates:
+                self._rates[k] = _rates(provider, model, self.rules, at)
+            rates = self._rates[k]
+        if max_output is None:
+            window = rates.context_window if rates else None
+            max_output = max(window - input_tokens, 0) if window else self.default_max_output
+        if rates is None:
+            return None, max_output
+        return rates.input_per_token * input_tokens + rates.output_per_token * max_output, max_output
 
     def warm(self) -> None:
         """Loads the catalogue now, so the first call does not pay for it."""
@@ -84,6 +103,30 @@ class Pricer:
             if cost is not None:
                 return cost
         return Cost.unpriced()
+
+
+@dataclass(frozen=True, slots=True)
+class Rates:
+    """Upper bounds of a model's per-token prices, for reserving a call's worst case."""
+
+    input_per_token: Decimal
+    output_per_token: Decimal
+    context_window: int | None
+
+
+def _rates(provider: str, model: str, rules: list[PriceRule], at: datetime) -> Rates | None:
+    for rule in rules:
+        if rule.matches(provider, model):
+            return Rates((rule.input_per_mtok or Decimal(0)) / MTOK, (rule.output_per_mtok or Decimal(0)) / MTOK, None)
+    # priced at a million tokens of each, so the highest tier is the one that counts
+    try:
+        inp = genai_prices.calc_price(genai_prices.Usage(input_tokens=1_000_000, output_tokens=0), model,
+                                      provider_id=provider, genai_request_timestamp=at)
+        both = genai_prices.calc_price(genai_prices.Usage(input_tokens=1_000_000, output_tokens=1_000_000), model,
+                                       provider_id=provider, genai_request_timestamp=at)
+    except Exception:  # noqa: BLE001 - unknown model: no USD reservation is possible
+        return None
+    return Rates(inp.total_price / MTOK, (both.total_price - inp.total_price) / MTOK, inp.model.context_window)
 
 
 def _q(amount: Decimal) -> Decimal:

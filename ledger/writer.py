@@ -15,7 +15,7 @@ from typing import Any, Protocol
 
 import duckdb
 
-from . import schema
+from . import budget_store, schema
 from .journal import Journal
 from .records import CallExtras, CallRecord
 
@@ -55,6 +55,7 @@ class LedgerWriter:
         self.path.parent.mkdir(parents=True, exist_ok=True)
         self.con = duckdb.connect(str(self.path))
         schema.create(self.con)
+        budget_store.create(self.con)
         self.salt = bytes.fromhex(schema.meta_value(self.con, "fingerprint_salt", lambda: os.urandom(16).hex()))
         recovered = self.journal.recover()
         self.journal.open()

@@ -1,12 +1,16 @@
-"""The sidecar's own endpoints under /_meterline/: health and read-only SQL."""
+"""The sidecar's own endpoints under /_meterline/: health, read-only SQL, and the budget API."""
 from __future__ import annotations
 
 import asyncio
+import hmac
+import ipaddress
+from decimal import Decimal, InvalidOperation
 
 import orjson
 from aiohttp import web
 
 from ledger import sql
+from ledger.budgets import RuleError, parse_rule
 
 from . import proxy
 
@@ -17,6 +21,11 @@ MAX_SQL_BYTES = 64 * 1024
 def add_routes(app: web.Application) -> None:
     app.router.add_get(f"{PREFIX}/healthz", healthz)
     app.router.add_post(f"{PREFIX}/sql", run_sql)
+    app.router.add_get(f"{PREFIX}/budgets", list_budgets)
+    app.router.add_post(f"{PREFIX}/budgets", create_budget)
+    app.router.add_put(f"{PREFIX}/budgets/{{name}}", replace_budget)
+    app.router.add_delete(f"{PREFIX}/budgets/{{name}}", delete_budget)
+    app.router.add_post(f"{PREFIX}/budgets/{{name}}/topup", topup_budget)
 
 
 async def healthz(request: web.Request) -> web.Response:
@@ -62,3 +71,107 @@ async def run_sql(request: web.Request) -> web.Response:
 
 def _error(status: int, message: str) -> web.Response:
     return web.Response(status=status, body=orjson.dumps({"error": message}), content_type="application/json")
+
+
+# --- budgets ---------------------------------------------------------------------------------
+
+async def list_budgets(request: web.Request) -> web.Response:
+    rt = request.app[proxy.RUNTIME]
+    return _json({"budgets": rt.guard.status(), "refused": rt.guard.refused,
+                  "alerts": {"fired": rt.guard.alerts.stats.fired, "delivered": rt.guard.alerts.stats.delivered,
+                             "failed": rt.guard.alerts.stats.failed, "dropped": rt.guard.alerts.stats.dropped}})
+
+
+async def create_budget(request: web.Request) -> web.Response:
+    return await _put(request, None)
+
+
+async def replace_budget(request: web.Request) -> web.Response:
+    return await _put(request, request.match_info["name"])
+
+
+async def _put(request: web.Request, name: str | None) -> web.Response:
+    denied = _check_admin(request)
+    if denied:
+        return denied
+    rt = request.app[proxy.RUNTIME]
+    try:
+        doc = orjson.loads(await request.read())
+    except orjson.JSONDecodeError:
+        return _error(400, "expected a JSON budget rule")
+    if name is not None and isinstance(doc, dict):
+        doc.setdefault("name", name)
+        if doc["name"] != name:
+            return _error(400, f"the body names rule {doc['name']!r}, the path {name!r}")
+    try:
+        rule = parse_rule(doc, "budget", rt.config.thresholds, source="api")
+    except RuleError as e:
+        return _error(400, str(e))
+    if name is None and rule.name in rt.guard.budgets.rules:
+        return _error(409, f"a rule named {rule.name!r} exists; PUT /_meterline/budgets/{rule.name} replaces it")
+    await rt.guard.put_rule(rule)
+    return _json({"budgets": rt.guard.status(rule.name)}, status=201 if name is None else 200)
+
+
+async def delete_budget(request: web.Request) -> web.Response:
+    denied = _check_admin(request)
+    if denied:
+        return denied
+    rt = request.app[proxy.RUNTIME]
+    name = request.match_info["name"]
+    if not await rt.guard.remove_rule(name):
+        return _error(404, f"no budget rule named {name!r}")
+    return _json({"deleted": name})
+
+
+async def topup_budget(request: web.Request) -> web.Response:
+    """POST {"amount_usd": "10.00", "key": "<split key, for per- rules>"}: adds to a rule's USD limit."""
+    denied = _check_admin(request)
+    if denied:
+        return denied
+    rt = request.app[proxy.RUNTIME]
+    name = request.match_info["name"]
+    rule = rt.guard.budgets.rules.get(name)
+    if rule is None:
+        return _error(404, f"no budget rule named {name!r}")
+    if rule.limit_usd is None:
+        return _error(400, f"rule {name!r} has no limit_usd to top up")
+    try:
+        doc = orjson.loads(await request.read())
+        amount = Decimal(str(doc["amount_usd"]))
+        key = str(doc.get("key") or "")
+    except (orjson.JSONDecodeError, KeyError, TypeError, InvalidOperation):
+        return _error(400, 'expected {"amount_usd": "10.00"} (and "key" for a split rule)')
+    if not amount.is_finite() or amount <= 0:
+        return _error(400, "amount_usd must be a positive amount")
+    return _json({"budgets": await rt.guard.topup(name, key, amount)})
+
+
+def _check_admin(request: web.Request) -> web.Response | None:
+    """Budget changes need the admin token when one is set, and always when listening beyond loopback."""
+    cfg = request.app[proxy.RUNTIME].config
+    token = cfg.admin_token
+    if token is None:
+        if _is_loopback(cfg.host):
+            return None
+        return _error(403, "the budget API needs admin_token (or METERLINE_ADMIN_TOKEN) when not on loopback")
+    given = request.headers.get("x-meterline-admin-token", "")
+    auth = request.headers.get("authorization", "")
+    if auth.lower().startswith("bearer "):
+        given = given or auth[7:]
+    if not hmac.compare_digest(given.encode(), token.encode()):
+        return _error(401, "missing or wrong admin token")
+    return None
+
+
+def _is_loopback(host: str) -> bool:
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
+def _json(doc: object, status: int = 200) -> web.Response:
+    return web.Response(status=status, body=orjson.dumps(doc), content_type="application/json")

@@ -8,11 +8,15 @@ import socket
 import aiohttp
 from aiohttp import web
 
+from exporters.alerts import AlertDispatcher
+from ledger import budget_store
+from ledger.budgets import Crossing
 from ledger.pricing import Pricer
 from ledger.writer import LedgerWriter
 
 from . import admin, proxy
 from .config import Config
+from .guard import Guard
 from .runtime import Runtime
 
 log = logging.getLogger("meterline")
@@ -21,7 +25,10 @@ log = logging.getLogger("meterline")
 def build(config: Config) -> web.Application:
     """The application; the ledger opens (and the journal replays) when it starts up."""
     app = web.Application(client_max_size=512 * 1024 * 1024)
-    rt = Runtime(config=config, writer=LedgerWriter(config.ledger_path), pricer=Pricer(config.prices))
+    writer = LedgerWriter(config.ledger_path)
+    pricer = Pricer(config.prices, config.default_max_output_tokens)
+    alerts = AlertDispatcher(config.alerts, persist=lambda crossing, call_id: _persist_alert(writer, crossing, call_id))
+    rt = Runtime(config=config, writer=writer, pricer=pricer, guard=Guard(config.budgets, pricer, writer, alerts))
     app[proxy.RUNTIME] = rt
     admin.add_routes(app)
     app.router.add_route("*", "/{upstream}/{tail:.*}", proxy.handle)
@@ -38,6 +45,7 @@ async def _lifecycle(app: web.Application):
     if replayed:
         log.info("recovered %d calls from the journal", replayed)
     rt.writer.start()
+    await rt.guard.start()
     connector = aiohttp.TCPConnector(
         limit=0,  # the app decides its concurrency; the sidecar adds no queue of its own
         ttl_dns_cache=300,
@@ -52,9 +60,19 @@ async def _lifecycle(app: web.Application):
         skip_auto_headers=("User-Agent", "Accept-Encoding", "Content-Type"),
         cookie_jar=aiohttp.DummyCookieJar(),
     )
+    rt.guard.alerts.start(rt.session)
     yield
+    await rt.guard.alerts.stop()
     await rt.session.close()
     await loop.run_in_executor(None, rt.writer.stop)
+
+
+def _persist_alert(writer: LedgerWriter, crossing: Crossing, call_id: str | None) -> None:
+    cur = writer.cursor()
+    try:
+        budget_store.save_alert(cur, crossing, call_id)
+    finally:
+        cur.close()
 
 
 async def serve(config: Config) -> None:

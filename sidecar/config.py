@@ -10,6 +10,8 @@ from urllib.parse import urlsplit
 
 import yaml
 
+from exporters.alerts import AlertConfigError, AlertSettings, parse_settings
+from ledger.budgets import DEFAULT_THRESHOLDS, Rule, RuleError, parse_rule, parse_thresholds
 from ledger.pricing import PriceRule
 
 DEFAULT_HOST = "127.0.0.1"
@@ -50,12 +52,16 @@ class Config:
     prices: list[PriceRule] = field(default_factory=list)
     connect_timeout_s: float = 10.0
     read_timeout_s: float = 600.0  # longest silence allowed on an upstream socket
-    budgets: list[dict[str, Any]] = field(default_factory=list)  # kept for the budget guard
-    alerts: dict[str, Any] = field(default_factory=dict)
+    budgets: list[Rule] = field(default_factory=list)
+    alerts: AlertSettings = field(default_factory=AlertSettings)
+    thresholds: tuple = DEFAULT_THRESHOLDS  # default alert thresholds of every rule
+    admin_token: str | None = None  # required by the budget API; always, when listening beyond loopback
+    default_max_output_tokens: int = 32_768  # reservation for calls without max tokens on unknown models
     telemetry: dict[str, Any] = field(default_factory=dict)
 
 
-_TOP_KEYS = {"listen", "app", "ledger", "upstreams", "prices", "budgets", "alerts", "telemetry", "timeouts"}
+_TOP_KEYS = {"listen", "app", "ledger", "upstreams", "prices", "budgets", "alerts", "telemetry", "timeouts",
+             "admin_token", "default_max_output_tokens"}
 
 
 def load(path: str | os.PathLike[str] | None) -> Config:
@@ -91,8 +97,25 @@ def parse(doc: Any) -> Config:
     timeouts = _map(doc, "timeouts")
     cfg.connect_timeout_s = _positive(timeouts, "connect_s", cfg.connect_timeout_s)
     cfg.read_timeout_s = _positive(timeouts, "read_s", cfg.read_timeout_s)
-    cfg.budgets = _list(doc, "budgets")
-    cfg.alerts = _map(doc, "alerts")
+    alerts = _map(doc, "alerts")
+    try:
+        cfg.alerts = parse_settings(alerts)
+        if "thresholds" in alerts:
+            cfg.thresholds = parse_thresholds(alerts["thresholds"], "alerts.thresholds")
+        cfg.budgets = [parse_rule(rule, f"budgets[{i}]", cfg.thresholds) for i, rule in enumerate(_list(doc, "budgets"))]
+    except AlertConfigError as e:
+        raise ConfigError(str(e)) from None
+    except RuleError as e:
+        raise ConfigError(f"config key {e}") from None
+    names = [r.name for r in cfg.budgets]
+    if len(set(names)) != len(names):
+        raise ConfigError(f"config key 'budgets': two rules are named {max(names, key=names.count)!r}")
+    cfg.admin_token = _str(doc, "admin_token") or os.environ.get("METERLINE_ADMIN_TOKEN") or None
+    if "default_max_output_tokens" in doc:
+        value = doc["default_max_output_tokens"]
+        if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
+            raise ConfigError(f"config key 'default_max_output_tokens': expected a positive whole number, got {value!r}")
+        cfg.default_max_output_tokens = value
     cfg.telemetry = _map(doc, "telemetry")
     return cfg
 

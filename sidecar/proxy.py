@@ -13,6 +13,7 @@ import orjson
 from aiohttp import web
 
 from ledger import records
+from ledger.budgets import CallAttrs, Refusal
 from ledger.pricing import FREE_COST
 from ledger.records import CallExtras, CallInfo, CallRecord, Observation
 
@@ -92,6 +93,10 @@ async def handle(request: web.Request) -> web.StreamResponse:
         trace_id=trace_id, span_id=span_id, request_bytes=len(raw),
     )
 
+    decision = rt.guard.admit(info, _attrs(info, record_base), started_at)
+    if isinstance(decision, Refusal):
+        return _refuse(rt, adapter, call, record_base, extras, decision)
+
     rewritten = adapter.prepare(info, body)
     if rewritten is not None:
         raw = rewritten
@@ -114,6 +119,7 @@ async def handle(request: web.Request) -> web.StreamResponse:
         rt.in_flight -= 1
         t_end = time.perf_counter()
         record = _record(rt, call, record_base, provisional=False)
+        rt.guard.settle(decision, record, extras)
         rt.writer.submit(record, rt.writer.journal.end(record, segment), extras)
         call.work += time.perf_counter() - t_end
     if call.outcome in (records.NETWORK_ERROR, records.TIMEOUT) and resp is None:
@@ -133,6 +139,26 @@ async def handle(request: web.Request) -> web.StreamResponse:
         await resp.write(pending)
     await resp.write_eof()
     return resp
+
+
+def _attrs(info: CallInfo, base: dict[str, Any]) -> CallAttrs:
+    return CallAttrs(info.provider, info.request_model or "", info.operation, base["app"] or "",
+                     base["user_id"] or "", base["key_fingerprint"] or "", base["tags"])
+
+
+def _refuse(rt: Runtime, adapter: Any, call: _Call, base: dict[str, Any], extras: CallExtras,
+            refusal: Refusal) -> web.Response:
+    """A 429 in the provider's own shape that SDKs surface at once instead of retrying."""
+    rule = refusal.account.rule.name
+    call.outcome, call.status, call.error_type = records.BLOCKED, 429, "budget_exceeded"
+    rt.guard.refused_call(refusal, base["call_id"], extras)
+    record = _record(rt, call, base, provisional=False)
+    rt.writer.submit(record, rt.writer.journal.end(record, None), extras)
+    headers = {"x-should-retry": "false", "x-meterline-budget": rule}
+    if refusal.retry_after is not None:
+        headers["retry-after"] = str(refusal.retry_after)
+    return web.Response(status=429, body=adapter.error_body(429, refusal.message, "budget_exceeded"),
+                        content_type="application/json", headers=headers)
 
 
 async def _exchange(rt: Runtime, request: web.Request, adapter: Any, url: str, query: str, raw: bytes,
@@ -285,7 +311,9 @@ def _record(rt: Runtime, call: _Call, base: dict[str, Any], provisional: bool) -
             rt.anomaly(seen.anomaly, f"{info.provider} {info.endpoint} status {call.status}")
         elif outcome == records.OK and seen.anomaly == "no_usage" and info.priced:
             rt.anomaly("no_usage", f"{info.provider} {info.endpoint} reported no usage")
-        if not info.priced:
+        if outcome == records.BLOCKED:
+            cost = None
+        elif not info.priced:
             cost = FREE_COST if outcome == records.OK else None
         elif usage.is_empty():
             cost = None

@@ -13,6 +13,7 @@ from ledger.writer import LedgerWriter
 
 from .adapters import anthropic, gemini, openai
 from .config import Config
+from .guard import Guard
 
 ADAPTER_MODULES: dict[str, ModuleType] = {"openai": openai, "anthropic": anthropic, "gemini": gemini}
 
@@ -24,6 +25,7 @@ class Runtime:
     config: Config
     writer: LedgerWriter
     pricer: Pricer
+    guard: Guard
     session: aiohttp.ClientSession | None = None
     anomalies: collections.Counter[str] = field(default_factory=collections.Counter)
     in_flight: int = 0

@@ -59,6 +59,8 @@ def observe(info: CallInfo, status: int, content_type: str, rewritten: bool) -> 
 
 
 def error_body(status: int, message: str, kind: str) -> bytes:
+    # Anthropic's error types are a fixed set; ours map onto the nearest
+    kind = {429: "rate_limit_error", 504: "timeout_error"}.get(status, "api_error")
     return orjson.dumps({"type": "error", "error": {"type": kind, "message": message}})
 
 

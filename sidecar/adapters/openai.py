@@ -95,7 +95,8 @@ def observe(info: CallInfo, status: int, content_type: str, rewritten: bool) -> 
 
 
 def error_body(status: int, message: str, kind: str) -> bytes:
-    return orjson.dumps({"error": {"message": message, "type": kind, "param": None, "code": kind}})
+    error_type = "insufficient_quota" if status == 429 else "api_error"
+    return orjson.dumps({"error": {"message": message, "type": error_type, "param": None, "code": kind}})
 
 
 # --- usage in each response shape ------------------------------------------------------------

@@ -1,0 +1,89 @@
+"""Budgets in the ledger: rules added at run time, top-ups, fired alerts, and window spend rebuilt from `calls`.
+
+Every function here does DuckDB I/O: call them from a worker thread, never the event loop.
+"""
+from __future__ import annotations
+
+from datetime import datetime
+from decimal import Decimal
+from typing import Any
+
+import orjson
+
+from .budgets import Budgets, CallAttrs, Crossing, Rule, RuleError, Tally, parse_rule
+
+CREATE = [
+    """CREATE TABLE IF NOT EXISTS budget_rules (
+         name VARCHAR PRIMARY KEY, spec JSON NOT NULL, updated_at TIMESTAMPTZ NOT NULL)""",
+    """CREATE TABLE IF NOT EXISTS budget_topups (
+         topped_at TIMESTAMPTZ NOT NULL, rule VARCHAR NOT NULL, split_key VARCHAR NOT NULL,
+         amount_usd DECIMAL(38, 12) NOT NULL)""",
+    """CREATE TABLE IF NOT EXISTS alerts (
+         fired_at TIMESTAMPTZ NOT NULL, rule VARCHAR NOT NULL, split_key VARCHAR, window_start TIMESTAMPTZ NOT NULL,
+         threshold DECIMAL(6, 3) NOT NULL, utilization DECIMAL(18, 6) NOT NULL,
+         spent_usd DECIMAL(38, 12), limit_usd DECIMAL(38, 12), action VARCHAR, call_id VARCHAR)""",
+]
+
+# a call counts against budgets unless it was refused; tokens are input plus output
+_HISTORY = """
+    SELECT provider, coalesce(request_model, response_model, '') AS model, operation, coalesce(app, '') AS app,
+           coalesce(user_id, '') AS user_id, coalesce(key_fingerprint, '') AS key, tags,
+           coalesce(sum(cost_usd), 0) AS usd,
+           coalesce(sum(coalesce(input_tokens, 0) + coalesce(output_tokens, 0)), 0) AS tokens,
+           count(*) AS requests
+    FROM calls WHERE started_at >= ? AND outcome <> 'blocked'
+    GROUP BY ALL"""
+
+
+def create(con: Any) -> None:
+    for statement in CREATE:
+        con.execute(statement)
+
+
+def api_rules(con: Any) -> list[Rule]:
+    rules = []
+    for name, spec in con.execute("SELECT name, spec FROM budget_rules ORDER BY name").fetchall():
+        try:
+            rules.append(parse_rule(orjson.loads(spec), f"budget_rules[{name}]", source="api"))
+        except (RuleError, ValueError):
+            continue  # a rule saved by an older version that no longer parses is skipped, not fatal
+    return rules
+
+
+def save_rule(con: Any, rule: Rule, at: datetime) -> None:
+    con.execute("INSERT OR REPLACE INTO budget_rules VALUES (?, ?, ?)",
+                [rule.name, orjson.dumps(rule.to_doc()).decode(), at])
+
+
+def delete_rule(con: Any, name: str) -> None:
+    con.execute("DELETE FROM budget_rules WHERE name = ?", [name])
+
+
+def save_topup(con: Any, rule: str, key: str, amount: Decimal, at: datetime) -> None:
+    con.execute("INSERT INTO budget_topups VALUES (?, ?, ?, ?)", [at, rule, key, amount])
+
+
+def save_alert(con: Any, crossing: Crossing, call_id: str | None) -> None:
+    a = crossing.account
+    con.execute("INSERT INTO alerts VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                [crossing.at, a.rule.name, a.key or None, a.start, crossing.threshold,
+                 crossing.utilization.quantize(Decimal("0.000001")), a.spent.usd, a.limit_usd, a.rule.action,
+                 call_id])
+
+
+def rebuild(con: Any, budgets: Budgets, now: datetime, only: str | None = None) -> None:
+    """Fills the accounts of the current windows from the ledger: spend, top-ups, alerts already fired."""
+    if only is None:
+        for rule, key, amount in con.execute(
+                "SELECT rule, split_key, sum(amount_usd) FROM budget_topups GROUP BY ALL").fetchall():
+            budgets.topups[(rule, key)] = amount
+    for start in budgets.window_starts(now, only):
+        for provider, model, operation, app, user, key, tags, usd, tokens, requests in con.execute(
+                _HISTORY, [start]).fetchall():
+            attrs = CallAttrs(provider or "", model, operation or "", app, user, key, dict(tags or {}))
+            budgets.restore(attrs, start, Tally(Decimal(usd), int(tokens), int(requests)), only)
+    for rule, key, window_start, threshold in con.execute(
+            "SELECT rule, coalesce(split_key, ''), window_start, threshold FROM alerts "
+            "WHERE window_start >= ?", [min(budgets.window_starts(now, only), default=now)]).fetchall():
+        if only in (None, rule):
+            budgets.restore_fired(rule, key, window_start, Decimal(threshold).normalize())

@@ -126,10 +126,14 @@ class Journal:
                 self._release(segment)
 
     def close(self) -> None:
+        """At a clean shutdown: segments whose calls are all committed are not needed again."""
         with self.lock:
             if self.fd >= 0:
                 os.close(self.fd)
                 self.fd = -1
+            for segment, left in list(self.outstanding.items()):
+                if left == 0:
+                    self._delete(segment)
 
     # --- internals (lock held) -----------------------------------------------------------------
 

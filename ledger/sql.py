@@ -11,6 +11,7 @@ from typing import Any
 
 import duckdb
 import orjson
+import pyarrow as pa
 
 READ_ONLY_STATEMENTS = frozenset({duckdb.StatementType.SELECT, duckdb.StatementType.EXPLAIN})
 MAX_ROWS = 10_000
@@ -46,13 +47,31 @@ def run(con: duckdb.DuckDBPyConnection, query: str, max_rows: int = MAX_ROWS) ->
     try:
         # a read-only transaction: even a statement that slipped past `check` cannot write
         cur.execute("BEGIN TRANSACTION READ ONLY")
-        cur.execute(query)
-        columns = [d[0] for d in cur.description or ()]
-        rows = cur.fetchmany(max_rows + 1)
+        columns, rows = _fetch(cur, query, max_rows + 1)
         cur.execute("ROLLBACK")
     finally:
         cur.close()
     return Result(columns, rows[:max_rows], truncated=len(rows) > max_rows)
+
+
+def _fetch(cur: duckdb.DuckDBPyConnection, query: str, limit: int) -> tuple[list[str], list[tuple[Any, ...]]]:
+    """Up to `limit` rows, read through Arrow: DuckDB's own Python conversion of TIMESTAMPTZ needs
+    pytz (not a dependency), Arrow's uses zoneinfo. MAP values come back as dicts, as DuckDB gives them."""
+    relation = cur.sql(query)
+    if relation is None:  # not a query that yields rows
+        return [], []
+    reader = relation.to_arrow_reader(min(limit, 2048))
+    columns = list(reader.schema.names)
+    maps = [i for i, f in enumerate(reader.schema) if pa.types.is_map(f.type)]
+    rows: list[tuple[Any, ...]] = []
+    for batch in reader:
+        for row in zip(*(col.to_pylist() for col in batch.columns)):
+            if maps:
+                row = tuple(dict(v) if i in maps and v is not None else v for i, v in enumerate(row))
+            rows.append(row)
+            if len(rows) >= limit:
+                return columns, rows
+    return columns, rows
 
 
 def open_file(path: str | Path) -> duckdb.DuckDBPyConnection:

@@ -41,6 +41,14 @@ def main(argv: list[str] | None = None) -> int:
     q.add_argument("--url", help="sidecar URL (default from the config's listen address)")
     q.add_argument("--db", help="ledger file, used when no sidecar answers")
 
+    b = sub.add_parser("budgets", help="budget rules with spend, limit and window",
+                       description="Every budget rule and split key: spend, limit, percent used and time to reset. "
+                                   "Asks the running sidecar, or rebuilds from the ledger file when none runs.")
+    b.add_argument("--format", choices=("table", "json"), default="table")
+    b.add_argument("--config", help=f"config file (default: ./{DEFAULT_CONFIG} if present)")
+    b.add_argument("--url", help="sidecar URL (default from the config's listen address)")
+    b.add_argument("--db", help="ledger file, used when no sidecar answers")
+
     args = parser.parse_args(argv)
     try:
         cfg = config_mod.load(_config_path(args.config))
@@ -49,6 +57,8 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     if args.command == "serve":
         return _serve(args, cfg)
+    if args.command == "budgets":
+        return _budgets(args, cfg)
     return _sql(args, cfg)
 
 
@@ -114,6 +124,77 @@ def _sql(args: argparse.Namespace, cfg: config_mod.Config) -> int:
             return 1
     print(sql.render(result, args.format))
     return 0
+
+
+def _budgets(args: argparse.Namespace, cfg: config_mod.Config) -> int:
+    url = args.url or f"http://{_connect_host(cfg.host)}:{cfg.port}"
+    try:
+        with urllib.request.urlopen(f"{url}/_meterline/budgets", timeout=30) as resp:
+            rows = orjson.loads(resp.read())["budgets"]
+    except urllib.error.URLError as e:
+        if not isinstance(e.reason, ConnectionRefusedError):
+            print(f"meterline: {e.reason}", file=sys.stderr)
+            return 1
+        try:
+            rows = _budgets_from_file(args.db or cfg.ledger_path, cfg)
+        except FileNotFoundError as e:
+            print(f"meterline: {e}", file=sys.stderr)
+            return 1
+    if args.format == "json":
+        print(orjson.dumps(rows, option=orjson.OPT_INDENT_2).decode())
+        return 0
+    table = sql.Result(["rule", "key", "window", "action", "spent", "limit", "used", "resets in"], [
+        (r["rule"], r["key"] or "", r["window"], r["action"], _spent(r), _limit(r),
+         f"{r['utilization']:.1%}", _duration(r["seconds_to_reset"])) for r in rows])
+    print(sql.render(table, "table"))
+    return 0
+
+
+def _budgets_from_file(path: str, cfg: config_mod.Config) -> list[dict]:
+    from datetime import datetime, timezone
+
+    from ledger import budget_store
+    from ledger.budgets import Budgets
+
+    con = sql.open_file(path)
+    budgets = Budgets(cfg.budgets)
+    for rule in budget_store.api_rules(con):
+        if rule.name not in budgets.rules:
+            budgets.put(rule)
+    now = datetime.now(timezone.utc)
+    budget_store.rebuild(con, budgets, now)
+    return budgets.status(now)
+
+
+def _spent(r: dict) -> str:
+    parts = []
+    if r["limit_usd"] is not None:
+        parts.append(f"${float(r['spent_usd']):,.4f}")
+    if r["limit_tokens"] is not None:
+        parts.append(f"{r['spent_tokens']:,} tok")
+    if r["limit_requests"] is not None:
+        parts.append(f"{r['requests']:,} req")
+    return " / ".join(parts)
+
+
+def _limit(r: dict) -> str:
+    parts = []
+    if r["limit_usd"] is not None:
+        parts.append(f"${float(r['limit_usd']):,.2f}")
+    if r["limit_tokens"] is not None:
+        parts.append(f"{r['limit_tokens']:,} tok")
+    if r["limit_requests"] is not None:
+        parts.append(f"{r['limit_requests']:,} req")
+    return " / ".join(parts)
+
+
+def _duration(seconds: int | None) -> str:
+    if seconds is None:
+        return "never"
+    d, rest = divmod(seconds, 86400)
+    h, rest = divmod(rest, 3600)
+    m, s = divmod(rest, 60)
+    return f"{d}d {h}h" if d else f"{h}h {m}m" if h else f"{m}m {s}s"
 
 
 class _Refused(Exception):

@@ -335,6 +335,8 @@ class Budgets:
         # rules indexed by one attribute they require, so admission never scans rules that cannot match
         self._index: dict[tuple[str, str], list[Rule]] = {}
         self._open: list[Rule] = []  # rules with no indexable condition
+        self._kinds: tuple[str, ...] = ()  # which attributes the index holds rules under
+        self._current: dict[tuple[str, str], Account] = {}  # (rule, key) -> account of the latest window
         for rule in rules:
             self.put(rule)
 
@@ -345,16 +347,20 @@ class Budgets:
         have changed, so the caller restores its spend from the ledger (`restore(..., only=name)`)."""
         self.rules[rule.name] = rule
         self._reindex()
-        for k in [k for k in self.accounts if k[0] == rule.name]:
-            del self.accounts[k]
+        self._forget(rule.name)
 
     def remove(self, name: str) -> bool:
         if self.rules.pop(name, None) is None:
             return False
         self._reindex()
+        self._forget(name)
+        return True
+
+    def _forget(self, name: str) -> None:
         for k in [k for k in self.accounts if k[0] == name]:
             del self.accounts[k]
-        return True
+        for k in [k for k in self._current if k[0] == name]:
+            del self._current[k]
 
     def _reindex(self) -> None:
         self._index, self._open = {}, []
@@ -364,30 +370,33 @@ class Budgets:
                 self._open.append(rule)
             else:
                 self._index.setdefault(key, []).append(rule)
+        self._kinds = tuple({kind for kind, _ in self._index})
 
     def matching(self, c: CallAttrs) -> list[Rule]:
-        index = self._index
         found = [r for r in self._open if r.match.matches(c)]
-        if not index:
-            return found
-        probes = [("provider", c.provider), ("model", c.model), ("operation", c.operation), ("app", c.app),
-                  ("user", c.user), ("key", c.key)]
-        probes += [("tag", f"{k}={v}") for k, v in c.tags.items()]
-        for probe in probes:
-            for rule in index.get(probe, ()):
-                if rule.match.matches(c):
-                    found.append(rule)
+        index = self._index
+        for kind in self._kinds:
+            if kind == "tag":
+                for k, v in c.tags.items():
+                    found += [r for r in index.get(("tag", f"{k}={v}"), ()) if r.match.matches(c)]
+            else:
+                found += [r for r in index.get((kind, getattr(c, kind)), ()) if r.match.matches(c)]
         return found
 
     # --- the request path ----------------------------------------------------------------------
 
     def account(self, rule: Rule, key: str, at: datetime) -> Account:
+        current = self._current.get((rule.name, key))
+        if current is not None and current.start <= at < current.end:
+            return current
         start, end = window_bounds(rule.window, rule.tz, at)
         k = (rule.name, key, start)
         acct = self.accounts.get(k)
         if acct is None:
             acct = self.accounts[k] = Account(rule, key, start, end,
                                               topup_usd=self.topups.get((rule.name, key), Decimal(0)))
+        if current is None or start >= current.start:
+            self._current[(rule.name, key)] = acct
         return acct
 
     def admit(self, c: CallAttrs, at: datetime, estimate: Callable[[list[Rule]], Tally]) -> Reservation | Refusal:
@@ -462,6 +471,8 @@ class Budgets:
         for k, acct in list(self.accounts.items()):
             if acct.end <= now and acct.reserved.requests == 0:
                 del self.accounts[k]
+                if self._current.get(k[:2]) is acct:
+                    del self._current[k[:2]]
 
     def status(self, now: datetime) -> list[dict[str, Any]]:
         out = []

@@ -175,5 +175,9 @@ def _catalog_cost(provider: str, model: str, usage: Usage, at: datetime) -> Cost
     except Exception:  # noqa: BLE001 - e.g. inconsistent counts; the call stays unpriced, not zero
         log.warning("genai-prices could not price %s/%s", provider, model, exc_info=True)
         return None
-    return Cost(_q(calc.input_price), _q(calc.output_price),
-                _q(calc.input_price) + _q(calc.output_price), CATALOG_SOURCE)
+    input_price = calc.input_price
+    # a priced unit genai-prices files under neither input nor output (e.g. bare `audio_seconds`)
+    # still costs: count it as input rather than drop it, so cost_usd is never short
+    input_price += calc.total_price - calc.input_price - calc.output_price
+    return Cost(_q(input_price), _q(calc.output_price),
+                _q(input_price) + _q(calc.output_price), CATALOG_SOURCE)

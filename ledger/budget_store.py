@@ -4,7 +4,9 @@ Every function here does DuckDB I/O: call them from a worker thread, never the e
 """
 from __future__ import annotations
 
-from datetime import datetime
+from collections.abc import Iterable
+from dataclasses import dataclass
+from datetime import datetime, timezone
 from decimal import Decimal
 from typing import Any
 
@@ -71,19 +73,45 @@ def save_alert(con: Any, crossing: Crossing, call_id: str | None) -> None:
                  call_id])
 
 
-def rebuild(con: Any, budgets: Budgets, now: datetime, only: str | None = None) -> None:
-    """Fills the accounts of the current windows from the ledger: spend, top-ups, alerts already fired."""
-    if only is None:
-        for rule, key, amount in con.execute(
-                "SELECT rule, split_key, sum(amount_usd) FROM budget_topups GROUP BY ALL").fetchall():
-            budgets.topups[(rule, key)] = amount
-    for start in budgets.window_starts(now, only):
+@dataclass(slots=True)
+class History:
+    """What the ledger says about budgets' current windows; applied to Budgets on the event loop."""
+
+    topups: list[tuple[str, str, Decimal]]
+    spend: list[tuple[CallAttrs, datetime, Tally]]  # since each window start
+    fired: list[tuple[str, str, datetime, Decimal]]
+
+
+def history(con: Any, starts: set[datetime], exclude: Iterable[str] = ()) -> History:
+    """Reads top-ups, spend since each window start (less the calls in `exclude`) and fired alerts."""
+    topups = [(rule, key, Decimal(amount)) for rule, key, amount in con.execute(
+        "SELECT rule, split_key, sum(amount_usd) FROM budget_topups GROUP BY ALL").fetchall()]
+    spend = []
+    excluded = sorted(exclude)
+    query = _HISTORY.replace("GROUP BY ALL", "AND NOT list_contains(?, call_id) GROUP BY ALL")
+    for start in sorted(starts):
         for provider, model, operation, app, user, key, tags, usd, tokens, requests in con.execute(
-                _HISTORY, [start]).fetchall():
+                query, [start, excluded]).fetchall():
             attrs = CallAttrs(provider or "", model, operation or "", app, user, key, dict(tags or {}))
-            budgets.restore(attrs, start, Tally(Decimal(usd), int(tokens), int(requests)), only)
-    for rule, key, window_start, threshold in con.execute(
-            "SELECT rule, coalesce(split_key, ''), window_start, threshold FROM alerts "
-            "WHERE window_start >= ?", [min(budgets.window_starts(now, only), default=now)]).fetchall():
+            spend.append((attrs, start, Tally(Decimal(usd), int(tokens), int(requests))))
+    fired = [(rule, key, window_start, Decimal(threshold)) for rule, key, window_start, threshold in con.execute(
+        "SELECT rule, coalesce(split_key, ''), window_start, threshold FROM alerts WHERE window_start >= ?",
+        [min(starts, default=datetime.now(timezone.utc))]).fetchall()]
+    return History(topups, spend, fired)
+
+
+def apply(budgets: Budgets, h: History, only: str | None = None) -> None:
+    """Fills the accounts of the current windows (of one rule, or all) from a History."""
+    if only is None:
+        for rule, key, amount in h.topups:
+            budgets.topups[(rule, key)] = amount
+    for attrs, start, tally in h.spend:
+        budgets.restore(attrs, start, tally, only)
+    for rule, key, window_start, threshold in h.fired:
         if only in (None, rule):
-            budgets.restore_fired(rule, key, window_start, Decimal(threshold).normalize())
+            budgets.restore_fired(rule, key, window_start, threshold)
+
+
+def rebuild(con: Any, budgets: Budgets, now: datetime) -> None:
+    """History and apply in one step, for a process that has no event loop (the CLI)."""
+    apply(budgets, history(con, budgets.window_starts(now)))

@@ -55,23 +55,30 @@ def run(con: duckdb.DuckDBPyConnection, query: str, max_rows: int = MAX_ROWS) ->
 
 
 def _fetch(cur: duckdb.DuckDBPyConnection, query: str, limit: int) -> tuple[list[str], list[tuple[Any, ...]]]:
-    """Up to `limit` rows, read through Arrow: DuckDB's own Python conversion of TIMESTAMPTZ needs
-    pytz (not a dependency), Arrow's uses zoneinfo. MAP values come back as dicts, as DuckDB gives them."""
-    relation = cur.sql(query)
-    if relation is None:  # not a query that yields rows
-        return [], []
-    reader = relation.to_arrow_reader(min(limit, 2048))
-    columns = list(reader.schema.names)
-    maps = [i for i, f in enumerate(reader.schema) if pa.types.is_map(f.type)]
+    """Up to `limit` rows, read through Arrow: DuckDB's own conversion of TIMESTAMPTZ to Python needs
+    pytz (not a dependency of ours); Arrow's uses zoneinfo. Values come back as DuckDB's own
+    conversion gives them: MAPs as dicts, whole numbers (HUGEINT sums) as ints."""
+    reader = cur.sql(query).to_arrow_reader(min(limit, 2048))
+    schema = reader.schema
+    columns = list(schema.names)
+    convert = {i: _to_python(f.type) for i, f in enumerate(schema) if _to_python(f.type) is not None}
     rows: list[tuple[Any, ...]] = []
     for batch in reader:
-        for row in zip(*(col.to_pylist() for col in batch.columns)):
-            if maps:
-                row = tuple(dict(v) if i in maps and v is not None else v for i, v in enumerate(row))
-            rows.append(row)
-            if len(rows) >= limit:
-                return columns, rows
+        values = [col.to_pylist() for col in batch.columns]
+        for i, fn in convert.items():
+            values[i] = [None if v is None else fn(v) for v in values[i]]
+        rows.extend(zip(*values))
+        if len(rows) >= limit:
+            return columns, rows[:limit]
     return columns, rows
+
+
+def _to_python(kind: pa.DataType) -> Any:
+    if pa.types.is_map(kind):
+        return dict
+    if pa.types.is_decimal(kind) and kind.scale == 0:
+        return int  # HUGEINT (e.g. sum of a BIGINT) travels as DECIMAL(38, 0)
+    return None
 
 
 def open_file(path: str | Path) -> duckdb.DuckDBPyConnection:

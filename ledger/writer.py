@@ -94,6 +94,15 @@ class LedgerWriter:
         """Records submitted and not yet committed."""
         return self.submitted - self.written
 
+    def wait_written(self, target: int, timeout: float) -> bool:
+        """Blocks (a worker thread, never the loop) until `target` records are committed."""
+        deadline = time.monotonic() + timeout
+        while self.written < target:
+            if time.monotonic() > deadline:
+                return False
+            time.sleep(0.005)
+        return True
+
     def cursor(self) -> duckdb.DuckDBPyConnection:
         assert self.con is not None
         return self.con.cursor()

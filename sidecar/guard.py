@@ -24,6 +24,8 @@ class Guard:
         self.writer = writer
         self.alerts = alerts
         self.refused = 0
+        # rules whose history is being read: calls settled meanwhile are counted live, not from the ledger
+        self._rebuilding: dict[str, set[str]] = {}
 
     async def start(self) -> None:
         """Adds the rules saved through the API and rebuilds every window's spend from the ledger."""
@@ -33,7 +35,8 @@ class Guard:
             if rule.name not in self.config_rules:  # the config file wins over an older API edit
                 self.budgets.put(rule)
         now = datetime.now(timezone.utc)
-        await loop.run_in_executor(None, self._db, budget_store.rebuild, self.budgets, now)
+        history = await loop.run_in_executor(None, self._db, budget_store.history, self.budgets.window_starts(now))
+        budget_store.apply(self.budgets, history)
 
     def _db(self, fn: Any, *args: Any) -> Any:
         cur = self.writer.cursor()
@@ -72,6 +75,9 @@ class Guard:
         actual = Tally(record.cost_usd or Decimal(0),
                        (record.input_tokens or 0) + (record.output_tokens or 0), 1)
         extras.attributes["meterline.budget.rules"] = ",".join(a.rule.name for a, _ in reservation.holds)
+        for acct, _ in reservation.holds:
+            if acct.rule.name in self._rebuilding:
+                self._rebuilding[acct.rule.name].add(record.call_id)
         self._alert(self.budgets.settle(reservation, actual, record.started_at), record.call_id, extras)
 
     def refused_call(self, refusal: Refusal, call_id: str, extras: CallExtras) -> None:
@@ -93,11 +99,21 @@ class Guard:
     # --- the runtime API -----------------------------------------------------------------------
 
     async def put_rule(self, rule: Rule) -> None:
+        """The rule holds from now on; its windows' earlier spend is read from the ledger. Calls that
+        finish while it is read are counted live and left out of the read, so none counts twice."""
         loop = asyncio.get_running_loop()
         now = datetime.now(timezone.utc)
         await loop.run_in_executor(None, self._db, budget_store.save_rule, rule, now)
+        submitted = self.writer.submitted
         self.budgets.put(rule)
-        await loop.run_in_executor(None, self._db, budget_store.rebuild, self.budgets, now, rule.name)
+        live = self._rebuilding[rule.name] = set()
+        try:
+            await loop.run_in_executor(None, self.writer.wait_written, submitted, 10.0)
+            history = await loop.run_in_executor(None, self._db, budget_store.history,
+                                                 self.budgets.window_starts(now, rule.name), live)
+        finally:
+            del self._rebuilding[rule.name]
+        budget_store.apply(self.budgets, history, rule.name)
 
     async def remove_rule(self, name: str) -> bool:
         if name not in self.budgets.rules:

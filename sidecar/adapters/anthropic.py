@@ -84,6 +84,9 @@ def merge_usage(acc: dict[str, int], u: Any) -> None:
     searches = int_or_none(dig(u, "server_tool_use", "web_search_requests"))
     if searches is not None:
         acc["web_searches"] = searches
+    thinking = int_or_none(dig(u, "output_tokens_details", "thinking_tokens"))
+    if thinking is not None:
+        acc["thinking_tokens"] = thinking  # part of output_tokens
 
 
 def anthropic_usage(acc: dict[str, int]) -> Usage:
@@ -95,7 +98,8 @@ def anthropic_usage(acc: dict[str, int]) -> Usage:
     units = {name: acc[name] for name in ("cache_write_5m_tokens", "cache_write_1h_tokens", "web_searches")
              if acc.get(name)}
     return Usage(input_tokens=total, output_tokens=acc.get("output_tokens"),
-                 cache_read_tokens=read, cache_write_tokens=write, units=units)
+                 cache_read_tokens=read, cache_write_tokens=write, reasoning_tokens=acc.get("thinking_tokens"),
+                 units=units)
 
 
 def _message_observation(doc: Any) -> Observation:

@@ -184,7 +184,10 @@ def transcription_usage(u: Any) -> Usage:
         return Usage()
     if u.get("type") == "duration":
         seconds = u.get("seconds")
-        return Usage(units={"audio_seconds": seconds} if isinstance(seconds, (int, float)) else {})
+        # a transcription's audio is its input: genai-prices prices `audio_seconds` as neither input
+        # nor output unless the input part is named too
+        return Usage(units={"audio_seconds": seconds, "input_audio_seconds": seconds}
+                     if isinstance(seconds, (int, float)) and not isinstance(seconds, bool) else {})
     usage = Usage(input_tokens=int_or_none(u.get("input_tokens")),
                   output_tokens=int_or_none(u.get("output_tokens")))
     _unit(usage, "input_audio_tokens", dig(u, "input_token_details", "audio_tokens"))

@@ -21,6 +21,7 @@ MAX_SQL_BYTES = 64 * 1024
 def add_routes(app: web.Application) -> None:
     app.router.add_get(f"{PREFIX}/healthz", healthz)
     app.router.add_post(f"{PREFIX}/sql", run_sql)
+    app.router.add_get(f"{PREFIX}/metrics", metrics)
     app.router.add_get(f"{PREFIX}/budgets", list_budgets)
     app.router.add_post(f"{PREFIX}/budgets", create_budget)
     app.router.add_put(f"{PREFIX}/budgets/{{name}}", replace_budget)
@@ -37,8 +38,16 @@ async def healthz(request: web.Request) -> web.Response:
         "ledger": {"path": str(w.path), "written": w.written, "pending": w.pending,
                    "write_failures": w.failures, "last_lag_s": round(w.last_lag_s, 4)},
         "anomalies": dict(rt.anomalies),
+        "telemetry": rt.telemetry.stats() if rt.telemetry is not None else None,
     }
     return web.Response(body=orjson.dumps(body), content_type="application/json")
+
+
+async def metrics(request: web.Request) -> web.Response:
+    """Prometheus text exposition, rendered on a worker thread (it costs milliseconds at many series)."""
+    rt = request.app[proxy.RUNTIME]
+    body, content_type = await asyncio.get_running_loop().run_in_executor(None, rt.telemetry.prometheus)
+    return web.Response(body=body, headers={"content-type": content_type})
 
 
 async def run_sql(request: web.Request) -> web.Response:

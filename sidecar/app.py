@@ -3,12 +3,14 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import os
 import socket
 
 import aiohttp
 from aiohttp import web
 
 from exporters.alerts import AlertDispatcher
+from exporters.telemetry import Telemetry
 from ledger import budget_store
 from ledger.budgets import Crossing
 from ledger.pricing import Pricer
@@ -28,7 +30,15 @@ def build(config: Config) -> web.Application:
     writer = LedgerWriter(config.ledger_path)
     pricer = Pricer(config.prices, config.default_max_output_tokens)
     alerts = AlertDispatcher(config.alerts, persist=lambda crossing, call_id: _persist_alert(writer, crossing, call_id))
-    rt = Runtime(config=config, writer=writer, pricer=pricer, guard=Guard(config.budgets, pricer, writer, alerts))
+    telemetry = Telemetry(config.telemetry, os.environ, config.app)
+    rt = Runtime(config=config, writer=writer, pricer=pricer,
+                 guard=Guard(config.budgets, pricer, writer, alerts, telemetry.set_budget_utilization),
+                 telemetry=telemetry, tracing=telemetry.tracing_enabled, capture_content=telemetry.capture_content)
+    writer.sinks.append(telemetry)
+    telemetry.register_gauge("meterline.ledger.pending", "{record}", "Call records not yet committed to the ledger",
+                             lambda: writer.pending)
+    telemetry.register_gauge("meterline.ledger.write_lag", "s", "From a call's end to its row being committed",
+                             lambda: writer.last_lag_s)
     app[proxy.RUNTIME] = rt
     admin.add_routes(app)
     app.router.add_route("*", "/{upstream}/{tail:.*}", proxy.handle)
@@ -45,6 +55,7 @@ async def _lifecycle(app: web.Application):
     if replayed:
         log.info("recovered %d calls from the journal", replayed)
     rt.writer.start()
+    rt.telemetry.start()
     await rt.guard.start()
     connector = aiohttp.TCPConnector(
         limit=0,  # the app decides its concurrency; the sidecar adds no queue of its own
@@ -65,6 +76,7 @@ async def _lifecycle(app: web.Application):
     await rt.guard.alerts.stop()
     await rt.session.close()
     await loop.run_in_executor(None, rt.writer.stop)
+    await loop.run_in_executor(None, rt.telemetry.shutdown, 5.0)
 
 
 def _persist_alert(writer: LedgerWriter, crossing: Crossing, call_id: str | None) -> None:

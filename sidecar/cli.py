@@ -49,7 +49,25 @@ def main(argv: list[str] | None = None) -> int:
     b.add_argument("--url", help="sidecar URL (default from the config's listen address)")
     b.add_argument("--db", help="ledger file, used when no sidecar answers")
 
+    d = sub.add_parser("demo", help="try it without API keys: a fake provider, sample traffic and the dashboard",
+                       description="Start the sidecar with a built-in fake OpenAI/Anthropic/Gemini provider, send "
+                                   "about a minute of varied traffic through it (apps, users, tags, models; one "
+                                   "budget that gets close, one that blocks), then print the dashboard URL and some "
+                                   "SQL to try. Keeps serving until Ctrl-C unless --exit is given. The demo has a "
+                                   "ledger of its own and ignores meterline.yaml.")
+    d.add_argument("--duration", type=float, default=60.0, help="seconds of traffic (default 60)")
+    d.add_argument("--exit", action="store_true", help="stop when the traffic is done instead of serving on")
+    d.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1)")
+    d.add_argument("--port", type=int, default=8720, help="port (default 8720)")
+    d.add_argument("--db", default="meterline-demo.duckdb", help="the demo's ledger (default ./meterline-demo.duckdb)")
+    d.add_argument("--seed", type=int, help="random seed, for the same traffic every run")
+    d.add_argument("--jaeger-ui-url", help="Jaeger UI base URL: recent calls link to their traces")
+    d.add_argument("--fast", action="store_true", help=argparse.SUPPRESS)  # shorter fake latencies, for tests
+    d.add_argument("--log-level", default=os.environ.get("METERLINE_LOG_LEVEL", "WARNING"))
+
     args = parser.parse_args(argv)
+    if args.command == "demo":  # the demo brings its own config: a meterline.yaml here is not read
+        return _demo(args)
     try:
         cfg = config_mod.load(_config_path(args.config))
     except config_mod.ConfigError as e:
@@ -101,6 +119,29 @@ def _serve(args: argparse.Namespace, cfg: config_mod.Config) -> int:
         print(f"meterline: cannot listen on {cfg.host}:{cfg.port}: {e.strerror}", file=sys.stderr)
         return 1
     return 0
+
+
+def _demo(args: argparse.Namespace) -> int:
+    logging.basicConfig(level=args.log_level.upper(), format="%(levelname)s %(name)s: %(message)s")
+    if args.duration <= 0:
+        print("meterline: --duration must be a positive number of seconds", file=sys.stderr)
+        return 2
+    from . import demo  # imported late: `meterline sql` should start fast
+
+    opts = demo.Options(duration_s=args.duration, exit=args.exit, host=args.host, port=args.port, db=args.db,
+                        seed=args.seed, jaeger_ui_url=args.jaeger_ui_url, fast=args.fast)
+
+    async def run() -> int:
+        task = asyncio.current_task()
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            loop.add_signal_handler(sig, task.cancel)
+        try:
+            return await demo.run(opts, out=lambda line: print(line, flush=True))
+        except asyncio.CancelledError:
+            return 0
+
+    return asyncio.run(run())
 
 
 def _sql(args: argparse.Namespace, cfg: config_mod.Config) -> int:

@@ -11,6 +11,7 @@ from urllib.parse import urlsplit
 import yaml
 
 from exporters.alerts import AlertConfigError, AlertSettings, parse_settings
+from exporters.settings import load_settings as load_telemetry_settings
 from ledger.budgets import DEFAULT_THRESHOLDS, Rule, RuleError, parse_rule, parse_thresholds
 from ledger.pricing import PriceRule
 
@@ -117,6 +118,10 @@ def parse(doc: Any) -> Config:
             raise ConfigError(f"config key 'default_max_output_tokens': expected a positive whole number, got {value!r}")
         cfg.default_max_output_tokens = value
     cfg.telemetry = _map(doc, "telemetry")
+    try:
+        load_telemetry_settings(cfg.telemetry, os.environ, cfg.app)
+    except ValueError as e:
+        raise ConfigError(f"config key {e}") from None
     return cfg
 
 

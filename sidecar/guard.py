@@ -4,6 +4,7 @@ from __future__ import annotations
 import asyncio
 from datetime import datetime, timezone
 from decimal import Decimal
+from collections.abc import Callable
 from typing import Any
 
 from exporters.alerts import AlertDispatcher
@@ -17,13 +18,15 @@ NO_RESERVATION = Reservation([])
 
 
 class Guard:
-    def __init__(self, rules: list[Rule], pricer: Pricer, writer: LedgerWriter, alerts: AlertDispatcher) -> None:
+    def __init__(self, rules: list[Rule], pricer: Pricer, writer: LedgerWriter, alerts: AlertDispatcher,
+                 on_utilization: Callable[[str, str | None, Decimal], None] | None = None) -> None:
         self.config_rules = {r.name: r for r in rules}
         self.budgets = Budgets(rules)
         self.pricer = pricer
         self.writer = writer
         self.alerts = alerts
         self.refused = 0
+        self.on_utilization = on_utilization  # feeds the meterline.budget.utilization gauge
         # rules whose history is being read: calls settled meanwhile are counted live, not from the ledger
         self._rebuilding: dict[str, set[str]] = {}
 
@@ -78,6 +81,8 @@ class Guard:
         for acct, _ in reservation.holds:
             if acct.rule.name in self._rebuilding:
                 self._rebuilding[acct.rule.name].add(record.call_id)
+            if self.on_utilization is not None:
+                self.on_utilization(acct.rule.name, acct.key or None, acct.utilization())
         self._alert(self.budgets.settle(reservation, actual, record.started_at), record.call_id, extras)
 
     def refused_call(self, refusal: Refusal, call_id: str, extras: CallExtras) -> None:

@@ -17,7 +17,8 @@ from ledger.budgets import CallAttrs, Refusal
 from ledger.pricing import FREE_COST
 from ledger.records import CallExtras, CallInfo, CallRecord, Observation
 
-from . import attribution
+from . import attribution, content
+from .adapters.base import JsonObserver
 from .decoding import decoder_for
 from .runtime import ADAPTER_MODULES, Runtime
 
@@ -35,7 +36,7 @@ class _Call:
     """What the handler learns as one call proceeds; becomes a CallRecord at the end."""
 
     __slots__ = ("t0", "started_at", "info", "upstream", "status", "outcome", "error_type", "ttft",
-                 "work", "response_bytes", "observation")
+                 "work", "response_bytes", "observation", "output_messages")
 
     def __init__(self, t0: float, started_at: datetime, info: CallInfo, upstream: str) -> None:
         self.t0 = t0
@@ -49,6 +50,7 @@ class _Call:
         self.work = 0.0  # seconds spent in the sidecar's own code for this call
         self.response_bytes = 0
         self.observation = Observation()
+        self.output_messages: str | None = None  # only with telemetry.capture_content
 
 
 async def handle(request: web.Request) -> web.StreamResponse:
@@ -85,6 +87,8 @@ async def handle(request: web.Request) -> web.StreamResponse:
                         server_address=upstream.host, server_port=upstream.port,
                         temperature=info.temperature, top_p=info.top_p,
                         max_output_tokens=info.max_output_tokens)
+    if rt.capture_content:
+        extras.input_messages = content.input_messages(upstream.adapter, body)
     record_base = dict(
         call_id=call_id, app=headers.get(attribution.APP_HEADER) or rt.config.app,
         user_id=headers.get(attribution.USER_HEADER) or info.user_id,
@@ -120,6 +124,7 @@ async def handle(request: web.Request) -> web.StreamResponse:
         t_end = time.perf_counter()
         record = _record(rt, call, record_base, provisional=False)
         rt.guard.settle(decision, record, extras)
+        extras.output_messages = call.output_messages
         rt.writer.submit(record, rt.writer.journal.end(record, segment), extras)
         call.work += time.perf_counter() - t_end
     if call.outcome in (records.NETWORK_ERROR, records.TIMEOUT) and resp is None:
@@ -218,6 +223,8 @@ async def _exchange(rt: Runtime, request: web.Request, adapter: Any, url: str, q
             t = time.perf_counter()
             if up.status >= 400:
                 call.outcome = records.UPSTREAM_ERROR
+            if rt.capture_content and isinstance(observer, JsonObserver) and up.status < 400:
+                call.output_messages = _output_content(adapter, observer)
             if observer is not None:
                 try:
                     call.observation = observer.finish()
@@ -248,6 +255,13 @@ async def _send(resp: web.StreamResponse, data: bytes) -> None:
         await resp.write(data)
     except (ConnectionError, aiohttp.ClientConnectionResetError) as e:
         raise _AppGone from e
+
+
+def _output_content(adapter: Any, observer: JsonObserver) -> str | None:
+    try:
+        return content.output_messages(adapter.__name__.rsplit(".", 1)[-1], orjson.loads(observer.body.body()))
+    except (orjson.JSONDecodeError, TypeError, AttributeError, ValueError):
+        return None
 
 
 def _finish_partial(call: _Call, observer: Any) -> None:

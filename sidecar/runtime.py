@@ -8,6 +8,7 @@ from types import ModuleType
 
 import aiohttp
 
+from exporters.telemetry import Telemetry
 from ledger.pricing import Pricer
 from ledger.writer import LedgerWriter
 
@@ -29,7 +30,9 @@ class Runtime:
     session: aiohttp.ClientSession | None = None
     anomalies: collections.Counter[str] = field(default_factory=collections.Counter)
     in_flight: int = 0
+    telemetry: Telemetry | None = None
     tracing: bool = False  # spans are exported, so upstream requests carry the call's span context
+    capture_content: bool = False  # prompts and completions go on spans (opt-in)
 
     def anomaly(self, kind: str, detail: str) -> None:
         """A metering fault: counted and logged, never raised into the call."""

@@ -29,6 +29,7 @@ class Sidecar:
     workdir: Path
     config: dict[str, Any]
     port: int = field(default_factory=free_port)
+    env: dict[str, str] = field(default_factory=dict)  # added to the sidecar's environment
     proc: subprocess.Popen[bytes] | None = None
 
     @property
@@ -52,7 +53,8 @@ class Sidecar:
             [sys.executable, "-m", "sidecar.cli", "serve", "--config", str(cfg), "--port", str(self.port),
              "--db", str(self.db)],
             cwd=self.workdir, stdout=log, stderr=subprocess.STDOUT,
-            env={**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1])},
+            env={**{k: v for k, v in os.environ.items() if not k.startswith("OTEL_")},
+                 "PYTHONPATH": str(Path(__file__).resolve().parents[1]), **self.env},
         )
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:

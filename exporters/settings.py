@@ -29,6 +29,7 @@ KEYS = {
     "sampler", "sampler_arg", "semconv_opt_in", "capture_content", "content_max_bytes",
     "traces", "metrics", "metrics_export_interval_s", "metric_tag_labels", "metric_max_series",
     "budget_key_label", "queue_max_spans", "batch_max_spans", "batch_delay_s",
+    "jaeger_ui_url",  # read by the sidecar's dashboard for trace links, not by the exporters
 }
 
 

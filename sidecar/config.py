@@ -59,6 +59,7 @@ class Config:
     admin_token: str | None = None  # required by the budget API; always, when listening beyond loopback
     default_max_output_tokens: int = 32_768  # reservation for calls without max tokens on unknown models
     telemetry: dict[str, Any] = field(default_factory=dict)
+    jaeger_ui_url: str | None = None  # telemetry.jaeger_ui_url: where the dashboard links traces
 
 
 _TOP_KEYS = {"listen", "app", "ledger", "upstreams", "prices", "budgets", "alerts", "telemetry", "timeouts",
@@ -122,6 +123,12 @@ def parse(doc: Any) -> Config:
         load_telemetry_settings(cfg.telemetry, os.environ, cfg.app)
     except ValueError as e:
         raise ConfigError(f"config key {e}") from None
+    jaeger = cfg.telemetry.get("jaeger_ui_url")
+    if jaeger is not None:
+        parts = urlsplit(jaeger) if isinstance(jaeger, str) else None
+        if parts is None or parts.scheme not in ("http", "https") or not parts.netloc:
+            raise ConfigError(f"config key 'telemetry.jaeger_ui_url': expected an http(s) URL, got {jaeger!r}")
+        cfg.jaeger_ui_url = jaeger.rstrip("/")
     return cfg
 
 

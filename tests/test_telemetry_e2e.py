@@ -153,6 +153,10 @@ def test_a_dead_otlp_endpoint_leaves_calls_alone(tmp_path, fake):
         assert times[len(times) // 2] < 0.5  # milliseconds each; nothing waits on the collector
         stats = sc.health()["telemetry"]
         assert stats["tracing"] and stats["spans_exported"] == 0
+        deadline = time.monotonic() + 15
+        while "WARNING meterline.telemetry" not in sc.log() and time.monotonic() < deadline:
+            time.sleep(0.1)  # the first export attempt comes after the batch delay
+        time.sleep(1.0)  # and its retries, which must stay quiet
         warnings = sc.log().count("WARNING meterline.telemetry")
         assert 1 <= warnings <= 2, sc.log()  # said once per signal, not once per retry
     finally:

@@ -94,8 +94,12 @@ class Pricer:
         except Exception:  # noqa: BLE001 - a broken catalogue shows up as unpriced calls
             log.warning("genai-prices catalogue failed to load", exc_info=True)
 
-    def cost(self, provider: str, models: tuple[str | None, ...], usage: Usage, at: datetime) -> Cost:
-        """`models` in order of preference (the response's model, then the request's)."""
+    def cost(self, provider: str, models: tuple[str | None, ...], usage: Usage, at: datetime,
+             service_tier: str | None = None) -> Cost:
+        """`models` in order of preference (the response's model, then the request's). A service tier
+        other than the standard one (OpenAI's flex or priority, Anthropic's priority, batch) is priced
+        as such where the catalogue knows its prices."""
+        context = {"service_tier": service_tier} if service_tier and service_tier not in _STANDARD_TIERS else None
         names = [m for m in models if m]
         if not names or usage.is_empty():
             return Cost.unpriced()
@@ -107,9 +111,9 @@ class Pricer:
             flat = self._flat.get((provider, name), _UNSEEN)
             if flat is UNKNOWN:
                 continue
-            if isinstance(flat, Flat) and flat.fits(usage):
+            if isinstance(flat, Flat) and context is None and flat.fits(usage):
                 return flat.cost(usage)
-            cost = _catalog_cost(provider, name, usage, at)
+            cost = _catalog_cost(provider, name, usage, at, context)
             if flat is _UNSEEN:
                 self._flat[(provider, name)] = _flat_of(cost)
             if cost is not None:
@@ -117,6 +121,7 @@ class Pricer:
         return Cost.unpriced()
 
 
+_STANDARD_TIERS = frozenset({"default", "standard", "auto"})
 UNKNOWN = object()
 _UNSEEN = object()
 _FLAT = ("input_mtok", "output_mtok", "cache_read_mtok", "cache_write_mtok")
@@ -165,8 +170,9 @@ def _flat_of(cost: Cost | None) -> Flat | None | object:
         return UNKNOWN
     calc = cost.calc
     model = calc.model
-    if not isinstance(model.prices, genai_prices.types.ModelPrice) or model.price_variants:
-        return None  # prices that change with time or service tier
+    if not isinstance(model.prices, genai_prices.types.ModelPrice):
+        return None  # prices that change with time
+    # (price variants apply only with a service tier, which never takes this path)
     fields = {k: v for k, v in calc.model_price.__dict__.items() if v is not None and not k.startswith("_")}
     if not all(isinstance(v, Decimal) for v in fields.values()):
         return None  # tiered
@@ -239,10 +245,11 @@ def catalog_usage(usage: Usage) -> genai_prices.Usage:
     return genai_prices.Usage(**values)
 
 
-def _catalog_cost(provider: str, model: str, usage: Usage, at: datetime) -> Cost | None:
+def _catalog_cost(provider: str, model: str, usage: Usage, at: datetime,
+                  context: dict[str, str] | None = None) -> Cost | None:
     try:
         calc = genai_prices.calc_price(catalog_usage(usage), model, provider_id=provider,
-                                       genai_request_timestamp=at)
+                                       genai_request_timestamp=at, price_context=context)
     except LookupError:
         return None
     except Exception:  # noqa: BLE001 - e.g. inconsistent counts; the call stays unpriced, not zero

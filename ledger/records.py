@@ -74,6 +74,7 @@ class Observation:
     finish_reason: str | None = None
     error_type: str | None = None  # the provider's error type or code, on error responses
     anomaly: str | None = None  # set when the body could not be metered (malformed, truncated)
+    service_tier: str | None = None  # as the provider reported it: prices differ by tier
 
 
 @dataclass(slots=True)
@@ -117,6 +118,7 @@ class CallRecord:
     request_bytes: int
     response_bytes: int
     anomaly: str | None = None
+    service_tier: str | None = None
 
 
 @dataclass(slots=True)

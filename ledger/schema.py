@@ -51,6 +51,7 @@ COLUMNS: list[tuple[str, str, pa.DataType]] = [
     ("request_bytes", "BIGINT", pa.int64()),
     ("response_bytes", "BIGINT", pa.int64()),
     ("anomaly", "VARCHAR", pa.string()),
+    ("service_tier", "VARCHAR", pa.string()),
 ]
 assert [c[0] for c in COLUMNS] == [f.name for f in dataclasses.fields(CallRecord)], "schema and CallRecord drifted"
 

@@ -23,6 +23,7 @@ DEFAULT_DB = "meterline-demo.duckdb"
 ALERT_RULE = "docs-team-daily"  # gets close to its limit: alerts fire at 50% and 80%
 BLOCK_RULE = "playground-intern"  # an intern's playground that runs out of money: calls are refused
 BLOCKED_USER = "intern-7"
+DASHBOARD_VIEW = "#range=900&by=app"  # the last 15 minutes, spend by app
 CLOSE_ENOUGH = 0.85  # the demo stops sending docs-team traffic once its budget is this far used
 
 QUERIES = (
@@ -48,7 +49,7 @@ def demo_config(upstream_url: str, duration_s: float) -> dict[str, Any]:
              "limit_usd": float(docs_limit), "action": "alert", "thresholds": [0.5, 0.8]},
             {"name": "search-rate", "match": {"app": "search"}, "window": "minute", "limit_requests": 300,
              "action": "block"},
-            {"name": BLOCK_RULE, "match": {"user": BLOCKED_USER}, "window": "day", "limit_usd": 0.25,
+            {"name": BLOCK_RULE, "match": {"user": BLOCKED_USER}, "window": "day", "limit_usd": 0.5,
              "action": "block"},
         ],
     }
@@ -85,6 +86,7 @@ class Persona:
     weight: float
     make: Callable[[random.Random], Call]
     paused: bool = False
+    frugal: bool = False  # cheaper models only: its budget is getting close
 
 
 def _headers(app: str, user: str, tags: dict[str, str], auth: dict[str, str]) -> dict[str, str]:
@@ -103,9 +105,11 @@ def _openai(app: str, key: str, model: str, user: str, tags: dict[str, str], sys
 
 
 def _anthropic(app: str, model: str, user: str, tags: dict[str, str], system: str, question: str, stream: bool,
-               max_tokens: int, thinking: bool = False) -> Call:
-    body: dict[str, Any] = {"model": model, "max_tokens": max_tokens,
-                            "system": [{"type": "text", "text": system, "cache_control": {"type": "ephemeral"}}],
+               max_tokens: int, thinking: bool = False, cache: bool = True) -> Call:
+    block: dict[str, Any] = {"type": "text", "text": system}
+    if cache:
+        block["cache_control"] = {"type": "ephemeral"}
+    body: dict[str, Any] = {"model": model, "max_tokens": max_tokens, "system": [block],
                             "messages": [{"role": "user", "content": question}], "stream": stream}
     if thinking:
         body["thinking"] = {"type": "enabled", "budget_tokens": max_tokens // 2}
@@ -125,7 +129,8 @@ def _gemini(app: str, model: str, user: str, tags: dict[str, str], system: str, 
 
 
 def _user(rng: random.Random, n: int = 24) -> str:
-    return f"u-{1000 + int(rng.paretovariate(1.2)) % n:04d}"  # a few heavy users, a long tail
+    # a few heavy users and a long tail
+    return f"u-{1001 + rng.choices(range(n), weights=[1 / (i + 1) ** 0.8 for i in range(n)])[0]:04d}"
 
 
 def _question(rng: random.Random) -> str:
@@ -133,6 +138,7 @@ def _question(rng: random.Random) -> str:
 
 
 SUPPORT_SYSTEM = _text("support", 9000)
+TRIAGE_SYSTEM = _text("triage", 2500)
 SEARCH_SYSTEM = _text("search", 6000)
 DOCS_SYSTEM = _text("docs", 12000)
 DATA_SYSTEM = _text("data", 5000)
@@ -142,8 +148,11 @@ PLAYGROUND_SYSTEM = _text("playground", 4500)
 def personas() -> list[Persona]:
     def support(rng: random.Random) -> Call:
         model = "claude-haiku-4-5" if rng.random() < 0.7 else "claude-sonnet-4-5"
-        return _anthropic("support-bot", model, _user(rng), {"team": "support", "feature": rng.choice(
-            ("chat", "chat", "triage"))}, SUPPORT_SYSTEM, _question(rng), rng.random() < 0.8, 1024)
+        if rng.random() < 0.25:  # triage: a short prompt of its own, not cached
+            return _anthropic("support-bot", model, _user(rng), {"team": "support", "feature": "triage"},
+                              TRIAGE_SYSTEM, _question(rng), False, 256, cache=False)
+        return _anthropic("support-bot", model, _user(rng), {"team": "support", "feature": "chat"},
+                          SUPPORT_SYSTEM, _question(rng), rng.random() < 0.85, 1024)
 
     def search(rng: random.Random) -> Call:
         tags = {"team": "search"}
@@ -160,7 +169,7 @@ def personas() -> list[Persona]:
                        SEARCH_SYSTEM, _question(rng), True, max_completion_tokens=4096)
 
     def docs(rng: random.Random) -> Call:
-        pro = rng.random() < 0.25
+        pro = rng.random() < 0.15 and not docs_persona.frugal
         return _gemini("docs-summarizer", "gemini-2.5-pro" if pro else "gemini-2.5-flash", _user(rng, 8),
                        {"team": "docs", "feature": "summarize"}, DOCS_SYSTEM, _question(rng) * 3,
                        rng.random() < 0.5, thinking=pro or rng.random() < 0.3)
@@ -170,13 +179,14 @@ def personas() -> list[Persona]:
         return _openai("analytics", "sk-demo-analytics", model, _user(rng, 6), {"team": "data", "feature": "sql-gen"},
                        DATA_SYSTEM, _question(rng), rng.random() < 0.3, max_completion_tokens=2048)
 
-    return [Persona("support-bot", 4, support), Persona("search", 5, search), Persona("docs-summarizer", 2.5, docs),
+    docs_persona = Persona("docs-summarizer", 2.5, docs)
+    return [Persona("support-bot", 4, support), Persona("search", 5, search), docs_persona,
             Persona("analytics", 1.5, data)]
 
 
 def playground(rng: random.Random) -> Call:
     return _anthropic("playground", "claude-opus-4-1", BLOCKED_USER, {"team": "research", "feature": "playground"},
-                      PLAYGROUND_SYSTEM, _question(rng), rng.random() < 0.5, 2048, thinking=True)
+                      PLAYGROUND_SYSTEM, _question(rng), rng.random() < 0.5, 2048, thinking=True, cache=False)
 
 
 @dataclass
@@ -195,7 +205,7 @@ class Stats:
 class Driver:
     """Sends the demo's traffic through the sidecar with plain aiohttp, in each SDK's wire format."""
 
-    def __init__(self, base_url: str, duration_s: float, seed: int | None, workers: int = 3) -> None:
+    def __init__(self, base_url: str, duration_s: float, seed: int | None, workers: int = 4) -> None:
         self.base_url = base_url
         self.duration_s = duration_s
         self.rng = random.Random(seed)
@@ -246,9 +256,13 @@ class Driver:
             try:
                 async with self.session.get(f"{self.base_url}/_meterline/budgets") as resp:
                     rows = (await resp.json())["budgets"]
-                used = max((r["utilization"] for r in rows if r["rule"] == ALERT_RULE), default=0.0)
-                docs.paused = used >= CLOSE_ENOUGH
-            except (aiohttp.ClientError, KeyError, ValueError):
+                rule = next(r for r in rows if r["rule"] == ALERT_RULE)
+                limit = Decimal(rule["limit_usd"])
+                committed = (Decimal(rule["spent_usd"]) + Decimal(rule["reserved_usd"])) / limit
+                # halfway there, the docs team moves to its cheaper model; close to the limit, it stops
+                docs.frugal = rule["utilization"] >= 0.5
+                docs.paused = committed >= Decimal(str(CLOSE_ENOUGH))
+            except (aiohttp.ClientError, KeyError, ValueError, StopIteration, ArithmeticError):
                 pass
             await asyncio.sleep(0.5)
 
@@ -315,7 +329,7 @@ async def run(opts: Options, out: Callable[[str], None] = print) -> int:
         started = datetime.now(timezone.utc)
         out(f"meterline demo: sidecar on {url} (ledger {cfg.ledger_path}), fake OpenAI/Anthropic/Gemini "
             f"on {provider.base_url}")
-        out(f"Dashboard: {url}/_meterline/   (it updates live while the traffic runs)")
+        out(f"Dashboard: {url}/_meterline/{DASHBOARD_VIEW}   (it updates live while the traffic runs)")
         out(f"Sending {opts.duration_s:g} s of traffic from 5 apps ...")
         driver = Driver(url, opts.duration_s, opts.seed)
         stats = await driver.run(lambda t, s: out(f"  {t:4.0f} s  {s.line()}"))
@@ -323,7 +337,7 @@ async def run(opts: Options, out: Callable[[str], None] = print) -> int:
         out("")
         out(await _summary(url, stats, opts.duration_s, started))
         out("")
-        out(f"Dashboard: {url}/_meterline/")
+        out(f"Dashboard: {url}/_meterline/{DASHBOARD_VIEW}")
         out("Try some SQL:")
         if opts.exit:  # the sidecar stops: query the file
             where = f" --db {shlex.quote(cfg.ledger_path)}"

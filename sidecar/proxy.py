@@ -333,7 +333,7 @@ def _record(rt: Runtime, call: _Call, base: dict[str, Any], provisional: bool) -
             cost = None
         else:
             cost = rt.pricer.cost(info.provider, (seen.response_model, info.request_model), usage,
-                                  call.started_at)
+                                  call.started_at, seen.service_tier)
     return CallRecord(
         call_id=base["call_id"], started_at=call.started_at, ended_at=ended_at, duration_ms=duration_ms,
         ttft_ms=call.ttft * 1000 if call.ttft is not None else None,
@@ -351,5 +351,6 @@ def _record(rt: Runtime, call: _Call, base: dict[str, Any], provisional: bool) -
         user_id=base["user_id"], key_fingerprint=base["key_fingerprint"], tags=base["tags"],
         trace_id=base["trace_id"], span_id=base["span_id"], request_bytes=base["request_bytes"],
         response_bytes=call.response_bytes, anomaly=None if provisional else seen.anomaly,
+        service_tier=seen.service_tier,
     )
 

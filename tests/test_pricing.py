@@ -65,3 +65,14 @@ def test_config_rule_wins_and_prices_cache_and_images():
     assert cost.input_usd == Decimal("0.064") and cost.output_usd == Decimal("0.1")
     images = pricer.cost("openai", ("dall-e-3",), Usage(units={"images": 3}), NOW)
     assert images.total_usd == Decimal("0.12")
+
+
+def test_a_service_tier_is_priced_as_such():
+    usage = Usage(input_tokens=1_000_000, output_tokens=1_000_000)
+    pricer = Pricer()
+    standard = pricer.cost("openai", ("gpt-4o-mini",), usage, NOW, "default")
+    priority = pricer.cost("openai", ("gpt-4o-mini",), usage, NOW, "priority")
+    calc = genai_prices.calc_price(catalog_usage(usage), "gpt-4o-mini", provider_id="openai",
+                                   genai_request_timestamp=NOW, price_context={"service_tier": "priority"})
+    assert priority.total_usd == calc.total_price.quantize(QUANTUM)
+    assert priority.total_usd > standard.total_usd

@@ -69,7 +69,7 @@ _CACHE_SPLIT = (("ephemeral_5m_input_tokens", "cache_write_5m_tokens"),
                 ("ephemeral_1h_input_tokens", "cache_write_1h_tokens"))
 
 
-def merge_usage(acc: dict[str, int], u: Any) -> None:
+def merge_usage(acc: dict[str, Any], u: Any) -> None:
     """Folds an Anthropic `usage` object into `acc`; values seen later (message_delta) replace earlier."""
     if not isinstance(u, dict):
         return
@@ -84,12 +84,14 @@ def merge_usage(acc: dict[str, int], u: Any) -> None:
     searches = int_or_none(dig(u, "server_tool_use", "web_search_requests"))
     if searches is not None:
         acc["web_searches"] = searches
+    if isinstance(u.get("service_tier"), str):
+        acc["service_tier"] = u["service_tier"]
     thinking = int_or_none(dig(u, "output_tokens_details", "thinking_tokens"))
     if thinking is not None:
         acc["thinking_tokens"] = thinking  # part of output_tokens
 
 
-def anthropic_usage(acc: dict[str, int]) -> Usage:
+def anthropic_usage(acc: dict[str, Any]) -> Usage:
     """Anthropic reports cache tokens beside `input_tokens`; ours count them inside."""
     uncached = acc.get("input_tokens")
     write = acc.get("cache_creation_input_tokens")
@@ -106,7 +108,8 @@ def _message_observation(doc: Any) -> Observation:
     acc: dict[str, int] = {}
     merge_usage(acc, doc.get("usage"))
     seen = Observation(usage=anthropic_usage(acc), response_model=doc.get("model"),
-                       response_id=doc.get("id"), finish_reason=doc.get("stop_reason"))
+                       response_id=doc.get("id"), finish_reason=doc.get("stop_reason"),
+                       service_tier=acc.get("service_tier"))
     if seen.usage.is_empty():
         seen.anomaly = "no_usage"
     return seen
@@ -143,4 +146,5 @@ class MessageStream(SseObserver):
 
     def finish(self) -> Observation:
         self.seen.usage = anthropic_usage(self.acc)
+        self.seen.service_tier = self.acc.get("service_tier")
         return super().finish()

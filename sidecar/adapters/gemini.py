@@ -60,6 +60,8 @@ def observe(info: CallInfo, status: int, content_type: str, rewritten: bool) -> 
         return ArrayStream()
     if info.operation == "embeddings":
         return JsonObserver(_embed_observation)
+    if info.operation == "count_tokens":
+        return JsonObserver(_count_observation)
     return JsonObserver(_content_observation)
 
 
@@ -108,6 +110,13 @@ def _embed_observation(doc: Any) -> Observation:
     if seen.usage.is_empty():
         seen.anomaly = "no_usage"
     return seen
+
+
+def _count_observation(doc: Any) -> Observation:
+    # counting is free and consumes nothing: the count is kept as a unit (as for Anthropic), and a
+    # count response carries no usageMetadata by design, so it is no anomaly
+    counted = int_or_none(doc.get("totalTokens"))
+    return Observation(usage=Usage(units={"counted_tokens": counted} if counted is not None else {}))
 
 
 def _read_chunk(seen: Observation, doc: Any) -> None:

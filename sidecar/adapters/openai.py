@@ -87,6 +87,8 @@ def observe(info: CallInfo, status: int, content_type: str, rewritten: bool) -> 
         return ChatStream(strip_usage=rewritten)
     if info.endpoint.endswith("/responses"):
         return JsonObserver(_responses_observation)
+    if info.operation == "transcription" and not content_type.startswith("application/json"):
+        return NoUsageBody()  # response_format text, srt or vtt: a transcript, not a malformed JSON
     if info.operation == "image_generation":
         return JsonObserver(_image_observation)
     if info.operation == "transcription":
@@ -145,7 +147,8 @@ def _finish_reasons(choices: Any) -> str | None:
 
 def _chat_observation(doc: Any) -> Observation:
     seen = Observation(usage=chat_usage(doc.get("usage")), response_model=doc.get("model"),
-                       response_id=doc.get("id"), finish_reason=_finish_reasons(doc.get("choices")))
+                       response_id=doc.get("id"), finish_reason=_finish_reasons(doc.get("choices")),
+                       service_tier=_tier(doc))
     if seen.usage.is_empty():
         seen.anomaly = "no_usage"
     return seen
@@ -153,10 +156,15 @@ def _chat_observation(doc: Any) -> Observation:
 
 def _responses_observation(doc: Any) -> Observation:
     seen = Observation(usage=responses_usage(doc.get("usage")), response_model=doc.get("model"),
-                       response_id=doc.get("id"), finish_reason=_response_status(doc))
+                       response_id=doc.get("id"), finish_reason=_response_status(doc), service_tier=_tier(doc))
     if seen.usage.is_empty():
         seen.anomaly = "no_usage"
     return seen
+
+
+def _tier(doc: Any) -> str | None:
+    tier = doc.get("service_tier")
+    return tier if isinstance(tier, str) else None
 
 
 def _response_status(doc: Any) -> str | None:
@@ -200,6 +208,18 @@ def _transcription_observation(doc: Any) -> Observation:
     if seen.usage.is_empty():
         seen.anomaly = "no_usage"
     return seen
+
+
+class NoUsageBody:
+    """A body that carries no usage by design: passed through, not parsed."""
+
+    __slots__ = ()
+
+    def feed(self, chunk: bytes) -> bytes:
+        return chunk
+
+    def finish(self) -> Observation:
+        return Observation(anomaly="no_usage")
 
 
 # --- streams ---------------------------------------------------------------------------------
@@ -248,6 +268,8 @@ class ChatStream(SseObserver):
         if seen.response_id is None:
             seen.response_id = doc.get("id")
             seen.response_model = doc.get("model")
+        if seen.service_tier is None:
+            seen.service_tier = _tier(doc)
         for choice in doc.get("choices") or ():
             reason = choice.get("finish_reason")
             if reason:
@@ -278,6 +300,7 @@ class ResponsesStream(SseObserver):
         seen.response_model = response.get("model") or seen.response_model
         if kind in ("response.completed", "response.incomplete", "response.failed"):
             seen.usage = responses_usage(response.get("usage"))
+            seen.service_tier = _tier(response)
             seen.finish_reason = _response_status(response)
             if kind == "response.failed":
                 seen.error_type = dig(response, "error", "code") or "failed"

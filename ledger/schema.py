@@ -88,6 +88,12 @@ CREATE_META = "CREATE TABLE IF NOT EXISTS meta (key VARCHAR PRIMARY KEY, value V
 
 def create(con: Any) -> None:
     con.execute(CREATE_CALLS)
+    # a ledger made by an older version gains the columns added since (as NULLs for old rows)
+    have = {row[0] for row in con.execute(
+        "SELECT column_name FROM information_schema.columns WHERE table_name = 'calls'").fetchall()}
+    for name, sql_type, _ in COLUMNS:
+        if name not in have:
+            con.execute(f"ALTER TABLE calls ADD COLUMN {name} {sql_type}")
     con.execute(CREATE_META)
     for name, body in VIEWS.items():
         con.execute(f"CREATE OR REPLACE VIEW {name} AS {body}")

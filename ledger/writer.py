@@ -23,6 +23,9 @@ log = logging.getLogger("meterline.ledger")
 
 _STOP = object()
 MAX_BATCH = 5000
+# Each DuckDB commit costs CPU and a WAL sync whatever its size: gather records for this long
+# before writing (the journal already holds them), so busy traffic makes a few large commits.
+FLUSH_INTERVAL_S = 0.25
 
 
 def journal_dir(db_path: str | Path) -> Path:
@@ -36,8 +39,10 @@ class Sink(Protocol):
 
 
 class LedgerWriter:
-    def __init__(self, db_path: str | Path, journal: Journal | None = None) -> None:
+    def __init__(self, db_path: str | Path, journal: Journal | None = None,
+                 flush_interval_s: float = FLUSH_INTERVAL_S) -> None:
         self.path = Path(db_path)
+        self.flush_interval_s = flush_interval_s
         self.journal = journal or Journal(journal_dir(self.path))
         self.queue: queue.SimpleQueue[Any] = queue.SimpleQueue()
         self.con: duckdb.DuckDBPyConnection | None = None
@@ -123,6 +128,7 @@ class LedgerWriter:
         cur = self.con.cursor()
         stopping = False
         retry: list[tuple[CallRecord, int | None, CallExtras | None]] = []  # a batch DuckDB refused
+        last_write = 0.0
         while not stopping:
             new = []
             if not retry:
@@ -130,6 +136,9 @@ class LedgerWriter:
                 if item is _STOP:
                     break
                 new.append(item)
+                wait = last_write + self.flush_interval_s - time.monotonic()
+                if wait > 0:
+                    time.sleep(wait)
             while len(retry) + len(new) < MAX_BATCH:
                 try:
                     item = self.queue.get_nowait()
@@ -141,6 +150,7 @@ class LedgerWriter:
                 new.append(item)
             self._fan_out(new)
             batch = retry + new
+            last_write = time.monotonic()
             retry = [] if self._write(cur, batch) else batch
             if retry and not stopping:
                 time.sleep(min(5.0, 0.1 * 2 ** min(self.failures, 6)))

@@ -189,13 +189,13 @@ async def _exchange(rt: Runtime, request: web.Request, adapter: Any, url: str, q
                 decode = None
                 observer = None
                 rt.anomaly("unknown_encoding", str(e))
-            resp = web.StreamResponse(status=up.status, reason=up.reason)
+            streaming = info.stream or content_type.startswith("text/event-stream")
+            resp = (web.StreamResponse if streaming else _WholeResponse)(status=up.status, reason=up.reason)
             for key, value in up.headers.items():
                 if key.lower() not in _DROP_RESPONSE:
                     resp.headers.add(key, value)
             if rewritten:
                 resp.headers.popall("content-length", None)
-            streaming = info.stream or content_type.startswith("text/event-stream")
             call.work += time.perf_counter() - t
             await resp.prepare(request)
             async for chunk in up.content.iter_any():
@@ -244,6 +244,12 @@ async def _exchange(rt: Runtime, request: web.Request, adapter: Any, url: str, q
         _finish_partial(call, observer)
         raise
     return resp, pending
+
+
+class _WholeResponse(web.StreamResponse):
+    """A non-streamed response: its headers leave with the first body bytes, in one write."""
+
+    _send_headers_immediately = False
 
 
 class _AppGone(Exception):

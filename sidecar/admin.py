@@ -51,7 +51,13 @@ async def metrics(request: web.Request) -> web.Response:
 
 
 async def run_sql(request: web.Request) -> web.Response:
-    """POST {"query": "..."} (or the query as text/plain); answers {"columns", "rows", "truncated"}."""
+    """POST {"query": "..."} (or the query as text/plain); answers {"columns", "rows", "truncated"}.
+    Beyond loopback the ledger is readable only with the admin token."""
+    cfg = request.app[proxy.RUNTIME].config
+    if not _is_loopback(cfg.host):
+        denied = _check_admin(request)
+        if denied:
+            return denied
     raw = await request.read()
     if len(raw) > MAX_SQL_BYTES:
         return _error(413, "query too long")
@@ -157,13 +163,14 @@ async def topup_budget(request: web.Request) -> web.Response:
 
 
 def _check_admin(request: web.Request) -> web.Response | None:
-    """Budget changes need the admin token when one is set, and always when listening beyond loopback."""
+    """Budget changes (and, beyond loopback, SQL) need the admin token when one is set, and always when
+    listening beyond loopback."""
     cfg = request.app[proxy.RUNTIME].config
     token = cfg.admin_token
     if token is None:
         if _is_loopback(cfg.host):
             return None
-        return _error(403, "the budget API needs admin_token (or METERLINE_ADMIN_TOKEN) when not on loopback")
+        return _error(403, "beyond loopback this endpoint needs admin_token (or METERLINE_ADMIN_TOKEN) to be set")
     given = request.headers.get("x-meterline-admin-token", "")
     auth = request.headers.get("authorization", "")
     if auth.lower().startswith("bearer "):

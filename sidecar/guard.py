@@ -78,12 +78,13 @@ class Guard:
         actual = Tally(record.cost_usd or Decimal(0),
                        (record.input_tokens or 0) + (record.output_tokens or 0), 1)
         extras.attributes["meterline.budget.rules"] = ",".join(a.rule.name for a, _ in reservation.holds)
+        crossings = self.budgets.settle(reservation, actual, record.started_at)
         for acct, _ in reservation.holds:
             if acct.rule.name in self._rebuilding:
                 self._rebuilding[acct.rule.name].add(record.call_id)
             if self.on_utilization is not None:
                 self.on_utilization(acct.rule.name, acct.key or None, acct.utilization())
-        self._alert(self.budgets.settle(reservation, actual, record.started_at), record.call_id, extras)
+        self._alert(crossings, record.call_id, extras)
 
     def refused_call(self, refusal: Refusal, call_id: str, extras: CallExtras) -> None:
         extras.attributes["meterline.budget.name"] = refusal.account.rule.name

@@ -147,7 +147,7 @@ def _demo(args: argparse.Namespace) -> int:
 def _sql(args: argparse.Namespace, cfg: config_mod.Config) -> int:
     url = args.url or f"http://{_connect_host(cfg.host)}:{cfg.port}"
     try:
-        result = _sql_via_sidecar(url, args.query)
+        result = _sql_via_sidecar(url, args.query, cfg.admin_token)
     except ConnectionRefusedError:
         result = None
     except _Refused as e:
@@ -242,9 +242,11 @@ class _Refused(Exception):
     pass
 
 
-def _sql_via_sidecar(url: str, query: str) -> sql.Result | None:
-    request = urllib.request.Request(f"{url}/_meterline/sql", data=query.encode(), method="POST",
-                                     headers={"content-type": "text/plain"})
+def _sql_via_sidecar(url: str, query: str, token: str | None) -> sql.Result | None:
+    headers = {"content-type": "text/plain"}
+    if token:
+        headers["x-meterline-admin-token"] = token
+    request = urllib.request.Request(f"{url}/_meterline/sql", data=query.encode(), method="POST", headers=headers)
     try:
         with urllib.request.urlopen(request, timeout=60) as resp:
             return sql.from_json(resp.read())

@@ -1,0 +1,137 @@
+"""Process helpers for the benchmarks: free loopback ports, starting a server and waiting until it answers, RSS, stopping."""
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import subprocess
+import time
+import urllib.error
+import urllib.request
+from dataclasses import dataclass, field
+from pathlib import Path
+
+LOOPBACK = "127.0.0.1"
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind((LOOPBACK, 0))
+        return s.getsockname()[1]
+
+
+def rss_mib(pid: int) -> float | None:
+    """Resident set size from /proc/PID/status (VmRSS), in MiB; None once the process is gone."""
+    try:
+        for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1]) / 1024
+    except OSError:
+        return None
+    return None
+
+
+def http_status(url: str, timeout: float = 2.0) -> int | None:
+    """The status of a GET (any status counts as an answer), or None when nothing answers."""
+    try:
+        with urllib.request.urlopen(url, timeout=timeout) as resp:
+            return resp.status
+    except urllib.error.HTTPError as e:
+        return e.code
+    except (urllib.error.URLError, OSError):
+        return None
+
+
+class StartFailed(RuntimeError):
+    pass
+
+
+@dataclass
+class Service:
+    """One server process of the benchmark, with its log file."""
+
+    name: str
+    cmd: list[str]
+    ready_url: str
+    log_path: Path
+    env: dict[str, str] = field(default_factory=dict)
+    cwd: Path | None = None
+    proc: subprocess.Popen[bytes] | None = None
+
+    @property
+    def pid(self) -> int:
+        assert self.proc is not None
+        return self.proc.pid
+
+    def start(self, timeout: float = 60.0) -> Service:
+        self.log_path.parent.mkdir(parents=True, exist_ok=True)
+        with open(self.log_path, "ab") as log:
+            self.proc = subprocess.Popen(self.cmd, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
+                                         env={**os.environ, **self.env}, cwd=self.cwd, start_new_session=True)
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if self.proc.poll() is not None:
+                raise StartFailed(f"{self.name} exited with {self.proc.returncode}: {self.log_tail()}")
+            if http_status(self.ready_url, timeout=1.0) is not None:
+                return self
+            time.sleep(0.1)
+        self.stop()
+        raise StartFailed(f"{self.name} did not answer {self.ready_url} within {timeout:.0f} s: {self.log_tail()}")
+
+    def log_tail(self, lines: int = 5) -> str:
+        try:
+            text = self.log_path.read_text(errors="replace").strip().splitlines()
+        except OSError:
+            return ""
+        return " | ".join(line.strip()[:300] for line in text[-lines:])
+
+    def stop(self, timeout: float = 15.0) -> None:
+        """SIGTERM, then SIGKILL; only this process group (the server and any workers it started)."""
+        if self.proc is None or self.proc.poll() is not None:
+            return
+        try:
+            os.killpg(self.proc.pid, signal.SIGTERM)
+        except ProcessLookupError:
+            return
+        try:
+            self.proc.wait(timeout)
+        except subprocess.TimeoutExpired:
+            os.killpg(self.proc.pid, signal.SIGKILL)
+            self.proc.wait()
+
+
+_TICK = os.sysconf("SC_CLK_TCK")
+
+
+def _busy_cpu_s() -> float:
+    """CPU seconds the whole machine has spent busy (all cores), from /proc/stat."""
+    fields = [int(x) for x in Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:]]
+    idle = fields[3] + (fields[4] if len(fields) > 4 else 0)  # idle + iowait
+    return (sum(fields[:8]) - idle) / _TICK
+
+
+def process_cpu_s(pid: int) -> float:
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return 0.0
+    fields = stat.rsplit(")", 1)[1].split()
+    return sum(int(x) for x in fields[11:15]) / _TICK  # utime, stime, cutime, cstime
+
+
+class ForeignCpu:
+    """How many cores processes other than this benchmark's used during a window (others' tests, say)."""
+
+    def __init__(self, pids: list[int]) -> None:
+        self.pids = pids
+        self.start = self._snapshot()
+
+    def _snapshot(self) -> tuple[float, float, float]:
+        t = os.times()
+        ours = t.user + t.system + t.children_user + t.children_system + sum(process_cpu_s(p) for p in self.pids)
+        return time.monotonic(), _busy_cpu_s(), ours
+
+    def cores(self) -> float:
+        wall0, busy0, ours0 = self.start
+        wall1, busy1, ours1 = self._snapshot()
+        return max(0.0, ((busy1 - busy0) - (ours1 - ours0)) / max(1e-9, wall1 - wall0))

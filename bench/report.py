@@ -1,0 +1,227 @@
+"""Turns one run's raw results into summary numbers, target verdicts, and the Markdown report."""
+from __future__ import annotations
+
+import math
+import statistics
+from typing import Any
+
+ORDER = ("direct", "bare", "meterline", "litellm", "portkey")
+
+# (key, description, limit text)
+TARGETS = (
+    ("throughput_32", "throughput at 32 connections, meterline / bare forwarder", ">= 0.80x"),
+    ("added_p50_1", "p50 at 1 connection, meterline minus bare forwarder", "<= 0.30 ms"),
+    ("added_ttfc", "added time to first chunk, meterline minus direct", "< 1 ms"),
+    ("chunk_overhead", "per-chunk overhead, meterline minus direct (median one-way delay)", "< 50 us"),
+    ("rss_growth", "RSS growth over the memory phase's calls (idle -> after the calls)", "< 20 MB"),
+    ("ledger_lag", "ledger lag p99 (call end -> row readable via /_meterline/sql)", "< 1 s"),
+)
+
+
+def _median(values: list[float]) -> float:
+    values = [v for v in values if v is not None and not math.isnan(v)]
+    return statistics.median(values) if values else float("nan")
+
+
+def _load(results: dict[str, Any], system: str, connections: int) -> list[dict[str, Any]]:
+    return [r for r in results["load"] if r["system"] == system and r["connections"] == connections]
+
+
+def _paired(results: dict[str, Any], system: str, base: str, connections: int, key: str) -> float:
+    """Median over rounds of (system - base) for one wrk number, each round compared with itself."""
+    diffs = []
+    for run in _load(results, system, connections):
+        same = [b for b in _load(results, base, connections) if b["round"] == run["round"]]
+        if same:
+            diffs.append(run[key] - same[0][key])
+    return _median(diffs)
+
+
+def _streams(results: dict[str, Any], system: str) -> list[dict[str, Any]]:
+    return [s for s in results["streams"] if s["system"] == system and s["streams"] > 0]
+
+
+def _paired_stream(results: dict[str, Any], system: str, key: str) -> float:
+    diffs = []
+    for run in _streams(results, system):
+        same = [d for d in _streams(results, "direct") if d["round"] == run["round"]]
+        if same:
+            diffs.append(run[key] - same[0][key])
+    return _median(diffs)
+
+
+def summarize(results: dict[str, Any]) -> dict[str, Any]:
+    systems = [s for s in ORDER if results["systems"].get(s, {}).get("status") == "ok"]
+    rows: dict[str, dict[str, float]] = {}
+    for name in systems:
+        row: dict[str, float] = {}
+        for c in (1, 32, 128):
+            runs = _load(results, name, c)
+            row[f"rps_{c}"] = _median([r["ok_rps"] for r in runs])
+            row[f"p50_{c}"] = _median([r["p50_ms"] for r in runs])
+            row[f"p99_{c}"] = _median([r["p99_ms"] for r in runs])
+            row[f"errors_{c}"] = sum(sum(r["errors"].values()) for r in runs)
+        row["cpu_ms_32"] = _median([r.get("cpu_ms_per_call", float("nan")) for r in _load(results, name, 32)])
+        row["added_p50_1"] = _paired(results, name, "direct", 1, "p50_ms")
+        row["added_p99_1"] = _paired(results, name, "direct", 1, "p99_ms")
+        row["ttfc_ms"] = _median([s["ttfc_ms_median"] for s in _streams(results, name)])
+        row["added_ttfc_ms"] = _paired_stream(results, name, "ttfc_ms_median")
+        row["chunk_delay_us"] = _median([s["chunk_delay_us_median"] for s in _streams(results, name)])
+        row["added_chunk_us"] = _paired_stream(results, name, "chunk_delay_us_median")
+        row["stream_errors"] = sum(len(s["errors"]) for s in results["streams"] if s["system"] == name)
+        rows[name] = row
+    bare = rows.get("bare", {})
+    for row in rows.values():
+        row["rps_32_vs_bare"] = row["rps_32"] / bare["rps_32"] if bare.get("rps_32") else float("nan")
+        row["rps_128_vs_bare"] = row["rps_128"] / bare["rps_128"] if bare.get("rps_128") else float("nan")
+    return {"systems": systems, "rows": rows, "targets": _targets(results, rows)}
+
+
+def _verdict(value: float, ok: bool) -> str:
+    if value is None or math.isnan(value):
+        return "not measured"
+    return "met" if ok else "missed"
+
+
+def _targets(results: dict[str, Any], rows: dict[str, dict[str, float]]) -> list[dict[str, Any]]:
+    ml = rows.get("meterline", {})
+    nan = float("nan")
+    ratio = ml.get("rps_32_vs_bare", nan)
+    over_bare = _paired(results, "meterline", "bare", 1, "p50_ms") if "bare" in rows else nan
+    ttfc = ml.get("added_ttfc_ms", nan)
+    chunk = ml.get("added_chunk_us", nan)
+    bare = rows.get("bare", {})
+    memory = results.get("memory") or {}
+    growth = memory.get("growth_mib", nan)
+    lag = results.get("lag") or {}
+    lag_p99 = lag.get("lag_ms_p99", nan)
+    measured = {
+        "throughput_32": (ratio, f"{ratio:.2f}x (CPU per call {ml.get('cpu_ms_32', nan):.3f} ms vs "
+                                 f"{bare.get('cpu_ms_32', nan):.3f} ms)", ratio >= 0.8),
+        "added_p50_1": (over_bare, f"{over_bare:+.3f} ms", over_bare <= 0.3),
+        "added_ttfc": (ttfc, f"{ttfc:+.3f} ms (bare forwarder: {bare.get('added_ttfc_ms', nan):+.3f} ms)", ttfc < 1.0),
+        "chunk_overhead": (chunk, f"{chunk:+.1f} us (bare forwarder: {bare.get('added_chunk_us', nan):+.1f} us)",
+                           chunk < 50),
+        "rss_growth": (growth, f"{growth:+.1f} MiB over {memory.get('calls', 0):,} calls "
+                               f"({memory.get('after_mib', nan) - memory.get('warm_mib', nan):+.1f} MiB after the "
+                               f"first {memory.get('warm_calls', 0):,})", growth < 20 * 1e6 / 2**20),
+        "ledger_lag": (lag_p99, f"{lag_p99:.0f} ms p99 (max {lag.get('lag_ms_max', nan):.0f} ms) at "
+                                f"{lag.get('achieved_rate', nan):.0f} calls/s"
+                                + (" (the sidecar could not keep the 1,000 calls/s pace)"
+                                   if lag.get("achieved_rate", 0) < 0.9 * lag.get("target_rate", 0) else ""),
+                       lag_p99 < 1000),
+    }
+    out = []
+    for key, what, limit in TARGETS:
+        value, text, ok = measured[key]
+        out.append({"key": key, "target": what, "limit": limit, "measured": text, "value": value,
+                    "status": _verdict(value, ok)})
+    return out
+
+
+def _f(value: float, digits: int = 2, signed: bool = False) -> str:
+    if value is None or math.isnan(value):
+        return "-"
+    return f"{value:+.{digits}f}" if signed else f"{value:,.{digits}f}"
+
+
+def results_table(summary: dict[str, Any]) -> str:
+    head = ("| system | req/s @32 | vs bare | CPU ms/call @32 | p99 @32 ms | req/s @128 | p99 @128 ms | p50 @1 ms | "
+            "added p50 @1 ms | added p99 @1 ms | added TTFC ms | added per-chunk us | errors |")
+    lines = [head, "|" + " --- |" * (head.count("|") - 1)]
+    for name in summary["systems"]:
+        r = summary["rows"][name]
+        direct = name == "direct"
+        errors = int(r["errors_1"] + r["errors_32"] + r["errors_128"] + r["stream_errors"])
+        lines.append(
+            f"| {name} | {_f(r['rps_32'], 0)} | {_f(r['rps_32_vs_bare'])}x | {_f(r['cpu_ms_32'], 3)} | {_f(r['p99_32'])} | "
+            f"{_f(r['rps_128'], 0)} | {_f(r['p99_128'])} | {_f(r['p50_1'], 3)} | "
+            f"{'-' if direct else _f(r['added_p50_1'], 3, True)} | {'-' if direct else _f(r['added_p99_1'], 3, True)} | "
+            f"{'-' if direct else _f(r['added_ttfc_ms'], 3, True)} | {'-' if direct else _f(r['added_chunk_us'], 1, True)} | "
+            f"{errors} |")
+    return "\n".join(lines)
+
+
+def targets_table(summary: dict[str, Any]) -> str:
+    lines = ["| target | limit | measured | status |", "| --- | --- | --- | --- |"]
+    for t in summary["targets"]:
+        lines.append(f"| {t['target']} | {t['limit']} | {t['measured']} | **{t['status']}** |")
+    return "\n".join(lines)
+
+
+def markdown(results: dict[str, Any], summary: dict[str, Any], chart_name: str | None) -> str:
+    meta, plan = results["meta"], results["plan"]
+    out = [f"# meterline benchmark, {meta['started']}", ""]
+    out += [f"Mode: **{meta['mode']}**. Command: `{meta['command']}`. Wall time: {meta.get('wall_s', 0):.0f} s.", ""]
+    if meta["mode"] == "quick":
+        out += ["Quick mode: short runs, few calls and a short rest; the numbers show the harness works, not "
+                "how fast meterline is. The memory phase made "
+                f"{results.get('memory', {}).get('calls', 0):,} calls (not 100,000) and rested "
+                f"{plan['rest_s']:g} s (not 60 s).", ""]
+    out += ["## Results", "", results_table(summary), ""]
+    out += [
+        f"Medians over {plan['rounds']} interleaved rounds (in each round every system runs each load in turn, "
+        "the order rotating from round to round). Requests per second count responses without errors. "
+        "\"added\" is the system minus direct calls to the fake in the same round; \"vs bare\" is the ratio to "
+        "the bare aiohttp forwarder (no metering), the floor for a Python forwarder. \"CPU ms/call\" is the CPU time "
+        "the system's own process (all threads) spent per call at 32 connections, from /proc/PID/stat: less "
+        "sensitive than req/s to other load on the machine (for direct, it is the fake's). Streams: "
+        f"{plan['streams']} per system per round, {plan['chunks']} chunks {plan['chunk_interval_ms']:g} ms apart; "
+        "per-chunk overhead is the median one-way delay of a chunk (fake's write to client's read) minus the "
+        "same with no system in between.", ""]
+    out += ["## Targets (meterline)", "", targets_table(summary), ""]
+    memory = results.get("memory") or {}
+    if memory:
+        out += ["## Memory (meterline RSS, VmRSS)", "",
+                "| point | RSS MiB |", "| --- | --- |",
+                f"| idle (started, no calls) | {_f(memory.get('idle_mib', float('nan')), 1)} |",
+                f"| after the first {memory.get('warm_calls', 0):,} calls | {_f(memory.get('warm_mib', float('nan')), 1)} |",
+                f"| after {memory.get('calls', 0):,} calls | {_f(memory.get('after_mib', float('nan')), 1)} |",
+                f"| ledger flushed (pending 0) | {_f(memory.get('flushed_mib', float('nan')), 1)} |",
+                f"| after {plan['rest_s']:g} s at rest | {_f(memory.get('rested_mib', float('nan')), 1)} |", "",
+                f"The calls ran at 32 connections ({_f(memory.get('rps', float('nan')), 0)} req/s) on a fresh "
+                "ledger, in a meterline started for this phase.", ""]
+    lag = results.get("lag") or {}
+    if lag:
+        out += ["## Ledger lag", "",
+                f"Paced client at {lag['target_rate']:g} calls/s for {plan['lag_s']:g} s (achieved "
+                f"{lag['achieved_rate']:.0f} calls/s, {lag['calls']:,} calls, {lag['failed']} failed); one call in "
+                f"{plan['lag_probe_every']} tagged `probe=<n>`; SQL polled every {lag['poll_interval_ms']:g} ms. "
+                f"Probes seen {lag['probes_seen']}/{lag['probes']}: lag p50 {_f(lag['lag_ms_p50'], 0)} ms, p99 "
+                f"{_f(lag['lag_ms_p99'], 0)} ms, max {_f(lag['lag_ms_max'], 0)} ms (upper bounds: they include "
+                f"the poll interval and the SQL round trip). Healthz `last_lag_s` peaked at "
+                f"{_f(lag['health_last_lag_ms_max'], 0)} ms, `pending` at {lag['pending_max']}.", ""]
+        if lag.get("errors"):
+            out += ["Errors: " + "; ".join(lag["errors"]), ""]
+    check = results.get("ledger_check") or {}
+    if check:
+        out += ["## Metering check", "", check.get("text", ""), ""]
+    out += ["## Systems and peers", ""]
+    for name in ORDER:
+        info = results["systems"].get(name)
+        if info:
+            out.append(f"- **{name}**: {info['status']}" + (f" ({info['describe']})" if info.get("describe") else ""))
+    for name, status in results.get("peers", {}).items():
+        out.append(f"- install of {name}: {status}")
+    out += ["", "## Setup", ""]
+    out += [f"- machine: {meta['cpu']}, {meta['cores']} cores; {meta['python']}; {meta['wrk']}",
+            f"- wrk: `-t{plan['wrk_threads']}` for every system and load (2 cores: the load generator shares them "
+            "with the system under test and the fake, so absolute numbers are low and the ratios are what count); "
+            f"durations {plan['c1_s']:g} s at 1 connection, {plan['c32_s']:g} s at 32, {plan['c128_s']:g} s at 128, "
+            f"after a {plan['warmup_s']:g} s warm-up per system",
+            f"- fake provider: own process, uvloop, JSON body {plan['body_bytes']} bytes of content, "
+            f"delay {plan['delay_ms']:g} ms; SSE {plan['chunks']} chunks {plan['chunk_interval_ms']:g} ms apart",
+            "- every request: the same JSON chat body (`gpt-4o-mini`), `Authorization`, `x-meterline-tags`, "
+            "`x-meterline-app` (the peers receive and forward these too)"]
+    foreign = results.get("foreign_cpu") or []
+    if foreign:
+        disturbed = [f["phase"] for f in foreign if f["cores"] > 0.25]
+        out.append("- other processes on the machine (not this benchmark; e.g. other people's test runs) used "
+                   + ", ".join(f"{f['cores']:.2f} cores in {f['phase']}" for f in foreign)
+                   + (f" -- **disturbed (over 0.25 of 2 cores taken by others): {', '.join(disturbed)}**"
+                      if disturbed else ""))
+    for note in results.get("notes", []):
+        out.append(f"- {note}")
+    if chart_name:
+        out += ["", f"![chart]({chart_name})"]
+    return "\n".join(out) + "\n"

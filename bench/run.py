@@ -1,0 +1,439 @@
+"""The benchmark harness's one entry point: runs every measurement in one interleaved run and writes bench/results/<date>.{md,json,png}.
+
+    .venv/bin/python bench/run.py [--quick] [--no-peers] [--rounds N] [--c1-seconds S] ...
+
+See bench/README.md for what it measures and how.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import platform
+import shutil
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+import urllib.request
+from dataclasses import asdict, dataclass
+from datetime import datetime
+from pathlib import Path
+from typing import Any
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+import ledger_lag  # noqa: E402
+import load  # noqa: E402
+import peers  # noqa: E402
+import report  # noqa: E402
+import stream_client  # noqa: E402
+import systems as sysmod  # noqa: E402
+from procs import ForeignCpu, StartFailed, process_cpu_s, rss_mib  # noqa: E402
+from systems import System  # noqa: E402
+
+BENCH = Path(__file__).resolve().parent
+
+
+@dataclass
+class Plan:
+    """Every knob of a run; --quick picks short values, and each can be set on its own."""
+
+    mode: str
+    rounds: int
+    c1_s: float
+    c32_s: float
+    c128_s: float
+    warmup_s: float
+    streams: int
+    memory_calls: int
+    rest_s: float
+    lag_rate: float
+    lag_s: float
+    lag_probe_every: int
+    wrk_threads: int
+    peers: bool
+    chart: bool
+    delay_ms: float
+    body_bytes: int
+    chunks: int
+    chunk_interval_ms: float
+
+
+FULL = dict(rounds=3, c1_s=4, c32_s=6, c128_s=6, warmup_s=2, streams=3, memory_calls=100_000, rest_s=60,
+            lag_rate=1000, lag_s=20)
+QUICK = dict(rounds=2, c1_s=1, c32_s=2, c128_s=2, warmup_s=1, streams=1, memory_calls=5_000, rest_s=5,
+             lag_rate=1000, lag_s=5)
+
+
+def parse_args(argv: list[str] | None = None) -> tuple[Plan, argparse.Namespace]:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--quick", action="store_true", help="short smoke run (seconds per load, few calls)")
+    p.add_argument("--no-peers", action="store_true", help="skip LiteLLM and Portkey")
+    p.add_argument("--no-chart", action="store_true", help="skip the PNG (and the matplotlib install)")
+    p.add_argument("--rounds", type=int)
+    p.add_argument("--c1-seconds", type=float, dest="c1_s")
+    p.add_argument("--c32-seconds", type=float, dest="c32_s")
+    p.add_argument("--c128-seconds", type=float, dest="c128_s")
+    p.add_argument("--warmup-seconds", type=float, dest="warmup_s")
+    p.add_argument("--streams", type=int, help="streamed calls per system per round")
+    p.add_argument("--memory-calls", type=int, dest="memory_calls")
+    p.add_argument("--rest-seconds", type=float, dest="rest_s")
+    p.add_argument("--lag-rate", type=float, dest="lag_rate", help="calls/s of background load for ledger lag")
+    p.add_argument("--lag-seconds", type=float, dest="lag_s")
+    p.add_argument("--wrk-threads", type=int, default=1, help="wrk -t for every run (default 1: 2 cores)")
+    p.add_argument("--delay-ms", type=float, default=0.0, help="the fake's delay before answering")
+    p.add_argument("--body-bytes", type=int, default=600, help="the fake's JSON message length")
+    p.add_argument("--chunks", type=int, default=64)
+    p.add_argument("--chunk-interval-ms", type=float, default=20.0)
+    p.add_argument("--out", default=str(BENCH / "results"), help="directory for the .md/.json/.png")
+    p.add_argument("--keep-tmp", action="store_true", help="keep the scratch directory (ledgers, logs)")
+    args = p.parse_args(argv)
+    base = QUICK if args.quick else FULL
+    knobs = {k: (getattr(args, k) if getattr(args, k) is not None else v) for k, v in base.items()}
+    plan = Plan(mode="quick" if args.quick else "full", lag_probe_every=50, wrk_threads=args.wrk_threads,
+                peers=not args.no_peers, chart=not args.no_chart, delay_ms=args.delay_ms,
+                body_bytes=args.body_bytes, chunks=args.chunks, chunk_interval_ms=args.chunk_interval_ms, **knobs)
+    return plan, args
+
+
+def log(message: str) -> None:
+    print(f"[{datetime.now():%H:%M:%S}] {message}", file=sys.stderr, flush=True)
+
+
+def http_json(url: str, body: bytes | None = None) -> Any:
+    req = urllib.request.Request(url, data=body, method="POST" if body is not None else "GET",
+                                 headers={"Content-Type": "text/plain"})
+    with urllib.request.urlopen(req, timeout=30) as resp:
+        return json.loads(resp.read())
+
+
+def wait_ledger_flushed(system: System, timeout_s: float = 60.0) -> dict[str, Any]:
+    """Polls healthz until nothing is pending in the ledger writer (bounded)."""
+    deadline = time.monotonic() + timeout_s
+    while True:
+        health = http_json(f"{sysmod.meterline_base(system)}/_meterline/healthz")
+        if health["ledger"]["pending"] == 0 or time.monotonic() > deadline:
+            return health
+        time.sleep(0.1)
+
+
+def machine() -> dict[str, Any]:
+    cpu = platform.processor() or "unknown cpu"
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    wrk = subprocess.run(["wrk", "--version"], capture_output=True, text=True).stdout.splitlines()
+    return {"cpu": cpu, "cores": os.cpu_count(), "python": f"Python {platform.python_version()}",
+            "wrk": (wrk[0].split(" Copyright")[0] if wrk else "wrk ?")}
+
+
+# --- phases ----------------------------------------------------------------------------------------
+
+
+def start_systems(plan: Plan, work: Path, results: dict[str, Any]) -> tuple[System, list[System]]:
+    fake = sysmod.start_fake(work, plan.delay_ms, plan.body_bytes, plan.chunks, plan.chunk_interval_ms)
+    started = [fake]
+    results["systems"]["direct"] = {"status": "ok", "describe": "the fake provider itself, bench/fake_upstream.py"}
+    starters = [
+        ("bare", lambda: sysmod.start_bare(work, fake), "aiohttp, no metering, bench/bare_forwarder.py"),
+        ("meterline", lambda: sysmod.start_meterline(work / "main", fake), "`meterline serve`, fresh ledger"),
+    ]
+    if plan.peers:
+        for install, name, start in ((peers.install_litellm, "litellm", sysmod.start_litellm),
+                                     (peers.install_portkey, "portkey", sysmod.start_portkey)):
+            log(f"installing {name} in bench/.envs/{name} (reused when already there)")
+            got = install()
+            if got.ok:
+                results["peers"][name] = f"installed {got.version}"
+                starters.append((name, (lambda s=start, g=got: s(work, fake, g.detail, g.version)),
+                                 f"{name} {got.version}, one worker" if name == "litellm"
+                                 else f"@portkey-ai/gateway {got.version} on node {_node_version()}"))
+            else:
+                results["peers"][name] = f"not installable: {got.detail}"
+                results["systems"][name] = {"status": f"not installable: {got.detail}"}
+    else:
+        results["peers"] = {"litellm": "skipped (--no-peers)", "portkey": "skipped (--no-peers)"}
+    for name, start, describe in starters:
+        log(f"starting {name}")
+        try:
+            system = start()
+        except StartFailed as e:
+            results["systems"][name] = {"status": f"did not start: {e}"}
+            continue
+        problem = sysmod.verify(system, plan.chunks)
+        if problem:
+            results["systems"][name] = {"status": f"failed verification: {problem}", "describe": describe}
+            system.service.stop()
+            continue
+        results["systems"][name] = {"status": "ok", "describe": describe}
+        started.append(system)
+    problem = sysmod.verify(fake, plan.chunks)
+    if problem:
+        raise RuntimeError(f"the fake provider does not answer as it should: {problem}")
+    return fake, started
+
+
+def _node_version() -> str:
+    try:
+        return subprocess.run(["node", "--version"], capture_output=True, text=True, timeout=10).stdout.strip()
+    except (OSError, subprocess.TimeoutExpired):
+        return "?"
+
+
+def interleaved_rounds(plan: Plan, systems: list[System], body_file: Path, results: dict[str, Any]) -> None:
+    for system in systems:
+        log(f"warm-up {system.name}")
+        try:
+            load.run_wrk(system, body_file, 32, plan.warmup_s, plan.wrk_threads)
+        except load.WrkFailed as e:
+            log(f"warm-up of {system.name} failed: {e}")
+    loads = ((1, plan.c1_s), (32, plan.c32_s), (128, plan.c128_s))
+    for rnd in range(plan.rounds):
+        order = systems[rnd % len(systems):] + systems[:rnd % len(systems)]
+        log(f"round {rnd + 1}/{plan.rounds}: order {', '.join(s.name for s in order)}")
+        foreign = ForeignCpu([s.service.pid for s in systems])
+        for connections, seconds in loads:
+            for system in order:
+                cpu0 = process_cpu_s(system.service.pid)
+                try:
+                    res = load.run_wrk(system, body_file, connections, seconds, plan.wrk_threads)
+                except load.WrkFailed as e:
+                    results["errors"].append(f"round {rnd + 1} {system.name} c{connections}: {e}")
+                    continue
+                # the system's own CPU per call (all its threads): steadier than req/s when others load the machine
+                cpu_ms = (process_cpu_s(system.service.pid) - cpu0) * 1000 / max(1, res.requests)
+                results["load"].append({"round": rnd + 1, **res.to_dict(), "cpu_ms_per_call": cpu_ms})
+                log(f"  {system.name:9s} c{connections:<3d} {res.ok_rps:8.0f} req/s  p50 {res.p50_ms:7.3f} ms  "
+                    f"p99 {res.p99_ms:7.3f} ms  cpu {cpu_ms:6.3f} ms/call  errors {sum(res.errors.values())}")
+                load.settle()
+        for system in order:
+            stats = stream_client.measure_sync(system, plan.streams)
+            results["streams"].append({"round": rnd + 1, **stats.to_dict()})
+            log(f"  {system.name:9s} stream  TTFC {stats.ttfc_ms_median:7.3f} ms  chunk delay "
+                f"{stats.chunk_delay_us_median:7.1f} us  chunks {stats.chunks_per_stream:.0f}  "
+                f"errors {len(stats.errors)}")
+        cores = foreign.cores()
+        results["foreign_cpu"].append({"phase": f"round {rnd + 1}", "cores": round(cores, 3)})
+        log(f"  other processes on the machine used {cores:.2f} cores during round {rnd + 1}")
+
+
+def ledger_check(meterline: System, results: dict[str, Any]) -> None:
+    """Did meterline meter what it forwarded? Rows, costs and anomalies after the rounds."""
+    health = wait_ledger_flushed(meterline)
+    doc = http_json(f"{sysmod.meterline_base(meterline)}/_meterline/sql",
+                    b"SELECT count(*), count(cost_usd), count(*) FILTER (WHERE outcome = 'ok'), "
+                    b"sum(input_tokens), sum(cost_usd)::VARCHAR, count(*) FILTER (WHERE stream), "
+                    b"median(overhead_ms), quantile_cont(overhead_ms, 0.99) FROM calls")
+    rows, priced, ok, tokens, cost, streamed, overhead_p50, overhead_p99 = doc["rows"][0]
+    # JSON may carry big integers and decimals as strings
+    rows, priced, ok, tokens, streamed = (int(float(v or 0)) for v in (rows, priced, ok, tokens, streamed))
+    overhead_p50, overhead_p99 = (float(v) if v is not None else float("nan") for v in (overhead_p50, overhead_p99))
+    sent = sum(r["requests"] for r in results["load"] if r["system"] == "meterline")
+    streams = sum(s["streams"] + 1 for s in results["streams"] if s["system"] == "meterline")
+    warmup_note = "plus the warm-up and verification calls"
+    text = (f"After the rounds meterline's ledger held {rows:,} rows ({ok:,} outcome ok, {priced:,} priced, "
+            f"{streamed:,} streamed; {tokens:,} input tokens, ${cost or '0'}) for {sent:,} wrk responses and "
+            f"{streams} streams counted by the clients ({warmup_note}; calls cut off when a wrk run ends are "
+            f"recorded as cancelled). overhead_ms as meterline records it: median {overhead_p50:.3f} ms, "
+            f"p99 {overhead_p99:.3f} ms. Healthz: written {health['ledger']['written']:,}, pending "
+            f"{health['ledger']['pending']}, write failures {health['ledger']['write_failures']}, anomalies "
+            f"{health['anomalies'] or 'none'}.")
+    results["ledger_check"] = {"rows": rows, "priced": priced, "ok": ok, "streamed": streamed, "wrk_responses": sent,
+                               "overhead_ms_p50": overhead_p50, "overhead_ms_p99": overhead_p99,
+                               "health": health, "text": text}
+    log(text)
+
+
+class RssSampler:
+    """Samples a process's RSS once a second into a timeline, on a thread, until stopped."""
+
+    def __init__(self, pid: int) -> None:
+        self.pid = pid
+        self.start = time.monotonic()
+        self.timeline: list[tuple[float, float]] = []
+        self.stopping = threading.Event()
+        self.thread = threading.Thread(target=self._run, daemon=True)
+
+    def _run(self) -> None:
+        while not self.stopping.is_set():
+            self.sample()
+            self.stopping.wait(1.0)
+
+    def sample(self) -> float:
+        mib = rss_mib(self.pid) or float("nan")
+        self.timeline.append((round(time.monotonic() - self.start, 2), round(mib, 2)))
+        return mib
+
+    def __enter__(self) -> RssSampler:
+        self.thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.stopping.set()
+        self.thread.join(5)
+
+
+def memory_and_lag(plan: Plan, fake: System, work: Path, body_file: Path, results: dict[str, Any]) -> None:
+    meterline = sysmod.start_meterline(work / "memory", fake)
+    try:
+        time.sleep(2)
+        pid = meterline.service.pid
+        memory: dict[str, Any] = {"calls": 0}
+        foreign = ForeignCpu([pid, fake.service.pid])
+        with RssSampler(pid) as rss:
+            memory["idle_mib"] = rss.sample()
+            warm = min(1000, plan.memory_calls)
+            bound = max(60.0, plan.memory_calls / 200)  # time bound: at least 200 calls/s or it stops
+            first = load.run_wrk(meterline, body_file, 32, bound, plan.wrk_threads, max_requests=warm)
+            memory["warm_calls"] = first.requests
+            memory["warm_mib"] = rss.sample()
+            rest_calls = plan.memory_calls - first.requests
+            second = load.run_wrk(meterline, body_file, 32, bound, plan.wrk_threads, max_requests=rest_calls) \
+                if rest_calls > 0 else first
+            memory["calls"] = first.requests + (second.requests if second is not first else 0)
+            memory["rps"] = second.ok_rps
+            memory["after_mib"] = rss.sample()
+            health = wait_ledger_flushed(meterline)
+            memory["flushed_mib"] = rss.sample()
+            memory["ledger_written"] = health["ledger"]["written"]
+            log(f"memory: idle {memory['idle_mib']:.1f} MiB, after {memory['calls']:,} calls "
+                f"{memory['after_mib']:.1f} MiB; resting {plan.rest_s:g} s")
+            time.sleep(plan.rest_s)
+            memory["rested_mib"] = rss.sample()
+        results["foreign_cpu"].append({"phase": "memory", "cores": round(foreign.cores(), 3)})
+        memory["growth_mib"] = memory["after_mib"] - memory["idle_mib"]
+        memory["timeline"] = rss.timeline
+        results["memory"] = memory
+        log(f"memory: rested {memory['rested_mib']:.1f} MiB; growth {memory['growth_mib']:+.1f} MiB")
+        log(f"ledger lag: {plan.lag_rate:g} calls/s for {plan.lag_s:g} s")
+        foreign = ForeignCpu([pid, fake.service.pid])
+        lag = ledger_lag.run_sync(meterline, sysmod.meterline_base(meterline), plan.lag_rate, plan.lag_s,
+                                  probe_every=plan.lag_probe_every)
+        results["lag"] = lag.to_dict()
+        results["foreign_cpu"].append({"phase": "ledger lag", "cores": round(foreign.cores(), 3)})
+        log(f"ledger lag: p50 {lag.lag_ms_p50:.0f} ms p99 {lag.lag_ms_p99:.0f} ms max {lag.lag_ms_max:.0f} ms "
+            f"at {lag.achieved_rate:.0f} calls/s ({lag.probes_seen}/{lag.probes} probes seen)")
+    finally:
+        meterline.service.stop()
+
+
+# --- output --------------------------------------------------------------------------------------
+
+
+def _clean(value: Any) -> Any:
+    """NaN becomes null in the JSON."""
+    if isinstance(value, float) and math.isnan(value):
+        return None
+    if isinstance(value, dict):
+        return {k: _clean(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_clean(v) for v in value]
+    return value
+
+
+def write_outputs(plan: Plan, results: dict[str, Any], out_dir: Path, stamp: str) -> tuple[Path, Path | None]:
+    out_dir.mkdir(parents=True, exist_ok=True)
+    summary = report.summarize(results)
+    results["summary"] = summary
+    json_path = out_dir / f"{stamp}.json"
+    json_path.write_text(json.dumps(_clean(results), indent=1, default=str) + "\n")
+    chart: Path | None = None
+    if plan.chart:
+        got = peers.install_matplotlib()
+        if got.ok:
+            png = out_dir / f"{stamp}.png"
+            done = subprocess.run([got.detail, str(BENCH / "chart.py"), str(json_path), str(png)],
+                                  capture_output=True, text=True, timeout=120)
+            if done.returncode == 0:
+                chart = png
+            else:
+                results["notes"].append(f"chart failed: {done.stderr.strip()[-300:]}")
+        else:
+            results["notes"].append(f"no chart: matplotlib not installable: {got.detail}")
+    md_path = out_dir / f"{stamp}.md"
+    md_path.write_text(report.markdown(results, summary, chart.name if chart else None))
+    json_path.write_text(json.dumps(_clean(results), indent=1, default=str) + "\n")
+    return md_path, chart
+
+
+class _NothingToMeasure(Exception):
+    pass
+
+
+def phase(name: str, results: dict[str, Any], run: Any) -> None:
+    """Runs one phase; a failure is recorded and the run goes on to write what it has."""
+    try:
+        run()
+    except Exception as e:  # noqa: BLE001 - reported in the results, never lost with the rest
+        results["errors"].append(f"{name} failed: {type(e).__name__}: {e}")
+        log(f"{name} failed: {type(e).__name__}: {e}")
+
+
+def main(argv: list[str] | None = None) -> int:
+    plan, args = parse_args(argv)
+    if not shutil.which("wrk"):
+        print("bench: wrk is not installed (apt-get install wrk)", file=sys.stderr)
+        return 2
+    t0 = time.monotonic()
+    started = datetime.now()
+    stamp = started.strftime("%Y-%m-%d-%H%M%S") + ("-quick" if plan.mode == "quick" else "")
+    work = Path(tempfile.mkdtemp(prefix="meterline-bench-"))
+    results: dict[str, Any] = {
+        "meta": {"started": started.strftime("%Y-%m-%d %H:%M:%S"), "mode": plan.mode,
+                 "command": " ".join([".venv/bin/python", "bench/run.py", *(argv if argv is not None else sys.argv[1:])]),
+                 **machine()},
+        "plan": asdict(plan), "systems": {}, "peers": {}, "load": [], "streams": [], "memory": {}, "lag": {},
+        "ledger_check": {}, "errors": [], "notes": [], "foreign_cpu": [],
+    }
+    body_file = work / "body.json"
+    body_file.write_bytes(sysmod.request_body())
+    running: list[System] = []
+    try:
+        try:
+            fake, running = start_systems(plan, work, results)
+        except Exception as e:  # noqa: BLE001 - nothing to measure without the fake; still write the report
+            results["errors"].append(f"start-up failed: {type(e).__name__}: {e}")
+            raise _NothingToMeasure from e
+        log("systems: " + ", ".join(s.name for s in running))
+        meterline = next((s for s in running if s.name == "meterline"), None)
+        phase("interleaved rounds", results, lambda: interleaved_rounds(plan, running, body_file, results))
+        if meterline is not None:
+            phase("ledger check", results, lambda: ledger_check(meterline, results))
+        for system in running:
+            if system is not fake:
+                system.service.stop()  # the memory and lag phases get the machine to themselves
+        if meterline is not None:
+            phase("memory and ledger lag", results, lambda: memory_and_lag(plan, fake, work, body_file, results))
+    except _NothingToMeasure:
+        log("start-up failed: " + results["errors"][-1])
+    except KeyboardInterrupt:
+        results["errors"].append("interrupted")
+        log("interrupted: writing what was measured")
+    finally:
+        for system in running:
+            system.service.stop()
+        if args.keep_tmp:
+            log(f"scratch kept in {work}")
+        else:
+            shutil.rmtree(work, ignore_errors=True)
+    for error in results["errors"]:
+        results["notes"].append(f"error: {error}")
+    results["meta"]["wall_s"] = time.monotonic() - t0
+    md_path, chart = write_outputs(plan, results, Path(args.out), stamp)
+    summary = results["summary"]
+    print(report.results_table(summary))
+    print()
+    print(report.targets_table(summary))
+    print(f"\nwrote {md_path}" + (f" and {chart.name}" if chart else "") + f" ({results['meta']['wall_s']:.0f} s)")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

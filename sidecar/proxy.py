@@ -117,7 +117,8 @@ async def handle(request: web.Request) -> web.StreamResponse:
         resp, pending = await _exchange(rt, request, adapter, upstream.base_url + path, query, raw,
                                         out_headers, call, rewritten is not None)
     except asyncio.CancelledError:
-        call.outcome = records.CANCELLED  # the app went away: the upstream request was dropped with it
+        # the app went away: the upstream request was dropped with it
+        call.outcome, call.error_type = records.CANCELLED, "client_disconnected"
         raise
     finally:
         rt.in_flight -= 1
@@ -231,6 +232,8 @@ async def _exchange(rt: Runtime, request: web.Request, adapter: Any, url: str, q
                 except Exception as e:  # noqa: BLE001
                     rt.anomaly("observer_error", f"{type(e).__name__}: {e}")
                     call.observation = Observation(anomaly="observer_error")
+            if call.outcome == records.OK and call.observation.error_type:
+                call.outcome = records.UPSTREAM_ERROR  # an error event inside a 200 stream
             call.work += time.perf_counter() - t
     except asyncio.TimeoutError:
         call.outcome, call.error_type = records.TIMEOUT, "timeout"

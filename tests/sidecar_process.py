@@ -61,10 +61,13 @@ class Sidecar:
             if self.proc.poll() is not None:
                 raise RuntimeError(f"sidecar exited with {self.proc.returncode}:\n{self.log()}")
             try:
-                self.health()
-                return self
+                health = self.health()
             except OSError:
                 time.sleep(0.05)
+                continue
+            if health["ledger"]["path"] != str(self.db):
+                raise RuntimeError(f"another process answers on port {self.port}")
+            return self
         raise RuntimeError(f"sidecar did not become healthy:\n{self.log()}")
 
     def log(self) -> str:

@@ -16,7 +16,7 @@ from ledger.budgets import Crossing
 from ledger.pricing import Pricer
 from ledger.writer import LedgerWriter
 
-from . import admin, proxy
+from . import admin, dashboard, proxy
 from .config import Config
 from .guard import Guard
 from .runtime import Runtime
@@ -41,6 +41,7 @@ def build(config: Config) -> web.Application:
                              lambda: writer.last_lag_s)
     app[proxy.RUNTIME] = rt
     admin.add_routes(app)
+    dashboard.add_routes(app)
     app.router.add_route("*", "/{upstream}/{tail:.*}", proxy.handle)
     app.cleanup_ctx.append(_lifecycle)
     return app

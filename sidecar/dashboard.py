@@ -33,6 +33,7 @@ _TYPES = {
     ".json": "application/json",
     ".txt": "text/plain; charset=utf-8",
     ".map": "application/json",
+    ".license": "text/plain; charset=utf-8",  # vendor/uPlot.LICENSE
     "": "text/plain; charset=utf-8",  # LICENSE
 }
 # no third-party origin at all: scripts, styles, data and images come from the sidecar itself
@@ -84,9 +85,10 @@ def load_assets(web_dir: Path) -> dict[str, Asset]:
         return assets
     root = web_dir.resolve()
     for path in sorted(root.rglob("*")):
-        if not path.is_file() or path.is_symlink() or path.name.startswith("."):
+        rel_path = path.relative_to(root)
+        if not path.is_file() or path.is_symlink() or any(p.startswith(".") for p in rel_path.parts):
             continue
-        rel = path.relative_to(root).as_posix()
+        rel = rel_path.as_posix()
         body = path.read_bytes()
         if len(body) > MAX_FILE_BYTES:
             log.warning("dashboard file %s is over %d bytes: not served", rel, MAX_FILE_BYTES)

@@ -9,7 +9,8 @@ import time
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from decimal import Decimal
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 import aiohttp
 import orjson
@@ -23,7 +24,7 @@ DEFAULT_DB = "meterline-demo.duckdb"
 ALERT_RULE = "docs-team-daily"  # gets close to its limit: alerts fire at 50% and 80%
 BLOCK_RULE = "playground-intern"  # an intern's playground that runs out of money: calls are refused
 BLOCKED_USER = "intern-7"
-DASHBOARD_VIEW = "#range=900&by=app"  # the last 15 minutes, spend by app
+DASHBOARD_VIEW = "#range=300&by=app"  # the last 5 minutes, spend by app
 CLOSE_ENOUGH = 0.85  # the demo stops sending docs-team traffic once its budget is this far used
 
 QUERIES = (
@@ -49,7 +50,7 @@ def demo_config(upstream_url: str, duration_s: float) -> dict[str, Any]:
              "limit_usd": float(docs_limit), "action": "alert", "thresholds": [0.5, 0.8]},
             {"name": "search-rate", "match": {"app": "search"}, "window": "minute", "limit_requests": 300,
              "action": "block"},
-            {"name": BLOCK_RULE, "match": {"user": BLOCKED_USER}, "window": "day", "limit_usd": 0.5,
+            {"name": BLOCK_RULE, "match": {"user": BLOCKED_USER}, "window": "day", "limit_usd": 0.3,
              "action": "block"},
         ],
     }
@@ -278,7 +279,7 @@ class Driver:
                     pass  # a stream is read chunk by chunk, as an SDK would
                 status = resp.status
                 budget = resp.headers.get("x-meterline-budget")
-        except (aiohttp.ClientError, asyncio.TimeoutError):
+        except (aiohttp.ClientError, TimeoutError):
             s.errors += 1
             return 0
         if status == 200:

@@ -116,13 +116,13 @@ class DemoProvider:
             kind = {429: "rate_limit_exceeded", 500: "server_error", 503: "server_error"}[status]
             return web.json_response({"error": {"message": "The demo upstream is having a moment.", "type": kind,
                                                 "param": None, "code": kind}}, status=status)
-        text, thought = self._output(body.get("max_completion_tokens") or body.get("max_tokens"), reasoning)
+        limit = body.get("max_completion_tokens") or body.get("max_tokens")
+        text, thought = self._output(limit, reasoning)
         usage = {"prompt_tokens": prompt, "completion_tokens": text + thought, "total_tokens": prompt + text + thought,
                  "prompt_tokens_details": {"cached_tokens": cached, "audio_tokens": 0},
                  "completion_tokens_details": {"reasoning_tokens": thought, "audio_tokens": 0}}
         cid, created, served = f"chatcmpl-{self.rng.getrandbits(64):016x}", int(time.time()), _dated(model)
-        finish = "length" if text + thought >= (body.get("max_completion_tokens") or body.get("max_tokens") or 1 << 30) \
-            else "stop"
+        finish = "length" if isinstance(limit, int) and text + thought >= limit else "stop"
         if not body.get("stream"):
             return web.json_response({
                 "id": cid, "object": "chat.completion", "created": created, "model": served,

@@ -1,0 +1,674 @@
+/* meterline dashboard. Reads the ledger only through POST /_meterline/sql (the same read-only path as
+   `meterline sql`) and budgets through GET /_meterline/budgets. Sums and ratios are computed in SQL;
+   DECIMAL money arrives as exact strings, parsed here only to display it. */
+"use strict";
+(() => {
+  const POLL_DEFAULT_S = 3;
+  const MAX_SERIES = 8;
+  const CHART_H = 320;
+  const PALETTE = ["#1f5eff", "#f08c00", "#2aa876", "#d6336c", "#7048e8", "#0c8599", "#e8590c", "#a61e4d"];
+  const OTHER_COLOR = "#9aa1ad";
+  const RANGES = [300, 900, 3600, 21600, 86400, 604800, 2592000];
+  const BUCKETS = [5, 10, 30, 60, 120, 300, 600, 900, 1800, 3600, 7200, 10800, 21600];
+  const MODEL = "coalesce(response_model, request_model)";
+  const MIX = [
+    ["input", "input, uncached"], ["cache_read", "cache reads"], ["cache_write", "cache writes"],
+    ["output", "output"], ["reasoning", "reasoning"],
+  ];
+
+  const state = {
+    cfg: { jaeger_ui_url: null, poll_s: POLL_DEFAULT_S },
+    range: 3600, metric: "cost", groupBy: "provider",
+    filters: { provider: "", model: "", app: "", outcome: "", tag: "" },
+    gen: 0, busy: false, polls: 0, timer: null,
+    chart: null, chartKey: "", colors: new Map(), legend: [],
+    seenCalls: null, selected: null,
+  };
+
+  // --- small helpers -------------------------------------------------------------------------
+
+  const $ = (sel) => document.querySelector(sel);
+  function el(tag, attrs, ...children) {
+    const node = document.createElement(tag);
+    for (const [k, v] of Object.entries(attrs || {})) {
+      if (v === null || v === undefined || v === false) continue;
+      if (k === "class") node.className = v;
+      else if (k === "text") node.textContent = v;
+      else if (k.startsWith("data-")) node.setAttribute(k, v);
+      else if (k === "style") Object.assign(node.style, v);
+      else node.setAttribute(k, v);
+    }
+    for (const c of children) if (c !== null && c !== undefined) node.append(c);
+    return node;
+  }
+  const lit = (s) => "'" + String(s).replace(/'/g, "''") + "'";
+  const num = (v) => (v === null || v === undefined || v === "" ? null : Number(v));
+
+  function money(v) {
+    const x = num(v);
+    if (x === null || Number.isNaN(x)) return "–";
+    const a = Math.abs(x);
+    const d = a === 0 || a >= 1 ? 2 : a >= 0.01 ? 4 : 6;
+    return (x < 0 ? "-$" : "$") + a.toLocaleString("en-US", { minimumFractionDigits: d, maximumFractionDigits: d });
+  }
+  function int(v) {
+    const x = num(v);
+    return x === null ? "–" : Math.round(x).toLocaleString("en-US");
+  }
+  function compact(v) {
+    const x = num(v);
+    if (x === null) return "–";
+    const a = Math.abs(x);
+    if (a >= 1e9) return (x / 1e9).toFixed(2) + "B";
+    if (a >= 1e6) return (x / 1e6).toFixed(2) + "M";
+    if (a >= 1e4) return (x / 1e3).toFixed(1) + "k";
+    return Math.round(x).toLocaleString("en-US");
+  }
+  function ms(v) {
+    const x = num(v);
+    if (x === null || Number.isNaN(x)) return "–";
+    if (x >= 10000) return (x / 1000).toFixed(1) + " s";
+    return x < 10 ? x.toFixed(1) : Math.round(x).toLocaleString("en-US");
+  }
+  function pct(v, digits = 0) {
+    const x = num(v);
+    return x === null ? "–" : (x * 100).toFixed(digits) + "%";
+  }
+  function duration(seconds) {
+    if (seconds === null || seconds === undefined) return "never resets";
+    const s = Math.max(0, Math.round(seconds));
+    const d = Math.floor(s / 86400), h = Math.floor((s % 86400) / 3600), m = Math.floor((s % 3600) / 60);
+    const text = d ? `${d}d ${h}h` : h ? `${h}h ${m}m` : m ? `${m}m ${s % 60}s` : `${s}s`;
+    return "resets in " + text;
+  }
+  function clock(iso) {
+    const d = new Date(iso);
+    if (Number.isNaN(d.getTime())) return iso;
+    const today = new Date().toDateString() === d.toDateString();
+    const t = d.toLocaleTimeString([], { hour: "2-digit", minute: "2-digit", second: "2-digit", hour12: false });
+    return today ? t : d.toLocaleDateString([], { month: "short", day: "numeric" }) + " " + t;
+  }
+  const tagsText = (tags) => (tags && typeof tags === "object" ? Object.entries(tags).map(([k, v]) => `${k}=${v}`).join(", ") : "");
+
+  const FETCH_TIMEOUT_MS = 20000; // a request that hangs must not stop the polling
+  const TOKEN_KEY = "meterline-admin-token";
+
+  // Beyond loopback the sidecar answers SQL only with its admin token: asked for once, kept for the tab.
+  function tokenHeaders() {
+    const token = sessionStorage.getItem(TOKEN_KEY);
+    return token ? { "x-meterline-admin-token": token } : {};
+  }
+
+  async function sql(query) {
+    const resp = await fetch("sql", { method: "POST", headers: { "content-type": "text/plain", ...tokenHeaders() },
+                                      body: query, signal: AbortSignal.timeout(FETCH_TIMEOUT_MS) });
+    let doc = null;
+    try { doc = await resp.json(); } catch (e) { /* not JSON */ }
+    if (resp.status === 401) {
+      $("#token-form").hidden = false;
+      throw new Error("the sidecar needs its admin token to read the ledger");
+    }
+    if (!resp.ok) throw new Error((doc && doc.error) || `HTTP ${resp.status}`);
+    return doc.rows.map((row) => Object.fromEntries(doc.columns.map((c, i) => [c, row[i]])));
+  }
+  async function getJSON(path) {
+    const resp = await fetch(path, { headers: { accept: "application/json" }, signal: AbortSignal.timeout(FETCH_TIMEOUT_MS) });
+    if (!resp.ok) throw new Error(`${path}: HTTP ${resp.status}`);
+    return resp.json();
+  }
+
+  // --- filters and the state in the URL ------------------------------------------------------
+
+  function filterParts() {
+    const f = state.filters, parts = [];
+    if (f.provider) parts.push(`provider = ${lit(f.provider)}`);
+    if (f.model) parts.push(`${MODEL} = ${lit(f.model)}`);
+    if (f.app) parts.push(`app = ${lit(f.app)}`);
+    if (f.outcome) parts.push(`outcome = ${lit(f.outcome)}`);
+    if (f.tag) {
+      const i = f.tag.indexOf("=");
+      parts.push(`tags[${lit(f.tag.slice(0, i))}] = ${lit(f.tag.slice(i + 1))}`);
+    }
+    return parts;
+  }
+  const where = () => [`started_at >= now() - INTERVAL '${state.range} seconds'`, ...filterParts()].join(" AND ");
+  const filtersOnly = () => filterParts().map((p) => " AND " + p).join("");
+
+  function groupExpr() {
+    const g = state.groupBy;
+    if (g === "model") return MODEL;
+    if (g === "app") return "coalesce(app, '(no app)')";
+    if (g === "user") return "coalesce(user_id, '(no user)')";
+    if (g.startsWith("tag:")) return `coalesce(tags[${lit(g.slice(4))}], '(untagged)')`;
+    return "provider";
+  }
+
+  function readHash() {
+    const p = new URLSearchParams(location.hash.slice(1));
+    const range = Number(p.get("range"));
+    if (RANGES.includes(range)) state.range = range;
+    if (["cost", "calls", "tokens"].includes(p.get("metric"))) state.metric = p.get("metric");
+    if (p.get("by")) state.groupBy = p.get("by");
+    for (const k of Object.keys(state.filters)) state.filters[k] = p.get(k) || "";
+  }
+  function writeHash() {
+    const p = new URLSearchParams();
+    p.set("range", state.range);
+    p.set("metric", state.metric);
+    p.set("by", state.groupBy);
+    for (const [k, v] of Object.entries(state.filters)) if (v) p.set(k, v);
+    history.replaceState(null, "", "#" + p.toString());
+  }
+
+  function ensureOption(select, value, label) {
+    if (!value || [...select.options].some((o) => o.value === value)) return;
+    select.append(el("option", { value, text: label || value }));
+  }
+
+  function syncControls() {
+    $("#range").value = String(state.range);
+    $("#metric").value = state.metric;
+    ensureOption($("#group-by"), state.groupBy, state.groupBy.replace("tag:", "tag: "));
+    $("#group-by").value = state.groupBy;
+    for (const select of document.querySelectorAll("select[data-filter]")) {
+      const v = state.filters[select.dataset.filter];
+      ensureOption(select, v);
+      select.value = v;
+      select.classList.toggle("active", Boolean(v));
+    }
+    $("#clear-filters").hidden = !Object.values(state.filters).some(Boolean);
+  }
+
+  async function loadOptions() {
+    const w = `started_at >= now() - INTERVAL '${state.range} seconds'`;
+    const rows = await sql(`
+      SELECT f, v, n FROM (
+        SELECT 'provider' AS f, provider AS v, count(*) AS n FROM calls WHERE ${w} GROUP BY ALL
+        UNION ALL SELECT 'model', ${MODEL}, count(*) FROM calls WHERE ${w} GROUP BY ALL
+        UNION ALL SELECT 'app', app, count(*) FROM calls WHERE ${w} GROUP BY ALL
+        UNION ALL SELECT 'outcome', outcome, count(*) FROM calls WHERE ${w} GROUP BY ALL
+        UNION ALL SELECT 'tag', entry.key || '=' || entry.value, count(*)
+          FROM calls, unnest(map_entries(tags)) AS t(entry) WHERE ${w} GROUP BY ALL
+      ) WHERE v IS NOT NULL ORDER BY f, n DESC, v LIMIT 2000`);
+    const by = { provider: [], model: [], app: [], outcome: [], tag: [] };
+    for (const r of rows) if (by[r.f] && by[r.f].length < 200) by[r.f].push(r.v);
+    for (const select of document.querySelectorAll("select[data-filter]")) {
+      const name = select.dataset.filter, current = state.filters[name];
+      const values = by[name].slice().sort();
+      if (current && !values.includes(current)) values.unshift(current);
+      select.replaceChildren(el("option", { value: "", text: "all" }), ...values.map((v) => el("option", { value: v, text: v })));
+      select.value = current;
+    }
+    const keys = [...new Set(by.tag.map((t) => t.slice(0, t.indexOf("="))))].sort();
+    const groupBy = $("#group-by");
+    const fixed = ["provider", "model", "app", "user"];
+    groupBy.replaceChildren(...fixed.map((v) => el("option", { value: v, text: v })),
+      ...keys.map((k) => el("option", { value: "tag:" + k, text: "tag: " + k })));
+    ensureOption(groupBy, state.groupBy, state.groupBy.replace("tag:", "tag: "));
+    groupBy.value = state.groupBy;
+  }
+
+  // --- panels --------------------------------------------------------------------------------
+
+  async function loadKpis(gen) {
+    const rows = await sql(`
+      WITH b AS (SELECT (date_trunc('day', now() AT TIME ZONE 'UTC')) AT TIME ZONE 'UTC' AS d,
+                        (date_trunc('week', now() AT TIME ZONE 'UTC')) AT TIME ZONE 'UTC' AS w,
+                        (date_trunc('month', now() AT TIME ZONE 'UTC')) AT TIME ZONE 'UTC' AS m)
+      SELECT coalesce(sum(cost_usd) FILTER (WHERE started_at >= d), 0) AS spend_today,
+             count(*) FILTER (WHERE started_at >= d) AS calls_today,
+             coalesce(sum(coalesce(input_tokens, 0) + coalesce(output_tokens, 0)) FILTER (WHERE started_at >= d), 0) AS tokens_today,
+             count(*) FILTER (WHERE started_at >= d AND outcome = 'blocked') AS blocked_today,
+             count(*) FILTER (WHERE started_at >= d AND outcome NOT IN ('ok', 'blocked')) AS errors_today,
+             count(*) FILTER (WHERE started_at >= d AND price_source = 'unpriced') AS unpriced_today,
+             coalesce(sum(cost_usd) FILTER (WHERE started_at >= w), 0) AS spend_week,
+             count(*) FILTER (WHERE started_at >= w) AS calls_week,
+             coalesce(sum(cost_usd) FILTER (WHERE started_at >= m), 0) AS spend_month,
+             count(*) FILTER (WHERE started_at >= m) AS calls_month
+      FROM calls, b WHERE started_at >= least(d, w, m)${filtersOnly()}`);
+    if (gen !== state.gen) return;
+    const k = rows[0];
+    for (const node of document.querySelectorAll("[data-kpi]")) {
+      const name = node.dataset.kpi, v = k[name];
+      node.dataset.value = v === null ? "" : String(v);
+      if (name.startsWith("spend_")) {
+        node.textContent = money(v);
+        node.title = `$${v} exactly (sum of cost_usd)`;
+      } else if (name.startsWith("tokens_")) {
+        node.textContent = compact(v);
+      } else {
+        node.textContent = int(v);
+      }
+      if (["blocked_today", "errors_today", "unpriced_today"].includes(name)) node.classList.toggle("bad", num(v) > 0);
+    }
+  }
+
+  function bucketFor(range) {
+    return BUCKETS.find((b) => range / b <= 120) || BUCKETS[BUCKETS.length - 1];
+  }
+
+  async function loadSeries(gen) {
+    const bucket = bucketFor(state.range);
+    const metric = { cost: "sum(cost_usd)", calls: "count(*)",
+                     tokens: "sum(coalesce(input_tokens, 0) + coalesce(output_tokens, 0))" }[state.metric];
+    // per bucket and series: the value, and the running total up the stack (both summed in SQL)
+    const rows = await sql(`
+      WITH f AS (SELECT epoch(time_bucket(INTERVAL '${bucket} seconds', started_at)) AS t,
+                        coalesce(${groupExpr()}, '(none)') AS k, cost_usd, input_tokens, output_tokens
+                 FROM calls WHERE ${where()}),
+           top AS (SELECT k, row_number() OVER (ORDER BY ${metric} DESC NULLS LAST, k) AS rank
+                   FROM f GROUP BY k ORDER BY rank LIMIT ${MAX_SERIES}),
+           g AS (SELECT f.t, coalesce(top.k, 'other') AS series, coalesce(top.rank, ${MAX_SERIES + 1}) AS rank,
+                        f.cost_usd, f.input_tokens, f.output_tokens
+                 FROM f LEFT JOIN top ON f.k = top.k),
+           per AS (SELECT t, series, rank, coalesce(${metric}, 0) AS v FROM g GROUP BY t, series, rank),
+           grid AS (SELECT ts.t, s.series, s.rank, coalesce(per.v, 0) AS v
+                    FROM (SELECT DISTINCT t FROM per) ts CROSS JOIN (SELECT DISTINCT series, rank FROM per) s
+                    LEFT JOIN per ON per.t = ts.t AND per.series = s.series)
+      SELECT t, series, rank, v, sum(v) OVER (PARTITION BY t ORDER BY rank) AS cum FROM grid
+      UNION ALL
+      SELECT NULL, series, rank, sum(v), NULL FROM per GROUP BY series, rank
+      ORDER BY t NULLS FIRST, rank`);
+    if (gen !== state.gen) return;
+    drawSeries(rows, bucket);
+  }
+
+  function colorOf(key) {
+    if (key === "other") return OTHER_COLOR;
+    if (!state.colors.has(key)) state.colors.set(key, PALETTE[state.colors.size % PALETTE.length]);
+    return state.colors.get(key);
+  }
+
+  function metricText(v) {
+    return state.metric === "cost" ? money(v) : state.metric === "tokens" ? compact(v) : int(v);
+  }
+
+  function drawSeries(rows, bucket) {
+    const box = $("#spend-chart");
+    const totals = new Map(), ranks = new Map(), points = [];
+    for (const r of rows) {
+      if (r.t === null) { totals.set(r.series, r.v); ranks.set(r.series, r.rank); } else points.push(r);
+    }
+    $("#spend-empty").hidden = totals.size > 0;
+    box.hidden = totals.size === 0;
+    if (!totals.size) {
+      if (state.chart) { state.chart.destroy(); state.chart = null; state.chartKey = ""; }
+      return;
+    }
+    const keys = [...totals.keys()].sort((a, b) => ranks.get(a) - ranks.get(b)); // bottom of the stack first
+    const now = Date.now() / 1000;
+    const xsSet = new Set();
+    for (let t = Math.floor((now - state.range) / bucket) * bucket; t <= now; t += bucket) xsSet.add(t);
+    for (const p of points) xsSet.add(p.t);
+    const xs = [...xsSet].sort((a, b) => a - b);
+    const at = new Map(xs.map((t, i) => [t, i]));
+    const idx = new Map(keys.map((k, i) => [k, i]));
+    const own = keys.map(() => new Array(xs.length).fill(0));
+    const cum = keys.map(() => new Array(xs.length).fill(0));
+    for (const p of points) {
+      own[idx.get(p.series)][at.get(p.t)] = num(p.v);
+      cum[idx.get(p.series)][at.get(p.t)] = num(p.cum);
+    }
+    // drawn top of the stack first, so each lower bar covers the part of the one above that is not its own
+    const drawn = keys.slice().reverse();
+    const data = [xs, ...drawn.map((k) => cum[idx.get(k)])];
+    const chartKey = keys.join("\u0001") + "|" + state.metric + "|" + state.groupBy + "|" + bucket;
+    if (!state.chart || state.chartKey !== chartKey) {
+      if (state.chart) state.chart.destroy();
+      box.replaceChildren();
+      state.chart = makeChart(box, drawn, data, bucket);
+      state.chartKey = chartKey;
+    } else {
+      state.chart.setData(data);
+    }
+    state.legend = keys.map((k) => ({ key: k, total: totals.get(k), own: own[idx.get(k)], slot: drawn.indexOf(k) + 1 }));
+    renderLegend(null);
+  }
+
+  function makeChart(box, drawn, data, bucket) {
+    const width = Math.max(320, box.clientWidth);
+    const bars = uPlot.paths.bars({ size: [0.82, Infinity], align: 0 });
+    const opts = {
+      width, height: CHART_H,
+      legend: { show: false },
+      cursor: { points: { show: false }, drag: { x: false, y: false } },
+      scales: {
+        x: { time: true, range: (u, min, max) => [min - bucket / 2, max + bucket / 2] },
+        y: { range: (u, min, max) => [0, max > 0 ? max * 1.08 : 1] },
+      },
+      axes: [
+        { stroke: "#6b7280", grid: { stroke: "#eef0f3" }, ticks: { stroke: "#e3e6ec" }, space: 70,
+          values: (u, splits) => splits.map((v) => timeLabel(v, bucket)) },
+        { stroke: "#6b7280", grid: { stroke: "#eef0f3" }, ticks: { stroke: "#e3e6ec" }, size: 72,
+          values: (u, vals) => vals.map((v) => metricText(v)) },
+      ],
+      series: [{}, ...drawn.map((k) => ({
+        label: k, stroke: colorOf(k), fill: colorOf(k), width: 0, paths: bars, points: { show: false },
+      }))],
+      hooks: { setCursor: [(u) => renderLegend(u.cursor.idx)] },
+    };
+    const u = new uPlot(opts, data, box);
+    box.append(el("div", { class: "legend series-legend", id: "spend-legend" }));
+    if (!state.resizer) {
+      state.resizer = new ResizeObserver(() => {
+        if (state.chart) state.chart.setSize({ width: Math.max(320, box.clientWidth), height: CHART_H });
+      });
+      state.resizer.observe(box);
+    }
+    return u;
+  }
+
+  function timeLabel(epochS, bucket) {
+    const d = new Date(epochS * 1000);
+    const hm = { hour: "2-digit", minute: "2-digit", hour12: false };
+    if (state.range > 86400) return d.toLocaleDateString([], { month: "short", day: "numeric" }) + " " + d.toLocaleTimeString([], hm);
+    return d.toLocaleTimeString([], bucket < 60 ? { ...hm, second: "2-digit" } : hm);
+  }
+
+  function renderLegend(idx) {
+    const legend = $("#spend-legend");
+    if (!legend || !state.chart) return;
+    const u = state.chart;
+    const hovering = idx !== null && idx !== undefined && idx >= 0;
+    const items = state.legend.map((item) => el("span", { class: "legend-item", "data-series": item.key },
+      el("i", { style: { background: colorOf(item.key) } }), item.key + " ",
+      el("b", { text: metricText(hovering ? item.own[idx] : item.total) })));
+    let when = "in range";
+    if (hovering) {
+      const top = state.legend.length ? u.data[1][idx] : 0; // the top of the stack: the bucket's total
+      when = new Date(u.data[0][idx] * 1000).toLocaleTimeString([], { hour12: false }) + " · " + metricText(top);
+    }
+    legend.replaceChildren(el("span", { class: "legend-when", text: when }), ...items);
+  }
+
+  async function loadBudgets(gen) {
+    const doc = await getJSON("budgets");
+    if (gen !== state.gen) return;
+    const list = $("#budgets");
+    const rows = doc.budgets || [];
+    $("#budgets-empty").hidden = rows.length > 0;
+    $("#budgets-refused").textContent = doc.refused ? `${int(doc.refused)} calls refused since start` : "";
+    list.replaceChildren(...rows.map(budgetRow));
+  }
+
+  function budgetRow(r) {
+    const util = Number(r.utilization) || 0;
+    const node = el("div", { class: "budget", "data-rule": r.rule, "data-key": r.key || "" });
+    node.append(el("div", { class: "budget-head" },
+      el("span", { class: "budget-name", text: r.rule }),
+      r.key ? el("span", { class: "budget-key", text: `${r.per}=${r.key}` }) : null,
+      el("span", { class: "badge", text: r.window }),
+      el("span", { class: "badge " + r.action, text: r.action })));
+    const bar = el("div", { class: "bar" + (util >= 1 ? " full" : util >= 0.8 ? " warn" : ""), title: `${pct(util, 1)} used` });
+    const spentW = Math.min(util, 1) * 100;
+    let reservedW = 0;
+    if (r.limit_usd !== null && num(r.limit_usd) > 0 && num(r.reserved_usd) > 0) {
+      reservedW = Math.min(100 - spentW, (num(r.reserved_usd) / num(r.limit_usd)) * 100);
+    }
+    bar.append(el("span", { class: "spent", style: { width: spentW + "%" } }));
+    if (reservedW > 0) bar.append(el("span", { class: "reserved", style: { left: spentW + "%", width: reservedW + "%" },
+                                               title: `${money(r.reserved_usd)} reserved by calls in flight` }));
+    node.append(bar);
+    const parts = [];
+    if (r.limit_usd !== null) parts.push(el("span", { class: "spent", "data-spent": r.spent_usd, title: `$${r.spent_usd} spent` },
+      `${money(r.spent_usd)} of ${money(r.limit_usd)}`));
+    if (r.limit_tokens !== null) parts.push(el("span", { class: "spent" }, `${compact(r.spent_tokens)} of ${compact(r.limit_tokens)} tokens`));
+    if (r.limit_requests !== null) parts.push(el("span", { class: "spent" }, `${int(r.requests)} of ${int(r.limit_requests)} requests`));
+    parts.push(el("span", { class: "util", text: pct(util, util < 0.1 && util > 0 ? 1 : 0) }));
+    if (num(r.reserved_usd) > 0) parts.push(el("span", { text: `+${money(r.reserved_usd)} in flight` }));
+    const fired = (r.alerts_fired || []).map((t) => el("span", { class: "chip" + (num(t) >= 1 ? " hit" : ""), title: "alert fired in this window", text: pct(t) }));
+    parts.push(...fired);
+    parts.push(el("span", { class: "reset", text: duration(r.seconds_to_reset) }));
+    node.append(el("div", { class: "budget-foot" }, ...parts));
+    return node;
+  }
+
+  async function loadAlerts(gen) {
+    let rows = [];
+    try {
+      rows = await sql(`SELECT fired_at, rule, split_key, threshold, utilization, spent_usd, limit_usd, action
+                        FROM alerts ORDER BY fired_at DESC LIMIT 15`);
+    } catch (e) {
+      rows = []; // a ledger without budgets has no alerts table
+    }
+    if (gen !== state.gen) return;
+    $("#alerts-empty").hidden = rows.length > 0;
+    $("#alerts").replaceChildren(...rows.map((a) => el("li", { "data-rule": a.rule },
+      el("time", { datetime: a.fired_at, title: a.fired_at, text: clock(a.fired_at) }),
+      el("span", { class: "alert-rule", text: a.rule + (a.split_key ? ` (${a.split_key})` : "") }),
+      el("span", { class: "chip" + (num(a.threshold) >= 1 ? " hit" : ""), text: pct(a.threshold) }),
+      el("span", { class: "muted alert-spend",
+                   text: a.limit_usd !== null ? `${money(a.spent_usd)} of ${money(a.limit_usd)}` : `${pct(a.utilization)} used` }))));
+  }
+
+  async function loadTokens(gen) {
+    const rows = await sql(`
+      WITH rate AS (
+        SELECT provider, ${MODEL} AS model, sum(input_cost_usd) / sum(input_tokens) AS full_rate
+        FROM calls
+        WHERE started_at >= now() - INTERVAL 30 DAY AND input_cost_usd IS NOT NULL AND input_tokens > 0
+          AND coalesce(cache_read_tokens, 0) = 0 AND coalesce(cache_write_tokens, 0) = 0
+        GROUP BY ALL),
+      f AS (SELECT provider, ${MODEL} AS model, input_tokens, cache_read_tokens, cache_write_tokens,
+                   output_tokens, reasoning_tokens, input_cost_usd, cost_usd
+            FROM calls WHERE ${where()} AND input_tokens IS NOT NULL)
+      SELECT f.provider, f.model, grouping(f.provider, f.model) AS total_row, count(*) AS calls,
+             sum(f.input_tokens - coalesce(f.cache_read_tokens, 0) - coalesce(f.cache_write_tokens, 0)) AS input,
+             sum(coalesce(f.cache_read_tokens, 0)) AS cache_read,
+             sum(coalesce(f.cache_write_tokens, 0)) AS cache_write,
+             sum(coalesce(f.output_tokens, 0) - coalesce(f.reasoning_tokens, 0)) AS output,
+             sum(coalesce(f.reasoning_tokens, 0)) AS reasoning,
+             sum(f.input_tokens) + sum(coalesce(f.output_tokens, 0)) AS tokens,
+             sum(coalesce(f.cache_read_tokens, 0)) / nullif(sum(f.input_tokens), 0) AS cached_share,
+             CAST(sum(f.input_tokens * r.full_rate - f.input_cost_usd)
+                  FILTER (WHERE f.cache_read_tokens > 0 AND r.full_rate IS NOT NULL) AS DECIMAL(38, 6)) AS saved_usd,
+             count(*) FILTER (WHERE f.cache_read_tokens > 0 AND r.full_rate IS NULL) AS unestimated,
+             sum(f.cost_usd) AS cost_usd
+      FROM f LEFT JOIN rate r ON r.provider = f.provider AND r.model = f.model
+      GROUP BY GROUPING SETS ((f.provider, f.model), ())
+      ORDER BY total_row DESC, tokens DESC LIMIT 13`);
+    if (gen !== state.gen) return;
+    const total = rows.find((r) => r.total_row > 0);
+    const models = rows.filter((r) => r.total_row === 0);
+    const hasTokens = total && num(total.tokens) > 0;
+    $("#tokens-empty").hidden = Boolean(hasTokens);
+    $("#mix-total").hidden = $("#mix-legend").hidden = $("#tokens-table").hidden = !hasTokens;
+    if (!hasTokens) return;
+    $("#mix-total").replaceChildren(...mixBar(total));
+    $("#mix-legend").replaceChildren(
+      ...MIX.map(([k, label]) => el("span", { "data-kind": k }, el("i", { class: "k-" + k }), label + " ", el("b", { text: compact(total[k]) }))),
+      el("span", { "data-kind": "cached_share", title: "cache reads / all input tokens" }, "cached share ", el("b", { text: pct(total.cached_share, 1) })),
+      el("span", { "data-kind": "saved", title: "estimate: see the ? above" }, "saved by caching ≈ ", el("b", { text: total.saved_usd === null ? "–" : money(total.saved_usd) })));
+    $("#tokens-table tbody").replaceChildren(...models.map((r) => el("tr", { "data-model": r.model },
+      el("td", { class: "model", title: `${r.provider} / ${r.model}`, text: r.model }),
+      el("td", { class: "num", text: int(r.calls) }),
+      el("td", { class: "bar-col" }, el("div", { class: "mix", title: MIX.map(([k, l]) => `${l}: ${int(r[k])}`).join("\n") }, ...mixBar(r))),
+      el("td", { class: "num", text: pct(r.cached_share, 1) }),
+      el("td", { class: "num", title: num(r.unestimated) > 0 ? "no uncached calls of this model to estimate its full input rate" : "",
+                 text: r.saved_usd === null ? "–" : money(r.saved_usd) }),
+      el("td", { class: "num", text: money(r.cost_usd) }))));
+  }
+
+  function mixBar(r) {
+    const total = MIX.reduce((s, [k]) => s + (num(r[k]) || 0), 0) || 1;
+    return MIX.map(([k, label]) => el("span", { class: "k-" + k, title: `${label}: ${int(r[k])}`,
+                                                 style: { width: ((num(r[k]) || 0) / total) * 100 + "%" } }));
+  }
+
+  async function loadLatency(gen) {
+    const ok = state.filters.outcome ? "" : " AND outcome = 'ok'";
+    const q = (col) => `quantile_cont(${col}, [0.5, 0.95, 0.99])`;
+    const rows = await sql(`
+      SELECT provider, ${MODEL} AS model, count(*) AS calls,
+             ${q("duration_ms")} AS duration, ${q("ttft_ms")} AS ttft, ${q("overhead_ms")} AS overhead
+      FROM calls WHERE ${where()}${ok} GROUP BY ALL ORDER BY calls DESC, model LIMIT 15`);
+    if (gen !== state.gen) return;
+    $("#latency-empty").hidden = rows.length > 0;
+    $("#latency-table").hidden = rows.length === 0;
+    const cells = (list) => [0, 1, 2].map((i) => el("td", { class: "num", text: list ? ms(list[i]) : "–" }));
+    $("#latency-table tbody").replaceChildren(...rows.map((r) => el("tr", { "data-model": r.model },
+      el("td", { class: "model", title: `${r.provider} / ${r.model}`, text: r.model }),
+      el("td", { class: "num", text: int(r.calls) }),
+      ...cells(r.duration), ...cells(r.ttft), ...cells(r.overhead))));
+  }
+
+  async function loadCalls(gen) {
+    const rows = await sql(`
+      SELECT call_id, started_at, app, provider, ${MODEL} AS model, user_id, tags, outcome, status_code, stream,
+             input_tokens, output_tokens, cost_usd, duration_ms, trace_id, count(*) OVER () AS total
+      FROM calls WHERE ${where()} ORDER BY started_at DESC, call_id LIMIT 50`);
+    if (gen !== state.gen) return;
+    const total = rows.length ? rows[0].total : 0;
+    $("#calls-empty").hidden = rows.length > 0;
+    $("#calls-table").hidden = rows.length === 0;
+    $("#calls-count").textContent = rows.length ? `latest ${int(rows.length)} of ${int(total)} in range` : "";
+    $("#calls-count").dataset.total = String(total);
+    const before = state.seenCalls;
+    state.seenCalls = new Set(rows.map((r) => r.call_id));
+    $("#calls-table tbody").replaceChildren(...rows.map((r) => {
+      const tr = el("tr", { "data-call-id": r.call_id, class: [before && !before.has(r.call_id) ? "fresh" : "",
+                                                             state.selected === r.call_id ? "selected" : ""].join(" ").trim() || null },
+        el("td", { title: r.started_at, text: clock(r.started_at) }),
+        el("td", { text: r.app || "" }),
+        el("td", { text: r.provider || "" }),
+        el("td", { class: "model", title: (r.model || "") + (r.stream ? " (streamed)" : ""), text: (r.model || "") + (r.stream ? " ⇢" : "") }),
+        el("td", { text: r.user_id || "" }),
+        el("td", { class: "tags", title: tagsText(r.tags), text: tagsText(r.tags) }),
+        el("td", {}, el("span", { class: "outcome " + r.outcome, title: r.status_code ? `HTTP ${r.status_code}` : "", text: r.outcome })),
+        el("td", { class: "num", text: int(r.input_tokens) }),
+        el("td", { class: "num", text: int(r.output_tokens) }),
+        el("td", { class: "num", "data-cost": r.cost_usd === null ? "" : r.cost_usd, title: r.cost_usd === null ? "not priced" : `$${r.cost_usd}`, text: money(r.cost_usd) }),
+        el("td", { class: "num", text: ms(r.duration_ms) }),
+        el("td", {}, traceLink(r.trace_id, true)));
+      tr.addEventListener("click", (ev) => {
+        if (ev.target.closest("a")) return;
+        openDetail(r.call_id);
+      });
+      return tr;
+    }));
+  }
+
+  function traceLink(traceId, short) {
+    if (!traceId) return el("span", { class: "muted", text: "–" });
+    const label = short ? traceId.slice(0, 8) + "…" : traceId;
+    if (!state.cfg.jaeger_ui_url) {
+      return el("span", { class: "mono muted", title: `trace ${traceId} (set telemetry.jaeger_ui_url to link to Jaeger)`, text: label });
+    }
+    return el("a", { class: "mono trace", href: `${state.cfg.jaeger_ui_url}/trace/${encodeURIComponent(traceId)}`,
+                     target: "_blank", rel: "noopener noreferrer", title: "open the trace in Jaeger", text: label + " ↗" });
+  }
+
+  async function openDetail(callId) {
+    state.selected = callId;
+    for (const tr of document.querySelectorAll("#calls-table tbody tr")) tr.classList.toggle("selected", tr.dataset.callId === callId);
+    const rows = await sql(`SELECT * FROM calls WHERE call_id = ${lit(callId)}`);
+    if (!rows.length || state.selected !== callId) return;
+    const row = rows[0];
+    $("#detail-id").textContent = callId;
+    const trace = $("#detail-trace");
+    trace.replaceChildren(row.trace_id ? el("span", {}, "trace ", traceLink(row.trace_id, false)) : "");
+    $("#detail-fields").replaceChildren(...Object.entries(row).flatMap(([k, v]) => [
+      el("dt", { text: k }),
+      el("dd", { "data-field": k, class: v === null ? "muted" : null, text: show(k, v) }),
+    ]));
+    $("#detail").hidden = false;
+  }
+
+  function show(k, v) {
+    if (v === null || v === undefined) return "NULL";
+    if (k === "units" && typeof v === "string") {
+      try { return JSON.stringify(JSON.parse(v), null, 1); } catch (e) { return v; }
+    }
+    if (typeof v === "object") return JSON.stringify(v);
+    return String(v);
+  }
+
+  function closeDetail() {
+    state.selected = null;
+    $("#detail").hidden = true;
+    for (const tr of document.querySelectorAll("#calls-table tbody tr.selected")) tr.classList.remove("selected");
+  }
+
+  // --- the loop ------------------------------------------------------------------------------
+
+  function setStatus(kind, text) {
+    $("#status").dataset.state = kind;
+    $("#status-text").textContent = text;
+  }
+
+  async function refresh(force) {
+    if (state.busy && !force) return;
+    if (document.hidden && !force) { setStatus("paused", "paused while the tab is hidden"); return; }
+    state.busy = true;
+    const gen = state.gen;
+    try {
+      const jobs = [loadKpis(gen), loadSeries(gen), loadBudgets(gen), loadAlerts(gen), loadTokens(gen), loadLatency(gen), loadCalls(gen)];
+      if (state.polls % 5 === 0) jobs.push(loadOptions());
+      state.polls += 1;
+      const results = await Promise.allSettled(jobs);
+      const failed = results.filter((r) => r.status === "rejected");
+      if (failed.length) {
+        setStatus("error", `${failed[0].reason.message || failed[0].reason}`.slice(0, 140));
+        if (failed.length < results.length) console.warn("meterline: some panels failed", failed.map((f) => f.reason));
+      } else {
+        setStatus("live", "live · updated " + new Date().toLocaleTimeString([], { hour12: false }));
+      }
+    } finally {
+      state.busy = false;
+      // what tests wait for: every panel has been drawn for the current range and filters
+      if (gen === state.gen) document.body.dataset.loaded = String(gen);
+    }
+  }
+
+  function changed() {
+    state.gen += 1;
+    document.body.dataset.gen = String(state.gen);
+    state.seenCalls = null;
+    writeHash();
+    syncControls();
+    state.polls = 0; // reload the filter options too
+    refresh(true);
+  }
+
+  function wire() {
+    $("#range").addEventListener("change", (e) => { state.range = Number(e.target.value); changed(); });
+    $("#metric").addEventListener("change", (e) => { state.metric = e.target.value; changed(); });
+    $("#group-by").addEventListener("change", (e) => { state.groupBy = e.target.value; changed(); });
+    for (const select of document.querySelectorAll("select[data-filter]")) {
+      select.addEventListener("change", (e) => { state.filters[select.dataset.filter] = e.target.value; changed(); });
+    }
+    $("#clear-filters").addEventListener("click", () => {
+      for (const k of Object.keys(state.filters)) state.filters[k] = "";
+      changed();
+    });
+    $("#token-form").addEventListener("submit", (e) => {
+      e.preventDefault();
+      sessionStorage.setItem(TOKEN_KEY, $("#token").value);
+      $("#token").value = "";
+      $("#token-form").hidden = true;
+      changed();
+    });
+    $("#detail-close").addEventListener("click", closeDetail);
+    document.addEventListener("keydown", (e) => { if (e.key === "Escape") closeDetail(); });
+    document.addEventListener("visibilitychange", () => { if (!document.hidden) refresh(); });
+    window.addEventListener("hashchange", () => { readHash(); changed(); });
+  }
+
+  async function start() {
+    document.body.dataset.gen = String(state.gen);
+    readHash();
+    wire();
+    syncControls();
+    try {
+      state.cfg = { ...state.cfg, ...(await getJSON("dashboard/config")) };
+    } catch (e) {
+      console.warn("meterline: no dashboard config, using defaults", e);
+    }
+    await refresh(true);
+    const every = Math.min(5, Math.max(2, Number(state.cfg.poll_s) || POLL_DEFAULT_S)) * 1000;
+    state.timer = setInterval(() => refresh(false), every);
+  }
+
+  if (document.readyState === "loading") document.addEventListener("DOMContentLoaded", start);
+  else start();
+})();

@@ -6,8 +6,10 @@ is recorded as interrupted, and one that ended is recorded exactly as it ended. 
 numbered segment files; a segment is deleted once every call it mentions has ended and its
 final record is committed to DuckDB. Replay is idempotent: the ledger keeps one row per call_id.
 
-Appends are one `write(2)` of one line on the event loop (a few microseconds, no fsync): they
-survive the process being killed, not the machine losing power.
+Appends are plain `write(2)`s on the event loop (a few microseconds, no fsync): they survive the
+process being killed, not the machine losing power. A final record is written at once, before the
+response's last bytes go out; provisional lines wait for the end of the event loop's current
+turn (`defer`), so the calls that start together share one write.
 """
 from __future__ import annotations
 
@@ -17,6 +19,7 @@ import os
 import threading
 from datetime import datetime
 from decimal import Decimal
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -63,6 +66,9 @@ class Journal:
         self.segment = 0
         self.fd = -1
         self.size = 0
+        self.buffer: list[bytes] = []  # provisional lines not yet written
+        # schedules a function for the end of the event loop's turn (loop.call_soon); None: write at once
+        self.defer: Callable[[Callable[[], None]], object] | None = None
 
     # --- start-up ------------------------------------------------------------------------------
 
@@ -101,21 +107,39 @@ class Journal:
     # --- the request path ----------------------------------------------------------------------
 
     def begin(self, provisional: CallRecord) -> int:
-        """Writes the provisional (interrupted) record; returns the segment to pass to `end`."""
+        """Queues the provisional (interrupted) record; returns the segment to pass to `end`."""
+        line = encode(provisional)
         with self.lock:
-            segment = self._append(encode(provisional))
-            self.outstanding[segment] += 1
-            return segment
+            if self.size >= self.segment_bytes:
+                self._rotate(self.segment + 1)
+            self.buffer.append(line)
+            self.size += len(line)
+            self.outstanding[self.segment] += 1
+            if self.defer is None:
+                self._flush()
+            elif len(self.buffer) == 1:
+                self.defer(self.flush)
+            return self.segment
 
     def end(self, record: CallRecord, begun_in: int | None) -> int:
-        """Writes the final record; returns the segment to pass to `committed`."""
+        """Writes the final record (and any queued provisional ones) now; returns the segment to
+        pass to `committed`."""
         line = encode(record)
         with self.lock:
-            segment = self._append(line)
+            if self.size >= self.segment_bytes:
+                self._rotate(self.segment + 1)
+            self.buffer.append(line)
+            self.size += len(line)
+            self._flush()
+            segment = self.segment
             self.outstanding[segment] += 1
             if begun_in is not None:
                 self._release(begun_in)
             return segment
+
+    def flush(self) -> None:
+        with self.lock:
+            self._flush()
 
     # --- the writer ----------------------------------------------------------------------------
 
@@ -129,6 +153,7 @@ class Journal:
         """At a clean shutdown: segments whose calls are all committed are not needed again."""
         with self.lock:
             if self.fd >= 0:
+                self._flush()
                 os.close(self.fd)
                 self.fd = -1
             for segment, left in list(self.outstanding.items()):
@@ -137,15 +162,16 @@ class Journal:
 
     # --- internals (lock held) -----------------------------------------------------------------
 
-    def _append(self, line: bytes) -> int:
-        if self.size >= self.segment_bytes:
-            self._rotate(self.segment + 1)
-        os.write(self.fd, line)
-        self.size += len(line)
-        return self.segment
+    def _flush(self) -> None:
+        if self.buffer and self.fd >= 0:
+            data = self.buffer[0] if len(self.buffer) == 1 else b"".join(self.buffer)
+            self.buffer.clear()
+            while data:  # a regular file takes it all at once; the loop is for the rule, not the case
+                data = data[os.write(self.fd, data):]
 
     def _rotate(self, segment: int) -> None:
         if self.fd >= 0:
+            self._flush()  # queued lines belong to the segment they were counted in
             os.close(self.fd)
         previous = self.segment
         self.segment, self.size = segment, 0

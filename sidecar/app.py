@@ -55,6 +55,7 @@ async def _lifecycle(app: web.Application):
     await loop.run_in_executor(None, rt.pricer.warm)
     if replayed:
         log.info("recovered %d calls from the journal", replayed)
+    rt.writer.journal.defer = loop.call_soon
     rt.writer.start()
     rt.telemetry.start()
     await rt.guard.start()

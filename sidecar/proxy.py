@@ -4,7 +4,6 @@ from __future__ import annotations
 import asyncio
 import os
 import time
-import uuid
 from datetime import datetime, timedelta, timezone
 from typing import Any
 
@@ -80,9 +79,9 @@ async def handle(request: web.Request) -> web.StreamResponse:
     if query:
         info.endpoint = f"{path}?{attribution.redact_query(query)}"
     call = _Call(t0, started_at, info, upstream.name)
-    call_id = uuid.uuid4().hex
-    trace_id, parent_span, sampled = _trace_context(headers.get("traceparent"))
-    span_id = os.urandom(8).hex()
+    ids = os.urandom(40).hex()  # one system call for the call id, the span id and a trace id
+    call_id, span_id = ids[:32], ids[32:48]
+    trace_id, parent_span, sampled = _trace_context(headers.get("traceparent"), ids[48:])
     extras = CallExtras(parent_span_id=parent_span, sampled=sampled, tracestate=headers.get("tracestate"),
                         server_address=upstream.host, server_port=upstream.port,
                         temperature=info.temperature, top_p=info.top_p,
@@ -298,7 +297,7 @@ def _forward_headers(headers: Any, identity: bool) -> dict[str, str]:
     return out
 
 
-def _trace_context(traceparent: str | None) -> tuple[str, str | None, bool]:
+def _trace_context(traceparent: str | None, new_trace_id: str) -> tuple[str, str | None, bool]:
     """The app's W3C trace id, parent span and sampled flag (so the call joins its trace), or a new trace."""
     if traceparent:
         parts = traceparent.strip().split("-")
@@ -306,7 +305,7 @@ def _trace_context(traceparent: str | None) -> tuple[str, str | None, bool]:
                 and len(parts[2]) == 16 and len(parts[3]) == 2 and parts[1] != "0" * 32
                 and parts[2] != "0" * 16 and _is_hex(parts[1] + parts[2] + parts[3])):
             return parts[1].lower(), parts[2].lower(), bool(int(parts[3], 16) & 1)
-    return os.urandom(16).hex(), None, True
+    return new_trace_id, None, True
 
 
 def _is_hex(text: str) -> bool:

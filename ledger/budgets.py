@@ -11,9 +11,11 @@ import math
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field, replace
 from datetime import datetime, timedelta, timezone
-from decimal import Decimal, InvalidOperation
+from decimal import Decimal
 from typing import Any
 from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
+
+from .money import non_negative_amount
 
 WINDOWS = ("minute", "hour", "day", "week", "month", "total")
 ACTIONS = ("block", "alert")
@@ -175,13 +177,10 @@ def _match(doc: Any, where: str) -> Match:
 def _decimal(value: Any, where: str) -> Decimal | None:
     if value is None:
         return None
-    try:
-        d = Decimal(str(value)) if not isinstance(value, bool) else None
-    except InvalidOperation:
-        d = None
-    if d is None or not d.is_finite() or d < 0:
+    amount = non_negative_amount(value)
+    if amount is None:
         raise RuleError(f"{where}: expected a non-negative number, got {value!r}")
-    return d
+    return amount
 
 
 def _count(value: Any, where: str) -> int | None:

@@ -208,24 +208,22 @@ def _budgets_from_file(path: str, cfg: config_mod.Config) -> list[dict]:
 
 
 def _spent(r: dict) -> str:
-    parts = []
-    if r["limit_usd"] is not None:
-        parts.append(f"${float(r['spent_usd']):,.4f}")
-    if r["limit_tokens"] is not None:
-        parts.append(f"{r['spent_tokens']:,} tok")
-    if r["limit_requests"] is not None:
-        parts.append(f"{r['requests']:,} req")
-    return " / ".join(parts)
+    return _amounts(r, r["spent_usd"], r["spent_tokens"], r["requests"], 4)
 
 
 def _limit(r: dict) -> str:
+    return _amounts(r, r["limit_usd"], r["limit_tokens"], r["limit_requests"], 2)
+
+
+def _amounts(r: dict, usd: str | None, tokens: int | None, requests: int | None, places: int) -> str:
+    """One budget row's spend or limits, for the kinds of limit its rule has."""
     parts = []
     if r["limit_usd"] is not None:
-        parts.append(f"${float(r['limit_usd']):,.2f}")
+        parts.append(f"${float(usd):,.{places}f}")
     if r["limit_tokens"] is not None:
-        parts.append(f"{r['limit_tokens']:,} tok")
+        parts.append(f"{tokens:,} tok")
     if r["limit_requests"] is not None:
-        parts.append(f"{r['limit_requests']:,} req")
+        parts.append(f"{requests:,} req")
     return " / ".join(parts)
 
 

@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import os
 from dataclasses import dataclass, field
-from decimal import Decimal, InvalidOperation
+from decimal import Decimal
 from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit
@@ -13,6 +13,7 @@ import yaml
 from exporters.alerts import AlertConfigError, AlertSettings, parse_settings
 from exporters.settings import load_settings as load_telemetry_settings
 from ledger.budgets import DEFAULT_THRESHOLDS, Rule, RuleError, parse_rule, parse_thresholds
+from ledger.money import non_negative_amount
 from ledger.pricing import PriceRule
 
 DEFAULT_HOST = "127.0.0.1"
@@ -199,12 +200,8 @@ def _price(i: int, spec: Any) -> PriceRule:
 
 
 def _money(value: Any, key: str) -> Decimal:
-    # str() first: YAML gives floats, and Decimal(0.1) would carry binary noise into money
-    try:
-        amount = Decimal(str(value)) if not isinstance(value, bool) else None
-    except InvalidOperation:
-        amount = None
-    if amount is None or not amount.is_finite() or amount < 0:
+    amount = non_negative_amount(value)
+    if amount is None:
         raise ConfigError(f"config key {key!r}: expected a non-negative amount in USD, got {value!r}")
     return amount
 

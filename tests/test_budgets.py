@@ -369,3 +369,26 @@ def test_dead_webhook_does_not_affect_calls(tmp_path, fake):
         assert sc.proc.poll() is None
     finally:
         sc.stop()
+
+
+def test_meterline_budgets_cli_from_the_sidecar_and_from_the_file(tmp_path, fake):
+    import subprocess
+    import sys
+
+    sc = start(tmp_path, fake, budgets=[{"name": "cli-rule", "window": "day", "limit_usd": "5",
+                                         "limit_requests": 10}])
+    cfg = str(sc.workdir / "meterline.yaml")
+    cmd = [sys.executable, "-m", "sidecar.cli", "budgets", "--config", cfg]
+    try:
+        chat(oai(sc, max_retries=0))
+        settled(sc, 1)
+        live = subprocess.run(cmd + ["--url", sc.url], capture_output=True, text=True, timeout=60)
+        assert live.returncode == 0, live.stderr
+        assert "cli-rule" in live.stdout and "1 req" in live.stdout and "10 req" in live.stdout
+    finally:
+        sc.stop()
+    offline = subprocess.run(cmd + ["--url", f"http://127.0.0.1:{free_port()}", "--db", str(sc.db), "--format", "json"],
+                             capture_output=True, text=True, timeout=60)
+    assert offline.returncode == 0, offline.stderr
+    (row,) = orjson.loads(offline.stdout)
+    assert row["rule"] == "cli-rule" and row["requests"] == 1 and Decimal(row["spent_usd"]) > 0

@@ -336,8 +336,8 @@ class Budgets:
         self._open: list[Rule] = []  # rules with no indexable condition
         self._kinds: tuple[str, ...] = ()  # which attributes the index holds rules under
         self._current: dict[tuple[str, str], Account] = {}  # (rule, key) -> account of the latest window
-        for rule in rules:
-            self.put(rule)
+        self.rules = {rule.name: rule for rule in rules}
+        self._reindex()
 
     # --- rules ---------------------------------------------------------------------------------
 

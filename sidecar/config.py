@@ -76,7 +76,7 @@ def load(path: str | os.PathLike[str] | None) -> Config:
         except OSError as e:
             raise ConfigError(f"cannot read config file {path}: {e.strerror}") from None
         try:
-            doc = yaml.safe_load(text) or {}
+            doc = yaml.load(text, Loader=getattr(yaml, "CSafeLoader", yaml.SafeLoader)) or {}  # libyaml when present
         except yaml.YAMLError as e:
             raise ConfigError(f"config file {path} is not valid YAML: {e}") from None
     return parse(doc)

@@ -100,6 +100,7 @@ def settled(sc: Sidecar, expected_rows: int) -> list[dict[str, Any]]:
 
 # --- enforcement under concurrency ----------------------------------------------------------------
 
+@pytest.mark.timeout(240)  # it waits for a fresh minute twice
 async def test_200_concurrent_calls_never_overspend_and_refusals_are_not_retried(tmp_path, fake):
     limit = Decimal("0.0005")
     sc = start(tmp_path, fake, budgets=[{"name": "burst", "window": "minute", "limit_usd": str(limit),

@@ -140,9 +140,12 @@ async def handle(request: web.Request) -> web.StreamResponse:
         if request.transport is not None:
             request.transport.abort()
         return resp
-    if pending:
-        await resp.write(pending)
-    await resp.write_eof()
+    try:
+        if pending:
+            await resp.write(pending)
+        await resp.write_eof()
+    except (ConnectionError, aiohttp.ClientConnectionResetError):
+        pass  # the app left as its response ended; the call is recorded as the upstream answered it
     return resp
 
 

@@ -74,8 +74,39 @@ def backoff_s(consecutive_failures: int, hint: float | None = None) -> float:
     return base * random.uniform(0.8, 1.2)
 
 
-class SpanWorker:
+class _Worker:
+    """The thread handling both workers share: start once, and join then close the transport."""
+
+    _thread: threading.Thread | None
+    transport: Transport
+    thread_name = "meterline-otlp"
+
+    def start(self) -> None:
+        if self._thread is None:
+            self._thread = threading.Thread(target=self._run, name=self.thread_name, daemon=True)
+            self._thread.start()
+
+    def join(self, timeout: float) -> None:
+        if self._thread is not None:
+            self._thread.join(timeout)
+            if self._thread.is_alive():
+                return  # still in its last attempt: a daemon thread, it ends on its own
+            self._thread = None
+        else:
+            self._last_attempt()  # never started: send what there is from here
+        self.transport.close()
+
+    def _run(self) -> None:
+        raise NotImplementedError
+
+    def _last_attempt(self) -> None:
+        raise NotImplementedError
+
+
+class SpanWorker(_Worker):
     """Owns the span queue and the thread that encodes and sends it."""
+
+    thread_name = "meterline-otlp-spans"
 
     def __init__(self, encoder: SpanEncoder, transport: Transport, max_queue: int, max_batch: int,
                  delay_s: float) -> None:
@@ -118,11 +149,6 @@ class SpanWorker:
             if len(self._queue) >= self.max_batch:
                 self._cond.notify()
 
-    def start(self) -> None:
-        if self._thread is None:
-            self._thread = threading.Thread(target=self._run, name="meterline-otlp-spans", daemon=True)
-            self._thread.start()
-
     def stop(self, deadline: float) -> None:
         """Asks the thread to send what is queued (one attempt per batch, until `deadline`, a
         time.monotonic() value) and end; `join` waits for it."""
@@ -131,15 +157,8 @@ class SpanWorker:
         with self._cond:
             self._cond.notify()
 
-    def join(self, timeout: float) -> None:
-        if self._thread is not None:
-            self._thread.join(timeout)
-            if self._thread.is_alive():
-                return  # still in its last attempt: a daemon thread, it ends on its own
-            self._thread = None
-        else:
-            self._flush()
-        self.transport.close()
+    def _last_attempt(self) -> None:
+        self._flush()
 
     # --- the worker thread -----------------------------------------------------------------------
 
@@ -227,8 +246,10 @@ class SpanWorker:
                 retry = False  # shutting down: one last attempt for this batch
 
 
-class MetricWorker:
+class MetricWorker(_Worker):
     """Pushes the cumulative metrics every `interval_s` (and once more at shutdown)."""
+
+    thread_name = "meterline-otlp-metrics"
 
     def __init__(self, build_request: Callable[[], bytes | None], transport: Transport, interval_s: float) -> None:
         self.build_request = build_request
@@ -241,24 +262,12 @@ class MetricWorker:
         self.failures = 0
         self.last_error = ""
 
-    def start(self) -> None:
-        if self._thread is None:
-            self._thread = threading.Thread(target=self._run, name="meterline-otlp-metrics", daemon=True)
-            self._thread.start()
-
     def stop(self) -> None:
         """Asks the thread to make its last push and end (see `join`)."""
         self._stopping.set()
 
-    def join(self, timeout: float) -> None:
-        if self._thread is not None:
-            self._thread.join(timeout)
-            if self._thread.is_alive():
-                return  # still in its last attempt: a daemon thread, it ends on its own
-            self._thread = None
-        else:
-            self.export_once()
-        self.transport.close()
+    def _last_attempt(self) -> None:
+        self.export_once()
 
     def _run(self) -> None:
         while not self._stopping.wait(self.interval_s):

@@ -9,7 +9,7 @@ from __future__ import annotations
 import fnmatch
 import math
 from collections.abc import Callable, Iterable
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 from datetime import datetime, timedelta, timezone
 from decimal import Decimal
 from typing import Any
@@ -513,6 +513,3 @@ def _index_key(m: Match) -> tuple[str, str] | None:
             return (name, value)
     return None
 
-
-def with_source(rule: Rule, source: str) -> Rule:
-    return replace(rule, source=source)

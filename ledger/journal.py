@@ -63,6 +63,7 @@ class Journal:
         self.segment_bytes = segment_bytes
         self.lock = threading.Lock()
         self.outstanding: dict[int, int] = {}  # segment -> begun-but-not-ended calls + uncommitted records
+        self.first_live = 1  # segments below it were recovered at start-up (see `open`)
         self.segment = 0
         self.fd = -1
         self.size = 0

@@ -40,7 +40,7 @@ async def healthz(request: web.Request) -> web.Response:
         "anomalies": dict(rt.anomalies),
         "telemetry": rt.telemetry.stats() if rt.telemetry is not None else None,
     }
-    return web.Response(body=orjson.dumps(body), content_type="application/json")
+    return _json(body)
 
 
 async def metrics(request: web.Request) -> web.Response:
@@ -85,7 +85,7 @@ async def run_sql(request: web.Request) -> web.Response:
 
 
 def _error(status: int, message: str) -> web.Response:
-    return web.Response(status=status, body=orjson.dumps({"error": message}), content_type="application/json")
+    return _json({"error": message}, status)
 
 
 # --- budgets ---------------------------------------------------------------------------------

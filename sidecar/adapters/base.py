@@ -2,7 +2,8 @@
 
 An adapter module exposes four functions:
 
-- `describe(provider, path, body) -> CallInfo` reads the request (body is the parsed JSON or None);
+- `describe(provider, path, body, raw) -> CallInfo` reads the request (body is the parsed JSON or
+  None; raw the bytes, for sizes and multipart forms);
 - `prepare(info, body) -> bytes | None` may rewrite the request body (None: forward unchanged);
   a rewrite also means the response must be rewritten back (`observe(..., rewritten=True)`);
 - `observe(info, status, content_type, rewritten) -> Observer` watches the response;
@@ -29,7 +30,7 @@ class Observer(Protocol):
 
 
 class Adapter(Protocol):
-    def describe(self, provider: str, path: str, body: Any) -> CallInfo: ...
+    def describe(self, provider: str, path: str, body: Any, raw: bytes = b"") -> CallInfo: ...
     def prepare(self, info: CallInfo, body: Any) -> bytes | None: ...
     def observe(self, info: CallInfo, status: int, content_type: str, rewritten: bool) -> Observer: ...
     def error_body(self, status: int, message: str, kind: str) -> bytes: ...
@@ -150,6 +151,3 @@ class SseObserver:
             seen.anomaly = "no_usage"
         return seen
 
-
-def json_error(payload: dict[str, Any]) -> bytes:
-    return orjson.dumps(payload)

@@ -50,6 +50,11 @@ class Guard:
 
     # --- the request path ----------------------------------------------------------------------
 
+    @property
+    def active(self) -> bool:
+        """Any rules at all: without them a call needs no admission (nor the attributes for it)."""
+        return bool(self.budgets.rules)
+
     def admit(self, info: CallInfo, attrs: CallAttrs, at: datetime) -> Reservation | Refusal:
         if not self.budgets.rules:
             return NO_RESERVATION

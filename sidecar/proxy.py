@@ -19,6 +19,7 @@ from ledger.records import CallExtras, CallInfo, CallRecord, Observation
 from . import attribution, content
 from .adapters.base import JsonObserver
 from .decoding import decoder_for
+from .guard import NO_RESERVATION
 from .runtime import ADAPTER_MODULES, Runtime
 
 RUNTIME = web.AppKey("runtime", Runtime)
@@ -96,7 +97,7 @@ async def handle(request: web.Request) -> web.StreamResponse:
         trace_id=trace_id, span_id=span_id, request_bytes=len(raw),
     )
 
-    decision = rt.guard.admit(info, _attrs(info, record_base), started_at)
+    decision = rt.guard.admit(info, _attrs(info, record_base), started_at) if rt.guard.active else NO_RESERVATION
     if isinstance(decision, Refusal):
         return _refuse(rt, adapter, call, record_base, extras, decision)
 

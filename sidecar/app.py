@@ -4,7 +4,6 @@ from __future__ import annotations
 import asyncio
 import logging
 import os
-import socket
 
 import aiohttp
 from aiohttp import web
@@ -20,6 +19,7 @@ from . import admin, dashboard, proxy
 from .config import Config
 from .guard import Guard
 from .runtime import Runtime
+from .upstream import Pool
 
 log = logging.getLogger("meterline")
 
@@ -59,24 +59,15 @@ async def _lifecycle(app: web.Application):
     rt.writer.start()
     rt.telemetry.start()
     await rt.guard.start()
-    connector = aiohttp.TCPConnector(
-        limit=0,  # the app decides its concurrency; the sidecar adds no queue of its own
-        ttl_dns_cache=300,
-        keepalive_timeout=60,
-        family=socket.AF_UNSPEC,
-    )
+    rt.pool = Pool(rt.config.connect_timeout_s, rt.config.read_timeout_s)
     timeout = aiohttp.ClientTimeout(total=None, connect=rt.config.connect_timeout_s,
                                     sock_read=rt.config.read_timeout_s)
-    rt.session = aiohttp.ClientSession(
-        connector=connector, timeout=timeout, auto_decompress=False,
-        # forward only the app's own headers: no default User-Agent or Accept-Encoding of ours
-        skip_auto_headers=("User-Agent", "Accept-Encoding", "Content-Type"),
-        cookie_jar=aiohttp.DummyCookieJar(),
-    )
+    rt.session = aiohttp.ClientSession(timeout=timeout, cookie_jar=aiohttp.DummyCookieJar())
     rt.guard.alerts.start(rt.session)
     yield
     await rt.guard.alerts.stop()
     await rt.session.close()
+    rt.pool.close()
     await loop.run_in_executor(None, rt.writer.stop)
     await loop.run_in_executor(None, rt.telemetry.shutdown, 5.0)
 

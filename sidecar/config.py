@@ -16,6 +16,8 @@ from ledger.budgets import DEFAULT_THRESHOLDS, Rule, RuleError, parse_rule, pars
 from ledger.money import non_negative_amount
 from ledger.pricing import PriceRule
 
+from .upstream import Origin, origin_of
+
 DEFAULT_HOST = "127.0.0.1"
 DEFAULT_PORT = 8720
 DEFAULT_DB = "meterline.duckdb"
@@ -42,6 +44,7 @@ class Upstream:
     provider: str
     host: str = ""  # of base_url, for telemetry's server.address / server.port
     port: int = 0
+    origin: Origin | None = None  # where the hot path's client sends its requests
 
 
 @dataclass(slots=True)
@@ -170,7 +173,7 @@ def _upstreams(doc: dict[str, Any]) -> dict[str, Upstream]:
 def _upstream(name: str, url: str, adapter: str, provider: str) -> Upstream:
     parts = urlsplit(url)
     port = parts.port or (443 if parts.scheme == "https" else 80)
-    return Upstream(name, url.rstrip("/"), adapter, provider, parts.hostname or "", port)
+    return Upstream(name, url.rstrip("/"), adapter, provider, parts.hostname or "", port, origin_of(url))
 
 
 _PRICE_KEYS = ("input_per_mtok", "output_per_mtok", "cache_read_per_mtok", "cache_write_per_mtok",

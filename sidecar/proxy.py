@@ -6,6 +6,7 @@ import os
 import time
 from datetime import datetime, timedelta, timezone
 from typing import Any
+from urllib.parse import quote
 
 import aiohttp
 import orjson
@@ -21,12 +22,15 @@ from .adapters.base import JsonObserver
 from .decoding import decoder_for
 from .guard import NO_RESERVATION
 from .runtime import ADAPTER_MODULES, Runtime
+from .upstream import Origin, Response as UpstreamResponse, UpstreamError
 
 RUNTIME = web.AppKey("runtime", Runtime)
 
-# RFC 9110 hop-by-hop headers, plus those aiohttp recomputes for the new connection
+# RFC 9110 hop-by-hop headers, plus those recomputed for the upstream connection (Expect: the
+# sidecar already read the whole body)
 _DROP_REQUEST = frozenset({"host", "connection", "keep-alive", "proxy-connection", "proxy-authorization",
-                           "te", "trailer", "transfer-encoding", "upgrade", "content-length", "traceparent"})
+                           "te", "trailer", "transfer-encoding", "upgrade", "content-length", "traceparent",
+                           "expect"})
 _DROP_RESPONSE = frozenset({"connection", "keep-alive", "proxy-connection", "te", "trailer",
                             "transfer-encoding", "upgrade"})
 _META_PREFIX = "x-meterline-"
@@ -114,11 +118,11 @@ async def handle(request: web.Request) -> web.StreamResponse:
     pending: bytes | None = None
     try:
         call.work += time.perf_counter() - t_read
-        resp, pending = await _exchange(rt, request, adapter, upstream.base_url + path, query, raw,
-                                        out_headers, call, rewritten is not None)
+        resp, pending = await _exchange(rt, request, adapter, upstream.origin, _target(request, name, path, query),
+                                        raw, out_headers, call, rewritten is not None)
     except asyncio.CancelledError:
         # the app went away: the upstream request was dropped with it
-        call.outcome, call.error_type = records.CANCELLED, "client_disconnected"
+        _app_left(call)
         raise
     finally:
         rt.in_flight -= 1
@@ -170,85 +174,87 @@ def _refuse(rt: Runtime, adapter: Any, call: _Call, base: dict[str, Any], extras
                         content_type="application/json", headers=headers)
 
 
-async def _exchange(rt: Runtime, request: web.Request, adapter: Any, url: str, query: str, raw: bytes,
-                    headers: dict[str, str], call: _Call, rewritten: bool,
+async def _exchange(rt: Runtime, request: web.Request, adapter: Any, origin: Origin, target: str,
+                    raw: bytes, headers: dict[str, str], call: _Call, rewritten: bool,
                     ) -> tuple[web.StreamResponse | None, bytes | None]:
     """Sends the request upstream and streams the response back. Returns the response and, for
     non-streamed bodies, the last chunk, held back so the journal gets the record first."""
-    assert rt.session is not None
+    assert rt.pool is not None
     resp: web.StreamResponse | None = None
     pending: bytes | None = None
     observer = None
     info = call.info
+    up: UpstreamResponse | None = None
     try:
-        async with rt.session.request(request.method, url + ("?" + query if query else ""), data=raw,
-                                      headers=headers, allow_redirects=False) as up:
+        up = await rt.pool.request(origin, request.method, target, headers, raw)
+        t = time.perf_counter()
+        call.status = up.status
+        content_type = up.header("content-type")
+        observer = adapter.observe(info, up.status, content_type, rewritten)
+        try:
+            decode = decoder_for(up.header("content-encoding"))
+        except ValueError as e:
+            decode = None
+            observer = None
+            rt.anomaly("unknown_encoding", str(e))
+        streaming = info.stream or content_type.startswith("text/event-stream")
+        resp = (web.StreamResponse if streaming else _WholeResponse)(status=up.status, reason=up.reason or None)
+        for key, value in up.headers:
+            lower = key.lower()
+            if lower not in _DROP_RESPONSE and not (rewritten and lower == "content-length"):
+                resp.headers.add(key, value)
+        call.work += time.perf_counter() - t
+        await resp.prepare(request)
+        async for chunk in up.chunks():
             t = time.perf_counter()
-            call.status = up.status
-            content_type = up.headers.get("content-type", "")
-            observer = adapter.observe(info, up.status, content_type, rewritten)
-            try:
-                decode = decoder_for(up.headers.get("content-encoding", ""))
-            except ValueError as e:
-                decode = None
-                observer = None
-                rt.anomaly("unknown_encoding", str(e))
-            streaming = info.stream or content_type.startswith("text/event-stream")
-            resp = (web.StreamResponse if streaming else _WholeResponse)(status=up.status, reason=up.reason)
-            for key, value in up.headers.items():
-                if key.lower() not in _DROP_RESPONSE:
-                    resp.headers.add(key, value)
-            if rewritten:
-                resp.headers.popall("content-length", None)
-            call.work += time.perf_counter() - t
-            await resp.prepare(request)
-            async for chunk in up.content.iter_any():
-                t = time.perf_counter()
-                if call.ttft is None:
-                    call.ttft = t - call.t0
-                call.response_bytes += len(chunk)
-                out = chunk
-                if observer is not None:
-                    try:
-                        fed = observer.feed(decode(chunk) if decode else chunk)
-                        if not decode:
-                            out = fed
-                    except Exception as e:  # noqa: BLE001 - metering faults never break the call
-                        rt.anomaly("observer_error", f"{type(e).__name__}: {e}")
-                        observer = None
-                call.work += time.perf_counter() - t
-                if streaming:
-                    if out:
-                        await _send(resp, out)
-                else:
-                    if pending:
-                        await _send(resp, pending)
-                    pending = out
-            t = time.perf_counter()
-            if up.status >= 400:
-                call.outcome = records.UPSTREAM_ERROR
-            if rt.capture_content and isinstance(observer, JsonObserver) and up.status < 400:
-                call.output_messages = _output_content(adapter, observer)
+            if call.ttft is None:
+                call.ttft = t - call.t0
+            call.response_bytes += len(chunk)
+            out = chunk
             if observer is not None:
                 try:
-                    call.observation = observer.finish()
-                except Exception as e:  # noqa: BLE001
+                    fed = observer.feed(decode(chunk) if decode else chunk)
+                    if not decode:
+                        out = fed
+                except Exception as e:  # noqa: BLE001 - metering faults never break the call
                     rt.anomaly("observer_error", f"{type(e).__name__}: {e}")
-                    call.observation = Observation(anomaly="observer_error")
-            if call.outcome == records.OK and call.observation.error_type:
-                call.outcome = records.UPSTREAM_ERROR  # an error event inside a 200 stream
+                    observer = None
             call.work += time.perf_counter() - t
-    except asyncio.TimeoutError:
+            if streaming:
+                if out:
+                    await _send(resp, out)
+            else:
+                if pending:
+                    await _send(resp, pending)
+                pending = out
+        t = time.perf_counter()
+        if up.status >= 400:
+            call.outcome = records.UPSTREAM_ERROR
+        if rt.capture_content and isinstance(observer, JsonObserver) and up.status < 400:
+            call.output_messages = _output_content(adapter, observer)
+        if observer is not None:
+            try:
+                call.observation = observer.finish()
+            except Exception as e:  # noqa: BLE001
+                rt.anomaly("observer_error", f"{type(e).__name__}: {e}")
+                call.observation = Observation(anomaly="observer_error")
+        if call.outcome == records.OK and call.observation.error_type:
+            call.outcome = records.UPSTREAM_ERROR  # an error event inside a 200 stream
+        call.work += time.perf_counter() - t
+    except TimeoutError:
         call.outcome, call.error_type = records.TIMEOUT, "timeout"
     except _AppGone:
-        call.outcome, call.error_type = records.CANCELLED, "client_disconnected"
         _finish_partial(call, observer)
-    except (aiohttp.ClientError, ConnectionError) as e:
-        call.outcome, call.error_type = records.NETWORK_ERROR, type(e).__name__
+        _app_left(call)
+    except UpstreamError as e:
+        call.outcome, call.error_type = records.NETWORK_ERROR, e.kind
         _finish_partial(call, observer)
     except asyncio.CancelledError:
         _finish_partial(call, observer)
         raise
+    finally:
+        if up is not None:
+            up.close()
     return resp, pending
 
 
@@ -276,6 +282,15 @@ def _output_content(adapter: Any, observer: JsonObserver) -> str | None:
         return None
 
 
+def _app_left(call: _Call) -> None:
+    """The app closed its connection. If the upstream had already sent an error event, that is the
+    call's outcome (SDKs raise on it and leave); otherwise the call was cancelled."""
+    if call.observation.error_type:
+        call.outcome = records.UPSTREAM_ERROR
+    else:
+        call.outcome, call.error_type = records.CANCELLED, "client_disconnected"
+
+
 def _finish_partial(call: _Call, observer: Any) -> None:
     """A call that broke off keeps the usage seen so far (e.g. Anthropic's message_start)."""
     if observer is None:
@@ -284,6 +299,15 @@ def _finish_partial(call: _Call, observer: Any) -> None:
         call.observation = observer.finish()
     except Exception:  # noqa: BLE001 - partial bodies may not parse; the row says what is known
         pass
+
+
+def _target(request: web.Request, name: str, path: str, query: str) -> str:
+    """The path and query to send upstream: as the app wrote them, percent-escapes included."""
+    raw_path = request.raw_path
+    prefix = f"/{name}/"
+    if raw_path.startswith(prefix):
+        return raw_path[len(prefix) - 1:]
+    return quote(path, safe="/:@!$&'()*+,;=-._~%") + ("?" + query if query else "")
 
 
 def _forward_headers(headers: Any, identity: bool) -> dict[str, str]:

@@ -15,6 +15,7 @@ from ledger.writer import LedgerWriter
 from .adapters import anthropic, gemini, openai
 from .config import Config
 from .guard import Guard
+from .upstream import Pool
 
 ADAPTER_MODULES: dict[str, ModuleType] = {"openai": openai, "anthropic": anthropic, "gemini": gemini}
 
@@ -27,7 +28,8 @@ class Runtime:
     writer: LedgerWriter
     pricer: Pricer
     guard: Guard
-    session: aiohttp.ClientSession | None = None
+    session: aiohttp.ClientSession | None = None  # webhooks only
+    pool: Pool | None = None  # forwarded calls
     anomalies: collections.Counter[str] = field(default_factory=collections.Counter)
     in_flight: int = 0
     telemetry: Telemetry | None = None

@@ -202,6 +202,7 @@ class _Connection(asyncio.Protocol):
         self._paused = False
         self._headers_done = False
         self._complete = False
+        self._keep_alive = False
         self._framed = False  # Content-Length or chunked: the body does not end at EOF
         self._head_only = False
         self._error: BaseException | None = None
@@ -218,7 +219,7 @@ class _Connection(asyncio.Protocol):
     def send(self, message: bytes, body: bytes, head_only: bool) -> None:
         self.parser = httptools.HttpResponseParser(self)
         self.status, self.reason, self.headers = 0, "", []
-        self.got_bytes = self._headers_done = self._complete = self._framed = False
+        self.got_bytes = self._headers_done = self._complete = self._keep_alive = self._framed = False
         self._head_only = head_only
         assert self.transport is not None
         if body and len(body) < 64 * 1024:
@@ -259,8 +260,7 @@ class _Connection(asyncio.Protocol):
             self._waiter = None
 
     def finish(self) -> None:
-        if self._complete and not self._body and self._error is None and self.parser.should_keep_alive() \
-                and not self._head_only:
+        if self._complete and self._keep_alive and not self._body and self._error is None:
             self.pool._release(self)
         else:
             self.close()
@@ -341,6 +341,8 @@ class _Connection(asyncio.Protocol):
     def on_message_complete(self) -> None:
         if self.status:
             self._complete = True
+            # asked now: llhttp forgets the message's keep-alive once the callback returns
+            self._keep_alive = self.parser.should_keep_alive()
             self._wake()
 
     def _wake(self) -> None:

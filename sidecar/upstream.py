@@ -91,7 +91,9 @@ class Response:
 
     def close(self) -> None:
         """Back to the pool if the body was read to its end, otherwise the connection is dropped."""
-        self._conn.finish()
+        if self._conn is not None:
+            self._conn.finish()
+            self._conn = None
 
 
 @dataclass(slots=True)
@@ -131,7 +133,8 @@ class Pool:
             try:
                 await conn.wait_headers()
             except UpstreamError as e:
-                if reused and retry and e.kind == "ServerDisconnectedError" and not conn.got_bytes:
+                if reused and retry and e.kind in ("ServerDisconnectedError", "ClientOSError") \
+                        and not conn.got_bytes:
                     retry = False
                     continue
                 raise
@@ -220,6 +223,8 @@ class _Connection(asyncio.Protocol):
         self.parser = httptools.HttpResponseParser(self)
         self.status, self.reason, self.headers = 0, "", []
         self.got_bytes = self._headers_done = self._complete = self._keep_alive = self._framed = False
+        self._body.clear()
+        self._buffered = 0
         self._head_only = head_only
         assert self.transport is not None
         if body and len(body) < 64 * 1024:
@@ -304,10 +309,17 @@ class _Connection(asyncio.Protocol):
 
     # --- llhttp callbacks ---------------------------------------------------------------------
 
+    def on_message_begin(self) -> None:
+        if self._complete:
+            # more than was asked for: the socket is out of step with its requests, so it is dropped
+            raise UpstreamError("ClientResponseError", "data after the end of the response")
+
     def on_status(self, reason: bytes) -> None:
         self.reason += reason.decode("latin-1")
 
     def on_header(self, name: bytes, value: bytes) -> None:
+        if self._headers_done:
+            return  # chunked trailers: the app's headers are already on their way
         key = name.decode("utf-8", "surrogateescape")
         text = value.decode("utf-8", "surrogateescape")
         lower = key.lower()

@@ -40,7 +40,7 @@ class _Call:
     """What the handler learns as one call proceeds; becomes a CallRecord at the end."""
 
     __slots__ = ("t0", "started_at", "info", "upstream", "status", "outcome", "error_type", "ttft",
-                 "work", "response_bytes", "observation", "output_messages")
+                 "work", "response_bytes", "observation", "output_messages", "conclude", "concluded")
 
     def __init__(self, t0: float, started_at: datetime, info: CallInfo, upstream: str) -> None:
         self.t0 = t0
@@ -55,6 +55,9 @@ class _Call:
         self.response_bytes = 0
         self.observation = Observation()
         self.output_messages: str | None = None  # only with telemetry.capture_content
+        # writes the final record (journal, budgets, ledger); called once, as soon as the call is over
+        self.conclude: Any = None
+        self.concluded = False
 
 
 async def handle(request: web.Request) -> web.StreamResponse:
@@ -113,6 +116,19 @@ async def handle(request: web.Request) -> web.StreamResponse:
         # the upstream request is a child of the call's span, which is a child of the app's
         out_headers["traceparent"] = f"00-{trace_id}-{span_id}-{'01' if sampled else '00'}"
     segment = rt.writer.journal.begin(_record(rt, call, record_base, provisional=True))
+
+    def conclude() -> None:
+        if call.concluded:
+            return
+        call.concluded = True
+        t_end = time.perf_counter()
+        record = _record(rt, call, record_base, provisional=False)
+        rt.guard.settle(decision, record, extras)
+        extras.output_messages = call.output_messages
+        rt.writer.submit(record, rt.writer.journal.end(record, segment), extras)
+        call.work += time.perf_counter() - t_end
+
+    call.conclude = conclude
     rt.in_flight += 1
     resp: web.StreamResponse | None = None
     pending: bytes | None = None
@@ -122,16 +138,12 @@ async def handle(request: web.Request) -> web.StreamResponse:
                                         raw, out_headers, call, rewritten is not None)
     except asyncio.CancelledError:
         # the app went away: the upstream request was dropped with it
-        _app_left(call)
+        if not call.concluded:
+            _app_left(call)
         raise
     finally:
         rt.in_flight -= 1
-        t_end = time.perf_counter()
-        record = _record(rt, call, record_base, provisional=False)
-        rt.guard.settle(decision, record, extras)
-        extras.output_messages = call.output_messages
-        rt.writer.submit(record, rt.writer.journal.end(record, segment), extras)
-        call.work += time.perf_counter() - t_end
+        conclude()
     if call.outcome in (records.NETWORK_ERROR, records.TIMEOUT) and resp is None:
         message = f"meterline: upstream {upstream.name} failed: {call.error_type}"
         status = 504 if call.outcome == records.TIMEOUT else 502
@@ -221,26 +233,20 @@ async def _exchange(rt: Runtime, request: web.Request, adapter: Any, origin: Ori
                     observer = None
             call.work += time.perf_counter() - t
             if streaming:
+                if observer is not None and observer.done:
+                    # SDKs stop reading at the closing event ([DONE], message_stop): the record is
+                    # written before they can see it, whatever the HTTP body still has to say
+                    _end_observation(rt, adapter, call, observer, up.status)
+                    observer = None
+                    call.conclude()
                 if out:
                     await _send(resp, out)
             else:
                 if pending:
                     await _send(resp, pending)
                 pending = out
-        t = time.perf_counter()
-        if up.status >= 400:
-            call.outcome = records.UPSTREAM_ERROR
-        if rt.capture_content and isinstance(observer, JsonObserver) and up.status < 400:
-            call.output_messages = _output_content(adapter, observer)
-        if observer is not None:
-            try:
-                call.observation = observer.finish()
-            except Exception as e:  # noqa: BLE001
-                rt.anomaly("observer_error", f"{type(e).__name__}: {e}")
-                call.observation = Observation(anomaly="observer_error")
-        if call.outcome == records.OK and call.observation.error_type:
-            call.outcome = records.UPSTREAM_ERROR  # an error event inside a 200 stream
-        call.work += time.perf_counter() - t
+        if not call.concluded:
+            _end_observation(rt, adapter, call, observer, up.status)
     except TimeoutError:
         call.outcome, call.error_type = records.TIMEOUT, "timeout"
     except _AppGone:
@@ -280,6 +286,24 @@ def _output_content(adapter: Any, observer: JsonObserver) -> str | None:
         return content.output_messages(adapter.__name__.rsplit(".", 1)[-1], orjson.loads(observer.body.body()))
     except (orjson.JSONDecodeError, TypeError, AttributeError, ValueError):
         return None
+
+
+def _end_observation(rt: Runtime, adapter: Any, call: _Call, observer: Any, status: int) -> None:
+    """The response has ended: what the observer saw becomes the call's observation and outcome."""
+    t = time.perf_counter()
+    if status >= 400:
+        call.outcome = records.UPSTREAM_ERROR
+    if rt.capture_content and isinstance(observer, JsonObserver) and status < 400:
+        call.output_messages = _output_content(adapter, observer)
+    if observer is not None:
+        try:
+            call.observation = observer.finish()
+        except Exception as e:  # noqa: BLE001
+            rt.anomaly("observer_error", f"{type(e).__name__}: {e}")
+            call.observation = Observation(anomaly="observer_error")
+    if call.outcome == records.OK and call.observation.error_type:
+        call.outcome = records.UPSTREAM_ERROR  # an error event inside a 200 stream
+    call.work += time.perf_counter() - t
 
 
 def _app_left(call: _Call) -> None:

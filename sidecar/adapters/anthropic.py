@@ -141,6 +141,8 @@ class MessageStream(SseObserver):
             reason = dig(doc, "delta", "stop_reason")
             if reason:
                 seen.finish_reason = reason
+        elif kind == "message_stop":
+            self.done = True
         elif kind == "error":
             seen.error_type = dig(doc, "error", "type") or "error"
 

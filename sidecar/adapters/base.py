@@ -28,6 +28,10 @@ class Observer(Protocol):
     def finish(self) -> Observation:
         """Called once when the response ended (or broke off); says what was seen."""
 
+    # True once the body has said it is complete (SSE: `[DONE]`, `message_stop`, ...), which SDKs
+    # take as the end of the call, sometimes before the HTTP body itself has ended
+    done: bool
+
 
 class Adapter(Protocol):
     def describe(self, provider: str, path: str, body: Any, raw: bytes = b"") -> CallInfo: ...
@@ -82,6 +86,7 @@ class JsonObserver:
     """Collects a whole JSON body and extracts an Observation from it at the end."""
 
     __slots__ = ("body", "extract")
+    done = False  # the end of the body is the end of the call
 
     def __init__(self, extract: Callable[[Any], Observation]) -> None:
         self.body = JsonBody()
@@ -112,12 +117,14 @@ def error_observation(doc: Any) -> Observation:
 
 
 class SseObserver:
-    """Splits an SSE stream into events and hands each to `on_event`; subclasses keep the state."""
+    """Splits an SSE stream into events and hands each to `on_event`; subclasses keep the state
+    and set `done` on the stream's closing event."""
 
     def __init__(self) -> None:
         self.splitter = SseSplitter()
         self.seen = Observation()
         self.bad_events = 0
+        self.done = False
 
     def feed(self, chunk: bytes) -> bytes:
         for event in self.splitter.feed(chunk):
@@ -125,7 +132,10 @@ class SseObserver:
         return chunk
 
     def _handle(self, event: SseEvent) -> None:
-        if not event.data or event.data == b"[DONE]":
+        if not event.data:
+            return
+        if event.data == b"[DONE]":
+            self.done = True
             return
         try:
             doc = orjson.loads(event.data)

@@ -143,6 +143,8 @@ class ChunkStream(SseObserver):
 class ArrayStream:
     """Without `alt=sse` the stream is one JSON array, sent element by element."""
 
+    done = False  # the end of the body is the end of the call
+
     def __init__(self) -> None:
         self.splitter = JsonArraySplitter()
         self.seen = Observation()

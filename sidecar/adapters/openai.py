@@ -214,6 +214,7 @@ class NoUsageBody:
     """A body that carries no usage by design: passed through, not parsed."""
 
     __slots__ = ()
+    done = False  # the end of the body is the end of the call
 
     def feed(self, chunk: bytes) -> bytes:
         return chunk
@@ -251,7 +252,10 @@ class ChatStream(SseObserver):
         return b"".join(out)
 
     def _handle_stripping(self, event: SseEvent) -> bytes | None:
-        if not event.data or event.data == b"[DONE]":
+        if not event.data:
+            return event.raw
+        if event.data == b"[DONE]":
+            self.done = True
             return event.raw
         try:
             doc = orjson.loads(event.data)
@@ -299,6 +303,7 @@ class ResponsesStream(SseObserver):
         seen.response_id = response.get("id") or seen.response_id
         seen.response_model = response.get("model") or seen.response_model
         if kind in ("response.completed", "response.incomplete", "response.failed"):
+            self.done = True
             seen.usage = responses_usage(response.get("usage"))
             seen.service_tier = _tier(response)
             seen.finish_reason = _response_status(response)

@@ -4,7 +4,8 @@ It answers `POST .../chat/completions` as OpenAI does (a `model` and a `usage` b
 meters; SSE chunks with `"usage": null` and, when `stream_options.include_usage` is set, a last
 chunk with `"choices": []` and the usage, then `data: [DONE]`). Every SSE chunk's content is
 `t<ns>`, the CLOCK_MONOTONIC time at which the chunk was written, so a client on this machine
-can tell each chunk's one-way delay through whatever sits in between.
+can tell each chunk's one-way delay through whatever sits in between. It also takes OTLP/HTTP
+exports (`POST /v1/traces`, `/v1/metrics`) and drops them, so meterline runs with tracing on.
 
     python bench/fake_upstream.py --port 9100 [--delay-ms 0] [--body-bytes 600]
                                   [--chunks 64] [--chunk-interval-ms 20]
@@ -195,6 +196,10 @@ class FakeProvider(asyncio.Protocol):
         keep_alive = request.headers.get("connection", "").lower() != "close"
         if request.method == "GET" and request.path.startswith("/healthz"):
             self.send(200, "application/json", b'{"status":"ok"}', keep_alive)
+            return
+        if request.method == "POST" and request.path in ("/v1/traces", "/v1/metrics"):
+            # an OTLP/HTTP collector that keeps nothing: an empty Export*ServiceResponse is a full success
+            self.send(200, "application/x-protobuf", b"", keep_alive)
             return
         if request.method != "POST" or not request.path.split("?")[0].endswith("/chat/completions"):
             self.send(404, "application/json", b'{"error":{"message":"not found","type":"invalid_request_error"}}',

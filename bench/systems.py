@@ -85,15 +85,25 @@ def meterline_command() -> list[str]:
 
 
 def start_meterline(workdir: Path, fake: System, name: str = "meterline") -> System:
-    """`meterline serve` as users run it, on a fresh ledger in `workdir`."""
+    """`meterline serve` as users run it, on a fresh ledger in `workdir`, with everything on: journal
+    and ledger, two budget rules every call is admitted and settled against (one split per API
+    key), traces exported over OTLP/HTTP to the fake (which drops them), metrics."""
     workdir.mkdir(parents=True, exist_ok=True)
     port = free_port()
     config = workdir / f"{name}.yaml"
-    config.write_text(f"upstreams:\n  openai: {{base_url: {fake_base(fake)}}}\n")
+    config.write_text(
+        f"upstreams:\n  openai: {{base_url: {fake_base(fake)}}}\n"
+        "budgets:\n"
+        "  - {name: bench-daily, window: day, limit_usd: 1000000, action: block}\n"
+        "  - {name: bench-per-key, per: key, window: hour, limit_usd: 100000, action: block}\n"
+        "telemetry: {batch_delay_s: 1}\n"
+    )
+    env = {"PYTHONPATH": str(ROOT), "OTEL_EXPORTER_OTLP_ENDPOINT": fake_base(fake),
+           "OTEL_EXPORTER_OTLP_PROTOCOL": "http/protobuf"}
     service = Service(name, [*meterline_command(), "serve", "--config", str(config), "--port", str(port),
                              "--db", str(workdir / f"{name}.duckdb")],
                       f"http://{LOOPBACK}:{port}/_meterline/healthz", workdir / f"{name}.log",
-                      cwd=workdir, env={"PYTHONPATH": str(ROOT)}).start()
+                      cwd=workdir, env=env).start()
     return System("meterline", f"http://{LOOPBACK}:{port}/openai/v1/chat/completions", service)
 
 

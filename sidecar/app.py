@@ -15,7 +15,7 @@ from ledger.budgets import Crossing
 from ledger.pricing import Pricer
 from ledger.writer import LedgerWriter
 
-from . import admin, dashboard, proxy
+from . import admin, dashboard, proxy, server
 from .config import Config
 from .guard import Guard
 from .runtime import Runtime
@@ -85,11 +85,21 @@ async def serve(config: Config) -> None:
     app = build(config)
     runner = web.AppRunner(app, access_log=None, handler_cancellation=True)
     await runner.setup()
-    site = web.TCPSite(runner, config.host, config.port, reuse_address=True, backlog=1024)
-    await site.start()
+    assert runner.server is not None
+    # the front takes proxied calls itself and hands every other connection to aiohttp's protocol
+    listener = await server.serve(app[proxy.RUNTIME], proxy.forward, runner.server, config.host, config.port)
     log.info("meterline listening on http://%s:%d (ledger %s)", config.host, config.port, config.ledger_path)
     print(f"meterline listening on http://{config.host}:{config.port}  ledger: {config.ledger_path}", flush=True)
     try:
         await asyncio.Event().wait()
     finally:
+        listener.close()
+        await _drain(app[proxy.RUNTIME], timeout_s=10.0)
         await runner.cleanup()
+
+
+async def _drain(rt: Runtime, timeout_s: float) -> None:
+    """Lets the calls in flight on the front's connections finish (aiohttp drains its own)."""
+    deadline = asyncio.get_running_loop().time() + timeout_s
+    while rt.in_flight and asyncio.get_running_loop().time() < deadline:
+        await asyncio.sleep(0.05)

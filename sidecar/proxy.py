@@ -6,7 +6,6 @@ import os
 import time
 from datetime import datetime, timedelta, timezone
 from typing import Any
-from urllib.parse import quote
 
 import aiohttp
 import orjson
@@ -21,6 +20,7 @@ from . import attribution, content
 from .adapters.base import JsonObserver
 from .decoding import decoder_for
 from .guard import NO_RESERVATION
+from .reply import AioReply, Incoming, Reply, incoming_of
 from .runtime import ADAPTER_MODULES, Runtime
 from .upstream import Origin, Response as UpstreamResponse, UpstreamError
 
@@ -61,22 +61,31 @@ class _Call:
 
 
 async def handle(request: web.Request) -> web.StreamResponse:
+    """The aiohttp route for /{upstream}/{tail}: connections the fast front handed to aiohttp."""
     t0 = time.perf_counter()
+    reply = AioReply(request)
+    await forward(request.app[RUNTIME], incoming_of(request, await request.read()), reply, t0)
+    assert reply.response is not None
+    return reply.response
+
+
+async def forward(rt: Runtime, incoming: Incoming, reply: Reply, t0: float) -> None:
+    """One call: admitted, forwarded, answered through `reply`, recorded. `t0` is when it arrived."""
     started_at = datetime.now(timezone.utc)
-    rt = request.app[RUNTIME]
-    name = request.match_info["upstream"]
+    name = incoming.upstream
     upstream = rt.config.upstreams.get(name)
     if upstream is None:
-        return web.json_response(
+        reply.simple(404, orjson.dumps(
             {"error": {"message": f"meterline: no upstream named {name!r}; configure it under 'upstreams:'",
-                       "type": "meterline_unknown_upstream"}}, status=404)
+                       "type": "meterline_unknown_upstream"}}))
+        return
     adapter = ADAPTER_MODULES[upstream.adapter]
-    path = "/" + request.match_info["tail"]
-    query = request.query_string
-    raw = await request.read()
+    path = incoming.path
+    query = incoming.query
+    raw = incoming.body
     t_read = time.perf_counter()
 
-    headers = request.headers
+    headers = incoming.headers
     body: Any = None
     if raw and raw[:1] in (b"{", b"[") and "json" in headers.get("content-type", "json"):
         try:
@@ -106,7 +115,8 @@ async def handle(request: web.Request) -> web.StreamResponse:
 
     decision = rt.guard.admit(info, _attrs(info, record_base), started_at) if rt.guard.active else NO_RESERVATION
     if isinstance(decision, Refusal):
-        return _refuse(rt, adapter, call, record_base, extras, decision)
+        _refuse(rt, adapter, call, record_base, extras, decision, reply)
+        return
 
     rewritten = adapter.prepare(info, body)
     if rewritten is not None:
@@ -130,12 +140,12 @@ async def handle(request: web.Request) -> web.StreamResponse:
 
     call.conclude = conclude
     rt.in_flight += 1
-    resp: web.StreamResponse | None = None
+    started = False
     pending: bytes | None = None
     try:
         call.work += time.perf_counter() - t_read
-        resp, pending = await _exchange(rt, request, adapter, upstream.origin, _target(request, name, path, query),
-                                        raw, out_headers, call, rewritten is not None)
+        started, pending = await _exchange(rt, incoming.method, adapter, upstream.origin, incoming.target,
+                                           raw, out_headers, call, rewritten is not None, reply)
     except asyncio.CancelledError:
         # the app went away: the upstream request was dropped with it
         if not call.concluded:
@@ -144,26 +154,22 @@ async def handle(request: web.Request) -> web.StreamResponse:
     finally:
         rt.in_flight -= 1
         conclude()
-    if call.outcome in (records.NETWORK_ERROR, records.TIMEOUT) and resp is None:
+    if call.outcome in (records.NETWORK_ERROR, records.TIMEOUT) and not started:
         message = f"meterline: upstream {upstream.name} failed: {call.error_type}"
         status = 504 if call.outcome == records.TIMEOUT else 502
-        return web.Response(status=status, body=adapter.error_body(status, message, "api_error"),
-                            content_type="application/json")
-    assert resp is not None
+        reply.simple(status, adapter.error_body(status, message, "api_error"))
+        return
     if call.outcome == records.CANCELLED:
-        return resp
+        return
     if call.outcome in (records.NETWORK_ERROR, records.TIMEOUT):
-        # the stream broke upstream: break it for the app too rather than end it cleanly
-        if request.transport is not None:
-            request.transport.abort()
-        return resp
+        reply.abort()  # the stream broke upstream: break it for the app too rather than end it cleanly
+        return
     try:
         if pending:
-            await resp.write(pending)
-        await resp.write_eof()
+            await reply.write(pending)
+        await reply.end()
     except (ConnectionError, aiohttp.ClientConnectionResetError):
         pass  # the app left as its response ended; the call is recorded as the upstream answered it
-    return resp
 
 
 def _attrs(info: CallInfo, base: dict[str, Any]) -> CallAttrs:
@@ -172,7 +178,7 @@ def _attrs(info: CallInfo, base: dict[str, Any]) -> CallAttrs:
 
 
 def _refuse(rt: Runtime, adapter: Any, call: _Call, base: dict[str, Any], extras: CallExtras,
-            refusal: Refusal) -> web.Response:
+            refusal: Refusal, reply: Reply) -> None:
     """A 429 in the provider's own shape that SDKs surface at once instead of retrying."""
     rule = refusal.account.rule.name
     call.outcome, call.status, call.error_type = records.BLOCKED, 429, "budget_exceeded"
@@ -182,23 +188,22 @@ def _refuse(rt: Runtime, adapter: Any, call: _Call, base: dict[str, Any], extras
     headers = {"x-should-retry": "false", "x-meterline-budget": rule}
     if refusal.retry_after is not None:
         headers["retry-after"] = str(refusal.retry_after)
-    return web.Response(status=429, body=adapter.error_body(429, refusal.message, "budget_exceeded"),
-                        content_type="application/json", headers=headers)
+    reply.simple(429, adapter.error_body(429, refusal.message, "budget_exceeded"), headers)
 
 
-async def _exchange(rt: Runtime, request: web.Request, adapter: Any, origin: Origin, target: str,
-                    raw: bytes, headers: dict[str, str], call: _Call, rewritten: bool,
-                    ) -> tuple[web.StreamResponse | None, bytes | None]:
-    """Sends the request upstream and streams the response back. Returns the response and, for
-    non-streamed bodies, the last chunk, held back so the journal gets the record first."""
+async def _exchange(rt: Runtime, method: str, adapter: Any, origin: Origin, target: str,
+                    raw: bytes, headers: dict[str, str], call: _Call, rewritten: bool, reply: Reply,
+                    ) -> tuple[bool, bytes | None]:
+    """Sends the request upstream and streams the response back. Returns whether the response was
+    started and, for non-streamed bodies, the last chunk, held back so the journal gets the record first."""
     assert rt.pool is not None
-    resp: web.StreamResponse | None = None
+    started = False
     pending: bytes | None = None
     observer = None
     info = call.info
     up: UpstreamResponse | None = None
     try:
-        up = await rt.pool.request(origin, request.method, target, headers, raw)
+        up = await rt.pool.request(origin, method, target, headers, raw)
         t = time.perf_counter()
         call.status = up.status
         content_type = up.header("content-type")
@@ -210,13 +215,11 @@ async def _exchange(rt: Runtime, request: web.Request, adapter: Any, origin: Ori
             observer = None
             rt.anomaly("unknown_encoding", str(e))
         streaming = info.stream or content_type.startswith("text/event-stream")
-        resp = (web.StreamResponse if streaming else _WholeResponse)(status=up.status, reason=up.reason or None)
-        for key, value in up.headers:
-            lower = key.lower()
-            if lower not in _DROP_RESPONSE and not (rewritten and lower == "content-length"):
-                resp.headers.add(key, value)
+        out_headers = [(key, value) for key, value in up.headers
+                       if (lower := key.lower()) not in _DROP_RESPONSE and not (rewritten and lower == "content-length")]
         call.work += time.perf_counter() - t
-        await resp.prepare(request)
+        started = True
+        await reply.start(up.status, up.reason, out_headers, whole=not streaming)
         async for chunk in up.chunks():
             t = time.perf_counter()
             if call.ttft is None:
@@ -240,10 +243,10 @@ async def _exchange(rt: Runtime, request: web.Request, adapter: Any, origin: Ori
                     observer = None
                     call.conclude()
                 if out:
-                    await _send(resp, out)
+                    await _send(reply, out)
             else:
                 if pending:
-                    await _send(resp, pending)
+                    await _send(reply, pending)
                 pending = out
         if not call.concluded:
             _end_observation(rt, adapter, call, observer, up.status)
@@ -261,22 +264,16 @@ async def _exchange(rt: Runtime, request: web.Request, adapter: Any, origin: Ori
     finally:
         if up is not None:
             up.close()
-    return resp, pending
-
-
-class _WholeResponse(web.StreamResponse):
-    """A non-streamed response: its headers leave with the first body bytes, in one write."""
-
-    _send_headers_immediately = False
+    return started, pending
 
 
 class _AppGone(Exception):
     """The app closed its connection while the response was being sent."""
 
 
-async def _send(resp: web.StreamResponse, data: bytes) -> None:
+async def _send(reply: Reply, data: bytes) -> None:
     try:
-        await resp.write(data)
+        await reply.write(data)
     except (ConnectionError, aiohttp.ClientConnectionResetError) as e:
         raise _AppGone from e
 
@@ -323,15 +320,6 @@ def _finish_partial(call: _Call, observer: Any) -> None:
         call.observation = observer.finish()
     except Exception:  # noqa: BLE001 - partial bodies may not parse; the row says what is known
         pass
-
-
-def _target(request: web.Request, name: str, path: str, query: str) -> str:
-    """The path and query to send upstream: as the app wrote them, percent-escapes included."""
-    raw_path = request.raw_path
-    prefix = f"/{name}/"
-    if raw_path.startswith(prefix):
-        return raw_path[len(prefix) - 1:]
-    return quote(path, safe="/:@!$&'()*+,;=-._~%") + ("?" + query if query else "")
 
 
 def _forward_headers(headers: Any, identity: bool) -> dict[str, str]:

@@ -1,0 +1,91 @@
+"""One call as the forwarding handler sees it, whichever server carried it: the app's request
+(`Incoming`) and the way back to the app (`Reply`), for aiohttp (`AioReply`) and for the fast
+front in sidecar/server.py (`FastReply` there)."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Protocol
+from urllib.parse import quote
+
+from aiohttp import web
+from multidict import CIMultiDict, CIMultiDictProxy
+
+
+@dataclass(slots=True)
+class Incoming:
+    method: str
+    upstream: str  # the first path segment: which upstream the app asked for
+    path: str  # the rest of the path, percent-decoded, from "/"
+    query: str  # as sent, without "?"
+    target: str  # the rest of the path and the query exactly as sent, for the upstream request line
+    headers: CIMultiDict[str] | CIMultiDictProxy[str]
+    body: bytes
+
+
+class Reply(Protocol):
+    """The app's side of the exchange. `write` raises ConnectionError once the app has gone."""
+
+    def simple(self, status: int, body: bytes, headers: dict[str, str] | None = None) -> None:
+        """A whole JSON answer of the sidecar's own (an error or a refusal)."""
+
+    async def start(self, status: int, reason: str, headers: list[tuple[str, str]], whole: bool) -> None:
+        """The upstream's status and headers. `whole`: hold them until the first body bytes, to
+        leave in one write (non-streamed bodies); otherwise send them at once (streams)."""
+
+    async def write(self, data: bytes) -> None: ...
+
+    async def end(self) -> None: ...
+
+    def abort(self) -> None:
+        """Break the connection: the upstream broke off mid-body, so the app must not see an end."""
+
+
+class AioReply:
+    """A Reply over aiohttp's request and response objects; `response` is what the route returns."""
+
+    __slots__ = ("request", "response")
+
+    def __init__(self, request: web.Request) -> None:
+        self.request = request
+        self.response: web.StreamResponse | None = None
+
+    def simple(self, status: int, body: bytes, headers: dict[str, str] | None = None) -> None:
+        self.response = web.Response(status=status, body=body, content_type="application/json", headers=headers)
+
+    async def start(self, status: int, reason: str, headers: list[tuple[str, str]], whole: bool) -> None:
+        resp = (_WholeResponse if whole else web.StreamResponse)(status=status, reason=reason or None)
+        for key, value in headers:
+            resp.headers.add(key, value)
+        self.response = resp
+        await resp.prepare(self.request)
+
+    async def write(self, data: bytes) -> None:
+        assert self.response is not None
+        await self.response.write(data)
+
+    async def end(self) -> None:
+        assert self.response is not None
+        await self.response.write_eof()
+
+    def abort(self) -> None:
+        if self.request.transport is not None:
+            self.request.transport.abort()
+
+
+class _WholeResponse(web.StreamResponse):
+    """A non-streamed response: its headers leave with the first body bytes, in one write."""
+
+    _send_headers_immediately = False
+
+
+def incoming_of(request: web.Request, body: bytes) -> Incoming:
+    """The call as aiohttp parsed it (routed as /{upstream}/{tail})."""
+    name = request.match_info["upstream"]
+    query = request.query_string
+    prefix = f"/{name}/"
+    raw_path = request.raw_path
+    if raw_path.startswith(prefix):
+        target = raw_path[len(prefix) - 1:]
+    else:  # the upstream's name was itself percent-escaped
+        target = quote("/" + request.match_info["tail"], safe="/:@!$&'()*+,;=-._~%") + ("?" + query if query else "")
+    return Incoming(request.method, name, "/" + request.match_info["tail"], query, target, request.headers, body)

@@ -94,7 +94,9 @@ async def serve(config: Config) -> None:
         await asyncio.Event().wait()
     finally:
         listener.close()
+        server.close_idle()
         await _drain(app[proxy.RUNTIME], timeout_s=10.0)
+        server.close_idle()
         await runner.cleanup()
 
 

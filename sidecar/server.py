@@ -14,6 +14,7 @@ import asyncio
 import collections
 import logging
 import time
+import weakref
 from collections.abc import Callable
 from typing import Any
 from urllib.parse import unquote
@@ -27,7 +28,9 @@ from .runtime import Runtime
 log = logging.getLogger("meterline")
 
 MAX_BODY = 512 * 1024 * 1024  # as aiohttp's client_max_size for the app
-_HIGH_WATER = 64 * 1024  # past this much unsent, a writer waits for the socket
+MAX_HEAD = 64 * 1024  # request line and headers together
+IDLE_S = 75.0  # a kept-alive connection with no request for this long is closed (as aiohttp does)
+_CONTINUE = b"HTTP/1.1 100 Continue\r\n\r\n"
 
 
 class _Parsed:
@@ -39,7 +42,7 @@ class _Parsed:
         self.url = b""
         self.headers: list[tuple[bytes, bytes]] = []
         self.body: list[bytes] = []
-        self.size = 0
+        self.size = 0  # request line and headers, then body
         self.expect = False
 
 
@@ -61,16 +64,23 @@ class Front(asyncio.Protocol):
         self.handoff: bytearray | None = None  # bytes for aiohttp, once the connection is going to it
         self.handoff_chunked = False
         self.in_message = False  # between a request's first byte and its end: no hand-over there
+        self.continue_owed = False  # an Expect: 100-continue came in while a call was being answered
+        self.error: bytes | None = None  # a response to send, then close, once the calls before it are answered
         self.closed = False
         self.write_paused = False
         self.drain: asyncio.Future | None = None
+        self.last_active = self.loop.time()
 
     # --- the socket ----------------------------------------------------------------------------
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self.transport = transport  # type: ignore[assignment]
+        _LIVE.add(self)
 
     def data_received(self, data: bytes) -> None:
+        if self.error is not None:
+            return  # the connection ends after what is being answered
+        self.last_active = self.loop.time()
         try:
             self.parser.feed_data(data)
         except httptools.HttpParserUpgrade as e:
@@ -79,17 +89,20 @@ class Front(asyncio.Protocol):
             assert self.handoff is not None
             self.handoff += data[e.args[0]:] if e.args and isinstance(e.args[0], int) else b""
             self.in_message = False
-        except httptools.HttpParserError:
-            if self.handoff is None:
-                self._bad_request()
-            elif self.transport is not None:
-                self.transport.close()
+        except httptools.HttpParserError as e:
+            if isinstance(e.__context__, _TooLarge):
+                status = e.__context__.status
+                self._fail(status, "request body too large" if status == 413 else "request head too large",
+                           "meterline_too_large")
+            else:
+                self._fail(400, "malformed HTTP request", "meterline_bad_request")
             return
         if self.handoff is not None and self.task is None and not self.in_message:
             self._hand_over()
 
     def connection_lost(self, exc: Exception | None) -> None:
         self.closed = True
+        _LIVE.discard(self)
         if self.task is not None:
             self.task.cancel()  # the app went away: so does its call (recorded as cancelled)
         if self.drain is not None and not self.drain.done():
@@ -110,13 +123,20 @@ class Front(asyncio.Protocol):
         self.in_message = True
 
     def on_url(self, url: bytes) -> None:
-        assert self.current is not None
-        self.current.url += url
+        req = self.current
+        assert req is not None
+        req.url += url
+        req.size += len(url)
+        if req.size > MAX_HEAD:
+            raise _TooLarge(431)
 
     def on_header(self, name: bytes, value: bytes) -> None:
         req = self.current
         assert req is not None
         req.headers.append((name, value))
+        req.size += len(name) + len(value)
+        if req.size > MAX_HEAD:
+            raise _TooLarge(431)
         if len(name) == 6 and name.lower() == b"expect":
             req.expect = True
 
@@ -140,8 +160,13 @@ class Front(asyncio.Protocol):
                 self.handoff += name + b": " + value + b"\r\n"
             self.handoff += b"\r\n"
             self.current = None
-            if expects and self.task is None and self.transport is not None:
-                self.transport.write(b"HTTP/1.1 100 Continue\r\n\r\n")
+            if expects:
+                if self.task is None and not self.queue and self.transport is not None:
+                    self.transport.write(_CONTINUE)
+                else:
+                    self.continue_owed = True  # sent once the calls before it are answered
+        else:
+            req.size = 0  # from here on, the body's
 
     def on_body(self, body: bytes) -> None:
         if self.handoff is not None:
@@ -154,8 +179,7 @@ class Front(asyncio.Protocol):
         assert req is not None
         req.size += len(body)
         if req.size > MAX_BODY:
-            self._refuse_too_large()
-            return
+            raise _TooLarge(413)
         req.body.append(body)
 
     def on_message_complete(self) -> None:
@@ -209,11 +233,17 @@ class Front(asyncio.Protocol):
             if self.transport is not None:
                 self.transport.close()
             return
+        self.last_active = self.loop.time()
         if self.queue:
             self._next()
+        elif self.error is not None:
+            self._send_error()
         elif self.handoff is not None and not self.in_message:
             self._hand_over()
         elif self.transport is not None and not self.closed:
+            if self.continue_owed:
+                self.continue_owed = False
+                self.transport.write(_CONTINUE)
             self.transport.resume_reading()
 
     def _hand_over(self) -> None:
@@ -222,6 +252,7 @@ class Front(asyncio.Protocol):
         if self.closed:
             return
         protocol = self.aiohttp_protocol()
+        _LIVE.discard(self)
         self.transport.set_protocol(protocol)
         protocol.connection_made(self.transport)
         data, self.handoff = bytes(self.handoff), bytearray()
@@ -230,22 +261,27 @@ class Front(asyncio.Protocol):
         self.transport.resume_reading()
         self.parser = None  # type: ignore[assignment]
 
-    def _bad_request(self) -> None:
-        if self.transport is not None and self.task is None:
-            body = b'{"error":{"message":"meterline: malformed HTTP request","type":"meterline_bad_request"}}'
-            self.transport.write(b"HTTP/1.1 400 Bad Request\r\nContent-Type: application/json\r\n"
-                                 b"Content-Length: %d\r\nConnection: close\r\n\r\n%s" % (len(body), body))
-            self.transport.close()
-        elif self.transport is not None:
+    def _fail(self, status: int, message: str, kind: str) -> None:
+        """Answers `status` and closes, after the calls already read (a call sent upstream is answered)."""
+        body = b'{"error":{"message":"meterline: %s","type":"%s"}}' % (message.encode(), kind.encode())
+        self.error = (b"HTTP/1.1 %d %s\r\nContent-Type: application/json\r\nContent-Length: %d\r\n"
+                      b"Connection: close\r\n\r\n%s" % (status, _REASONS[status].encode(), len(body), body))
+        self.handoff = None  # the connection ends here; aiohttp gets nothing more of it
+        if self.transport is not None:
+            self.transport.pause_reading()
+        if self.task is None and not self.queue:
+            self._send_error()
+
+    def _send_error(self) -> None:
+        if self.transport is not None and not self.closed and self.error is not None:
+            self.transport.write(self.error)
             self.transport.close()
 
-    def _refuse_too_large(self) -> None:
-        if self.transport is not None:
-            body = b'{"error":{"message":"meterline: request body too large","type":"meterline_too_large"}}'
-            self.transport.write(b"HTTP/1.1 413 Request Entity Too Large\r\nContent-Type: application/json\r\n"
-                                 b"Content-Length: %d\r\nConnection: close\r\n\r\n%s" % (len(body), body))
-            self.transport.close()
-        self.closed = True
+
+class _TooLarge(Exception):
+    def __init__(self, status: int) -> None:
+        super().__init__(status)
+        self.status = status
 
 
 def _incoming(req: _Parsed, method: str) -> Incoming:
@@ -346,7 +382,9 @@ class FastReply:
 
 
 _REASONS = {200: "OK", 400: "Bad Request", 404: "Not Found", 413: "Request Entity Too Large", 429: "Too Many Requests",
-            500: "Internal Server Error", 502: "Bad Gateway", 504: "Gateway Timeout"}
+            431: "Request Header Fields Too Large", 500: "Internal Server Error", 502: "Bad Gateway",
+            504: "Gateway Timeout"}
+_LIVE: weakref.WeakSet[Front] = weakref.WeakSet()  # open connections, for the idle sweep and shutdown
 
 
 async def serve(rt: Runtime, forward: Callable[..., Any], aiohttp_protocol: Callable[[], asyncio.Protocol],
@@ -354,5 +392,25 @@ async def serve(rt: Runtime, forward: Callable[..., Any], aiohttp_protocol: Call
     """Listens on host:port with the front; `aiohttp_protocol` makes aiohttp's protocol for hand-overs."""
     loop = asyncio.get_running_loop()
     prefixes = frozenset(f"/{name}/".encode() for name in rt.config.upstreams if name != "_meterline")
-    return await loop.create_server(lambda: Front(rt, forward, aiohttp_protocol, prefixes), host, port,
-                                    reuse_address=True, backlog=1024)
+    listener = await loop.create_server(lambda: Front(rt, forward, aiohttp_protocol, prefixes), host, port,
+                                        reuse_address=True, backlog=1024)
+    loop.call_later(IDLE_S / 5, _sweep, loop, listener)
+    return listener
+
+
+def _sweep(loop: asyncio.AbstractEventLoop, listener: asyncio.AbstractServer) -> None:
+    """Closes kept-alive connections idle for IDLE_S: one timer for all, not one per request."""
+    if not listener.is_serving():
+        return
+    cutoff = loop.time() - IDLE_S
+    for front in list(_LIVE):
+        if front.task is None and not front.in_message and front.last_active < cutoff and front.transport is not None:
+            front.transport.close()
+    loop.call_later(IDLE_S / 5, _sweep, loop, listener)
+
+
+def close_idle() -> None:
+    """At shutdown: closes the connections with no call in flight (those with one finish first)."""
+    for front in list(_LIVE):
+        if front.task is None and front.transport is not None:
+            front.transport.close()

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+import operator
 import os
 import threading
 from datetime import datetime
@@ -32,10 +33,14 @@ log = logging.getLogger("meterline.journal")
 _DATETIMES = ("started_at", "ended_at")
 _MONEY = ("input_cost_usd", "output_cost_usd", "cost_usd")
 _FIELDS = tuple(f.name for f in dataclasses.fields(CallRecord))
+_ROW = operator.attrgetter(*_FIELDS)
+# A segment's first line names the fields; every other line is one record as a JSON array in that
+# order: a third of the cost of encoding the dataclass by name, on the event loop, twice a call.
+_HEADER = orjson.dumps({"meterline_journal": 2, "fields": _FIELDS}, option=orjson.OPT_APPEND_NEWLINE)
 
 
 def encode(record: CallRecord) -> bytes:
-    return orjson.dumps(record, default=_default, option=orjson.OPT_APPEND_NEWLINE)
+    return orjson.dumps(_ROW(record), default=_default, option=orjson.OPT_APPEND_NEWLINE)
 
 
 def _default(value: Any) -> Any:
@@ -44,8 +49,14 @@ def _default(value: Any) -> Any:
     raise TypeError(type(value).__name__)
 
 
-def decode(line: bytes) -> CallRecord:
+def decode(line: bytes, fields: tuple[str, ...] = _FIELDS) -> CallRecord | tuple[str, ...]:
+    """A record, or (for a segment's header line) the field names its records use. Lines written
+    before the header existed are objects keyed by field name, and still read."""
     doc = orjson.loads(line)
+    if isinstance(doc, list):
+        doc = dict(zip(fields, doc))
+    elif "meterline_journal" in doc:
+        return tuple(doc["fields"])
     for name in _DATETIMES:
         if doc.get(name):
             doc[name] = datetime.fromisoformat(doc[name])
@@ -78,16 +89,20 @@ class Journal:
         self.dir.mkdir(parents=True, exist_ok=True)
         latest: dict[str, CallRecord] = {}
         for path in self._segments():
+            fields = _FIELDS
             with open(path, "rb") as f:
                 for n, line in enumerate(f, 1):
                     if not line.endswith(b"\n"):
                         break  # a torn last write: that line never completed
                     try:
-                        record = decode(line)
-                    except (ValueError, TypeError):
+                        record = decode(line, fields)
+                    except (ValueError, TypeError, KeyError):
                         log.warning("journal %s line %d is unreadable; skipped", path.name, n)
                         continue
-                    latest[record.call_id] = record
+                    if isinstance(record, tuple):
+                        fields = record
+                    else:
+                        latest[record.call_id] = record
         return list(latest.values())
 
     def open(self) -> None:
@@ -178,6 +193,8 @@ class Journal:
         self.segment, self.size = segment, 0
         self.outstanding[segment] = 0
         self.fd = os.open(self.dir / f"{segment:012d}.jsonl", os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600)
+        os.write(self.fd, _HEADER)
+        self.size = len(_HEADER)
         if previous in self.outstanding and self.outstanding[previous] == 0:
             self._delete(previous)
 

@@ -253,6 +253,7 @@ class Account:
     reserved: Tally = field(default_factory=Tally)
     topup_usd: Decimal = Decimal(0)
     fired: set[Decimal] = field(default_factory=set)
+    settled_utilization: Decimal = Decimal(0)  # utilization() as of the last settlement
 
     @property
     def limit_usd(self) -> Decimal | None:
@@ -429,7 +430,7 @@ class Budgets:
         return crossings
 
     def _crossed(self, acct: Account, at: datetime) -> list[Crossing]:
-        util = acct.utilization()
+        util = acct.settled_utilization = acct.utilization()
         out = []
         for t in acct.rule.thresholds:
             if util >= t and t not in acct.fired:

@@ -4,7 +4,7 @@ from __future__ import annotations
 import fnmatch
 import logging
 from dataclasses import dataclass
-from datetime import datetime
+from datetime import date, datetime
 from decimal import Decimal
 
 import genai_prices
@@ -64,7 +64,7 @@ class Pricer:
     def __init__(self, rules: list[PriceRule] | None = None, default_max_output: int = 32_768) -> None:
         self.rules = list(rules or ())
         self.default_max_output = default_max_output
-        self._rates: dict[tuple[str, str, str], Rates | None] = {}
+        self._rates: dict[tuple[str, str, date], Rates | None] = {}
         # (provider, model) -> the catalogue's flat per-token prices, None when they are not flat,
         # or UNKNOWN when the catalogue has no such model (so it is not looked up on every call)
         self._flat: dict[tuple[str, str], Flat | None | object] = {}
@@ -75,7 +75,7 @@ class Pricer:
         request's max tokens, else what the model's context window leaves, else a default."""
         rates = None
         if model:
-            k = (provider, model, at.strftime("%Y-%m-%d"))
+            k = (provider, model, at.date())
             if k not in self._rates:
                 self._rates[k] = _rates(provider, model, self.rules, at)
             rates = self._rates[k]

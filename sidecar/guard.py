@@ -88,7 +88,7 @@ class Guard:
             if acct.rule.name in self._rebuilding:
                 self._rebuilding[acct.rule.name].add(record.call_id)
             if self.on_utilization is not None:
-                self.on_utilization(acct.rule.name, acct.key or None, acct.utilization())
+                self.on_utilization(acct.rule.name, acct.key or None, acct.settled_utilization)
         self._alert(crossings, record.call_id, extras)
 
     def refused_call(self, refusal: Refusal, call_id: str, extras: CallExtras) -> None:

@@ -31,6 +31,20 @@ def rss_mib(pid: int) -> float | None:
     return None
 
 
+def rss_split_mib(pid: int) -> tuple[float, float]:
+    """(RssAnon, RssFile) from /proc/PID/status, in MiB: heap and native allocators, and the pages
+    of mapped files (mostly shared libraries' code, resident once first run)."""
+    found = {"RssAnon:": float("nan"), "RssFile:": float("nan")}
+    try:
+        for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+            key = line.split(" ", 1)[0].split("\t", 1)[0]
+            if key in found:
+                found[key] = int(line.split()[1]) / 1024
+    except OSError:
+        pass
+    return found["RssAnon:"], found["RssFile:"]
+
+
 def http_status(url: str, timeout: float = 2.0) -> int | None:
     """The status of a GET (any status counts as an answer), or None when nothing answers."""
     try:

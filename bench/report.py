@@ -172,13 +172,21 @@ def markdown(results: dict[str, Any], summary: dict[str, Any], chart_name: str |
     out += ["## Targets (meterline)", "", targets_table(summary), ""]
     memory = results.get("memory") or {}
     if memory:
+        def row(label: str, name: str) -> str:
+            return (f"| {label} | {_f(memory.get(f'{name}_mib', float('nan')), 1)} | "
+                    f"{_f(memory.get(f'{name}_anon_mib', float('nan')), 1)} | "
+                    f"{_f(memory.get(f'{name}_file_mib', float('nan')), 1)} |")
+
         out += ["## Memory (meterline RSS, VmRSS)", "",
-                "| point | RSS MiB |", "| --- | --- |",
-                f"| idle (started, no calls) | {_f(memory.get('idle_mib', float('nan')), 1)} |",
-                f"| after the first {memory.get('warm_calls', 0):,} calls | {_f(memory.get('warm_mib', float('nan')), 1)} |",
-                f"| after {memory.get('calls', 0):,} calls | {_f(memory.get('after_mib', float('nan')), 1)} |",
-                f"| ledger flushed (pending 0) | {_f(memory.get('flushed_mib', float('nan')), 1)} |",
-                f"| after {plan['rest_s']:g} s at rest | {_f(memory.get('rested_mib', float('nan')), 1)} |", "",
+                "| point | RSS MiB | anonymous | file-backed |", "| --- | --- | --- | --- |",
+                row("idle (started, no calls)", "idle"),
+                row(f"after the first {memory.get('warm_calls', 0):,} calls", "warm"),
+                row(f"after {memory.get('calls', 0):,} calls", "after"),
+                row("ledger flushed (pending 0)", "flushed"),
+                row(f"after {plan['rest_s']:g} s at rest", "rested"), "",
+                "Anonymous is the heap and native allocators (DuckDB's buffer manager held "
+                f"{_f(memory.get('duckdb_mib', float('nan')), 1)} MiB once the ledger was flushed, by "
+                "duckdb_memory()); file-backed is mostly shared libraries' code, resident once first run.", "",
                 f"The calls ran at 32 connections ({_f(memory.get('rps', float('nan')), 0)} req/s) on a fresh "
                 "ledger, in a meterline started for this phase.", ""]
     lag = results.get("lag") or {}

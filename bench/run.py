@@ -31,7 +31,7 @@ import peers  # noqa: E402
 import report  # noqa: E402
 import stream_client  # noqa: E402
 import systems as sysmod  # noqa: E402
-from procs import ForeignCpu, StartFailed, process_cpu_s, rss_mib  # noqa: E402
+from procs import ForeignCpu, StartFailed, process_cpu_s, rss_mib, rss_split_mib  # noqa: E402
 from systems import System  # noqa: E402
 
 BENCH = Path(__file__).resolve().parent
@@ -118,6 +118,16 @@ def wait_ledger_flushed(system: System, timeout_s: float = 60.0) -> dict[str, An
         if health["ledger"]["pending"] == 0 or time.monotonic() > deadline:
             return health
         time.sleep(0.1)
+
+
+def duckdb_memory_mib(system: System) -> float:
+    """What DuckDB's own buffer manager holds (duckdb_memory()), asked through the SQL endpoint."""
+    try:
+        doc = http_json(f"{sysmod.meterline_base(system)}/_meterline/sql",
+                        b"SELECT sum(memory_usage_bytes) / 1048576.0 FROM duckdb_memory()")
+        return float(doc["rows"][0][0])
+    except (OSError, ValueError, KeyError, IndexError, TypeError):
+        return float("nan")
 
 
 def machine() -> dict[str, Any]:
@@ -276,6 +286,12 @@ class RssSampler:
         self.timeline.append((round(time.monotonic() - self.start, 2), round(mib, 2)))
         return mib
 
+    def point(self, memory: dict[str, Any], name: str) -> float:
+        """Samples now and notes the RSS and its anonymous / file-backed split under `name`."""
+        mib = memory[f"{name}_mib"] = self.sample()
+        memory[f"{name}_anon_mib"], memory[f"{name}_file_mib"] = rss_split_mib(self.pid)
+        return mib
+
     def __enter__(self) -> RssSampler:
         self.thread.start()
         return self
@@ -293,25 +309,26 @@ def memory_and_lag(plan: Plan, fake: System, work: Path, body_file: Path, result
         memory: dict[str, Any] = {"calls": 0}
         foreign = ForeignCpu([pid, fake.service.pid])
         with RssSampler(pid) as rss:
-            memory["idle_mib"] = rss.sample()
+            rss.point(memory, "idle")
             warm = min(1000, plan.memory_calls)
             bound = max(60.0, plan.memory_calls / 200)  # time bound: at least 200 calls/s or it stops
             first = load.run_wrk(meterline, body_file, 32, bound, plan.wrk_threads, max_requests=warm)
             memory["warm_calls"] = first.requests
-            memory["warm_mib"] = rss.sample()
+            rss.point(memory, "warm")
             rest_calls = plan.memory_calls - first.requests
             second = load.run_wrk(meterline, body_file, 32, bound, plan.wrk_threads, max_requests=rest_calls) \
                 if rest_calls > 0 else first
             memory["calls"] = first.requests + (second.requests if second is not first else 0)
             memory["rps"] = second.ok_rps
-            memory["after_mib"] = rss.sample()
+            rss.point(memory, "after")
             health = wait_ledger_flushed(meterline)
-            memory["flushed_mib"] = rss.sample()
+            rss.point(memory, "flushed")
+            memory["duckdb_mib"] = duckdb_memory_mib(meterline)
             memory["ledger_written"] = health["ledger"]["written"]
             log(f"memory: idle {memory['idle_mib']:.1f} MiB, after {memory['calls']:,} calls "
                 f"{memory['after_mib']:.1f} MiB; resting {plan.rest_s:g} s")
             time.sleep(plan.rest_s)
-            memory["rested_mib"] = rss.sample()
+            rss.point(memory, "rested")
         results["foreign_cpu"].append({"phase": "memory", "cores": round(foreign.cores(), 3)})
         memory["growth_mib"] = memory["after_mib"] - memory["idle_mib"]
         memory["timeline"] = rss.timeline

@@ -137,16 +137,21 @@ class Journal:
                 self.defer(self.flush)
             return self.segment
 
-    def end(self, record: CallRecord, begun_in: int | None) -> int:
-        """Writes the final record (and any queued provisional ones) now; returns the segment to
-        pass to `committed`."""
+    def end(self, record: CallRecord, begun_in: int | None, lazily: bool = False) -> int:
+        """Writes the final record (and any queued provisional ones) now, or with `lazily` at the
+        end of the loop's turn, when the caller holds back the response's last bytes until `flush`.
+        Returns the segment to pass to `committed`."""
         line = encode(record)
         with self.lock:
             if self.size >= self.segment_bytes:
                 self._rotate(self.segment + 1)
             self.buffer.append(line)
             self.size += len(line)
-            self._flush()
+            if not lazily or self.defer is None or (begun_in is not None and begun_in != self.segment):
+                # (the provisional line's segment may be deleted below: the final line must be on disk first)
+                self._flush()
+            elif len(self.buffer) == 1:
+                self.defer(self.flush)
             segment = self.segment
             self.outstanding[segment] += 1
             if begun_in is not None:

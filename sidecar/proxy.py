@@ -127,7 +127,7 @@ async def forward(rt: Runtime, incoming: Incoming, reply: Reply, t0: float) -> N
         out_headers["traceparent"] = f"00-{trace_id}-{span_id}-{'01' if sampled else '00'}"
     segment = rt.writer.journal.begin(_record(rt, call, record_base, provisional=True))
 
-    def conclude() -> None:
+    def conclude(lazily: bool = False) -> None:
         if call.concluded:
             return
         call.concluded = True
@@ -135,7 +135,7 @@ async def forward(rt: Runtime, incoming: Incoming, reply: Reply, t0: float) -> N
         record = _record(rt, call, record_base, provisional=False)
         rt.guard.settle(decision, record, extras)
         extras.output_messages = call.output_messages
-        rt.writer.submit(record, rt.writer.journal.end(record, segment), extras)
+        rt.writer.submit(record, rt.writer.journal.end(record, segment, lazily), extras)
         call.work += time.perf_counter() - t_end
 
     call.conclude = conclude
@@ -153,7 +153,7 @@ async def forward(rt: Runtime, incoming: Incoming, reply: Reply, t0: float) -> N
         raise
     finally:
         rt.in_flight -= 1
-        conclude()
+        conclude(lazily=reply.defers_final)
     if call.outcome in (records.NETWORK_ERROR, records.TIMEOUT) and not started:
         message = f"meterline: upstream {upstream.name} failed: {call.error_type}"
         status = 504 if call.outcome == records.TIMEOUT else 502
@@ -165,9 +165,7 @@ async def forward(rt: Runtime, incoming: Incoming, reply: Reply, t0: float) -> N
         reply.abort()  # the stream broke upstream: break it for the app too rather than end it cleanly
         return
     try:
-        if pending:
-            await reply.write(pending)
-        await reply.end()
+        await reply.finish(pending)
     except (ConnectionError, aiohttp.ClientConnectionResetError):
         pass  # the app left as its response ended; the call is recorded as the upstream answered it
 

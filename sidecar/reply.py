@@ -34,7 +34,11 @@ class Reply(Protocol):
 
     async def write(self, data: bytes) -> None: ...
 
-    async def end(self) -> None: ...
+    async def finish(self, last: bytes | None) -> None:
+        """The body's last bytes (if any) and its end. With `defers_final`, they leave only after
+        the journal's pending lines are written, so the final record may be journaled lazily."""
+
+    defers_final: bool
 
     def abort(self) -> None:
         """Break the connection: the upstream broke off mid-body, so the app must not see an end."""
@@ -44,6 +48,7 @@ class AioReply:
     """A Reply over aiohttp's request and response objects; `response` is what the route returns."""
 
     __slots__ = ("request", "response")
+    defers_final = False
 
     def __init__(self, request: web.Request) -> None:
         self.request = request
@@ -63,8 +68,10 @@ class AioReply:
         assert self.response is not None
         await self.response.write(data)
 
-    async def end(self) -> None:
+    async def finish(self, last: bytes | None) -> None:
         assert self.response is not None
+        if last:
+            await self.response.write(last)
         await self.response.write_eof()
 
     def abort(self) -> None:

@@ -229,7 +229,14 @@ class Front(asyncio.Protocol):
                 self.transport.abort()
         finally:
             self.task = None
-        if not keep_alive or reply.state == "aborted":
+        if reply.final is not None:
+            _FINALS.add(self, reply)  # the response's last bytes leave after its journal line
+        else:
+            self.after(reply)
+
+    def after(self, reply: FastReply) -> None:
+        """The response is out: close, or serve what came next on the connection."""
+        if not reply.keep_alive or reply.state == "aborted":
             if self.transport is not None:
                 self.transport.close()
             return
@@ -299,7 +306,8 @@ def _incoming(req: _Parsed, method: str) -> Incoming:
 class FastReply:
     """A Reply written straight onto the app's socket: HTTP/1.1, keep-alive, chunked for streams."""
 
-    __slots__ = ("front", "keep_alive", "state", "chunked", "held")
+    __slots__ = ("front", "keep_alive", "state", "chunked", "held", "final")
+    defers_final = True  # the last bytes wait for the journal line (see _Finals)
 
     def __init__(self, front: Front, keep_alive: bool) -> None:
         self.front = front
@@ -307,6 +315,7 @@ class FastReply:
         self.state = "new"  # new -> started -> ended | aborted
         self.chunked = False
         self.held: bytes | None = None  # the head of a non-streamed response, sent with its body
+        self.final: bytes | None = None  # the response's last bytes, written by _Finals
 
     def simple(self, status: int, body: bytes, headers: dict[str, str] | None = None) -> None:
         head = [f"HTTP/1.1 {status} {_REASONS.get(status, 'Error')}\r\nContent-Type: application/json\r\n"
@@ -317,10 +326,7 @@ class FastReply:
             head.append("Connection: close\r\n")
         head.append("\r\n")
         self.state = "ended"
-        try:
-            self._write("".join(head).encode("utf-8", "surrogateescape") + body)
-        except ConnectionError:
-            pass  # the app left before its answer: nothing to tell it
+        self.final = "".join(head).encode("utf-8", "surrogateescape") + body
 
     async def start(self, status: int, reason: str, headers: list[tuple[str, str]], whole: bool) -> None:
         head = [f"HTTP/1.1 {status} {reason or _REASONS.get(status, 'Unknown')}\r\n"]
@@ -351,13 +357,16 @@ class FastReply:
             data, self.held = self.held + data, None
         await self._send(data)
 
-    async def end(self) -> None:
-        tail = b"0\r\n\r\n" if self.chunked else b""
+    async def finish(self, last: bytes | None) -> None:
+        tail = b""
+        if last:
+            tail = b"%x\r\n%s\r\n" % (len(last), last) if self.chunked else last
+        if self.chunked:
+            tail += b"0\r\n\r\n"
         if self.held is not None:
             tail, self.held = self.held + tail, None
         self.state = "ended"
-        if tail:
-            self._write(tail)
+        self.final = tail
 
     def abort(self) -> None:
         self.state = "aborted"
@@ -385,6 +394,31 @@ _REASONS = {200: "OK", 400: "Bad Request", 404: "Not Found", 413: "Request Entit
             431: "Request Header Fields Too Large", 500: "Internal Server Error", 502: "Bad Gateway",
             504: "Gateway Timeout"}
 _LIVE: weakref.WeakSet[Front] = weakref.WeakSet()  # open connections, for the idle sweep and shutdown
+
+
+class _Finals:
+    """Responses whose last bytes wait for their calls' journal lines. The calls that end in one
+    turn of the event loop share one journal write; then each response goes out, in order."""
+
+    def __init__(self) -> None:
+        self.waiting: list[tuple[Front, FastReply]] = []
+
+    def add(self, front: Front, reply: FastReply) -> None:
+        self.waiting.append((front, reply))
+        if len(self.waiting) == 1:
+            front.loop.call_soon(self.run, front.rt)
+
+    def run(self, rt: Runtime) -> None:
+        rt.writer.journal.flush()
+        waiting, self.waiting = self.waiting, []
+        for front, reply in waiting:
+            transport = front.transport
+            if reply.final and not front.closed and transport is not None and not transport.is_closing():
+                transport.write(reply.final)
+            front.after(reply)
+
+
+_FINALS = _Finals()
 
 
 async def serve(rt: Runtime, forward: Callable[..., Any], aiohttp_protocol: Callable[[], asyncio.Protocol],

@@ -69,3 +69,23 @@ def test_fields_are_read_by_the_names_in_the_header(tmp_path: Path) -> None:
     (tmp_path / "000000000003.jsonl").write_bytes(header + rows + b'["ok", "torn')
     (got,) = Journal(tmp_path).recover()
     assert (got.call_id, got.outcome, got.started_at, got.cost_usd) == ("x1", "interrupted", STARTED, None)
+
+
+def test_a_lazy_final_line_waits_for_flush_unless_its_call_began_in_an_older_segment(tmp_path: Path) -> None:
+    scheduled: list[object] = []
+    journal = Journal(tmp_path, segment_bytes=10)  # every line starts a new segment
+    journal.open()
+    journal.defer = scheduled.append
+    first = journal.begin(record("c1", outcome="interrupted"))
+    journal.flush()
+    journal.end(record("c1"), first, lazily=True)  # began in an older segment: written at once
+    assert {r.call_id: r.outcome for r in Journal(tmp_path).recover()}["c1"] == "ok"
+
+    journal.segment_bytes = 1 << 20
+    second = journal.begin(record("c2", outcome="interrupted"))
+    journal.flush()
+    journal.end(record("c2"), second, lazily=True)
+    on_disk = {r.call_id: r.outcome for r in Journal(tmp_path).recover()}
+    assert on_disk["c2"] == "interrupted" and journal.buffer  # held until the loop's turn ends
+    journal.flush()
+    assert {r.call_id: r.outcome for r in Journal(tmp_path).recover()}["c2"] == "ok"

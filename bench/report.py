@@ -37,6 +37,16 @@ def _paired(results: dict[str, Any], system: str, base: str, connections: int, k
     return _median(diffs)
 
 
+def _round_ratios(results: dict[str, Any], system: str, base: str, connections: int) -> list[float]:
+    """Per round, system req/s over base req/s (each round compared with itself)."""
+    ratios = []
+    for run in _load(results, system, connections):
+        same = [b for b in _load(results, base, connections) if b["round"] == run["round"]]
+        if same and same[0]["ok_rps"]:
+            ratios.append(run["ok_rps"] / same[0]["ok_rps"])
+    return ratios
+
+
 def _streams(results: dict[str, Any], system: str) -> list[dict[str, Any]]:
     return [s for s in results["streams"] if s["system"] == system and s["streams"] > 0]
 
@@ -87,6 +97,8 @@ def _targets(results: dict[str, Any], rows: dict[str, dict[str, float]]) -> list
     ml = rows.get("meterline", {})
     nan = float("nan")
     ratio = ml.get("rps_32_vs_bare", nan)
+    rounds = _round_ratios(results, "meterline", "bare", 32) if "bare" in rows else []
+    paired = _median(rounds) if rounds else nan
     over_bare = _paired(results, "meterline", "bare", 1, "p50_ms") if "bare" in rows else nan
     ttfc = ml.get("added_ttfc_ms", nan)
     chunk = ml.get("added_chunk_us", nan)
@@ -96,8 +108,12 @@ def _targets(results: dict[str, Any], rows: dict[str, dict[str, float]]) -> list
     lag = results.get("lag") or {}
     lag_p99 = lag.get("lag_ms_p99", nan)
     measured = {
-        "throughput_32": (ratio, f"{ratio:.2f}x (CPU per call {ml.get('cpu_ms_32', nan):.3f} ms vs "
-                                 f"{bare.get('cpu_ms_32', nan):.3f} ms)", ratio >= 0.8),
+        # met only if both hold: the ratio of the medians, and the median of each round's own ratio
+        # (on a noisy machine the two can differ widely; the lower one decides)
+        "throughput_32": (min(ratio, paired), f"{ratio:.2f}x, per round {', '.join(f'{r:.2f}x' for r in rounds)} "
+                                              f"(median {paired:.2f}x); CPU per call {ml.get('cpu_ms_32', nan):.3f} ms "
+                                              f"vs {bare.get('cpu_ms_32', nan):.3f} ms",
+                          min(ratio, paired) >= 0.8),
         "added_p50_1": (over_bare, f"{over_bare:+.3f} ms", over_bare <= 0.3),
         "added_ttfc": (ttfc, f"{ttfc:+.3f} ms (bare forwarder: {bare.get('added_ttfc_ms', nan):+.3f} ms)", ttfc < 1.0),
         "chunk_overhead": (chunk, f"{chunk:+.1f} us (bare forwarder: {bare.get('added_chunk_us', nan):+.1f} us)",

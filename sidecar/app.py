@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import asyncio
+import gc
 import logging
 import os
 
@@ -64,7 +65,13 @@ async def _lifecycle(app: web.Application):
                                     sock_read=rt.config.read_timeout_s)
     rt.session = aiohttp.ClientSession(timeout=timeout, cookie_jar=aiohttp.DummyCookieJar())
     rt.guard.alerts.start(rt.session)
+    # what start-up loaded (the price catalogue, DuckDB's and Arrow's modules) lives as long as the
+    # process: moved out of the collector's sight, a full collection walks only what calls create
+    # (75 ms pauses at 1 connection before, by gc.callbacks)
+    gc.collect()
+    gc.freeze()
     yield
+    gc.unfreeze()  # shutting down: let what start-up made be collected (DuckDB's objects among them)
     await rt.guard.alerts.stop()
     await rt.session.close()
     rt.pool.close()

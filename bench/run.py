@@ -120,6 +120,16 @@ def wait_ledger_flushed(system: System, timeout_s: float = 60.0) -> dict[str, An
         time.sleep(0.1)
 
 
+def wait_quiet(system: System, timeout_s: float = 60.0) -> None:
+    """Polls healthz until neither the ledger writer nor the span exporter has anything queued (bounded)."""
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        health = http_json(f"{sysmod.meterline_base(system)}/_meterline/healthz")
+        if health["ledger"]["pending"] == 0 and not health.get("telemetry", {}).get("spans_queued"):
+            return
+        time.sleep(0.1)
+
+
 def duckdb_memory_mib(system: System) -> float:
     """What DuckDB's own buffer manager holds (duckdb_memory()), asked through the SQL endpoint."""
     try:
@@ -227,7 +237,7 @@ def interleaved_rounds(plan: Plan, systems: list[System], body_file: Path, resul
             if system.name == "meterline":
                 # streams measure a quiet system: the loads just before leave up to a second of
                 # ledger and span backlog on meterline's other threads, which other systems do not have
-                wait_ledger_flushed(system)
+                wait_quiet(system)
                 load.settle()
             stats = stream_client.measure_sync(system, plan.streams)
             results["streams"].append({"round": rnd + 1, **stats.to_dict()})

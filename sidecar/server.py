@@ -171,7 +171,7 @@ class Front(asyncio.Protocol):
     def on_body(self, body: bytes) -> None:
         if self.handoff is not None:
             if self.handoff_chunked:
-                self.handoff += b"%x\r\n%s\r\n" % (len(body), body)
+                self.handoff += _chunk(body)
             else:
                 self.handoff += body
             return
@@ -291,6 +291,11 @@ class _TooLarge(Exception):
         self.status = status
 
 
+def _chunk(data: bytes) -> bytes:
+    """One chunk of a chunked HTTP/1.1 body."""
+    return b"%x\r\n%s\r\n" % (len(data), data)
+
+
 def _incoming(req: _Parsed, method: str) -> Incoming:
     url = req.url.decode("utf-8", "surrogateescape")
     end = url.find("/", 1)
@@ -352,7 +357,7 @@ class FastReply:
         if not data:
             return
         if self.chunked:
-            data = b"%x\r\n%s\r\n" % (len(data), data)
+            data = _chunk(data)
         if self.held is not None:
             data, self.held = self.held + data, None
         await self._send(data)
@@ -360,7 +365,7 @@ class FastReply:
     async def finish(self, last: bytes | None) -> None:
         tail = b""
         if last:
-            tail = b"%x\r\n%s\r\n" % (len(last), last) if self.chunked else last
+            tail = _chunk(last) if self.chunked else last
         if self.chunked:
             tail += b"0\r\n\r\n"
         if self.held is not None:

@@ -11,7 +11,7 @@ import asyncio
 import collections
 import ssl
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import AsyncIterator
 from urllib.parse import urlsplit
 
@@ -96,11 +96,6 @@ class Response:
             self._conn = None
 
 
-@dataclass(slots=True)
-class _Idle:
-    conns: list = field(default_factory=list)  # (connection, idle since), most recent last
-
-
 class Pool:
     """Keep-alive connections per origin, reused most recent first, closed after keepalive_s idle."""
 
@@ -108,7 +103,8 @@ class Pool:
         self.connect_timeout_s = connect_timeout_s
         self.read_timeout_s = read_timeout_s
         self.keepalive_s = keepalive_s
-        self._idle: dict[Origin, _Idle] = collections.defaultdict(_Idle)
+        # per origin, (connection, idle since), most recent last
+        self._idle: dict[Origin, list[tuple[_Connection, float]]] = collections.defaultdict(list)
         self._ssl: ssl.SSLContext | None = None
         self._closed = False
 
@@ -143,12 +139,12 @@ class Pool:
     def close(self) -> None:
         self._closed = True
         for idle in self._idle.values():
-            for conn, _ in idle.conns:
+            for conn, _ in idle:
                 conn.close()
         self._idle.clear()
 
     def _reuse(self, origin: Origin) -> _Connection | None:
-        conns = self._idle[origin].conns
+        conns = self._idle[origin]
         now = time.monotonic()
         while conns:
             conn, since = conns.pop()
@@ -161,7 +157,7 @@ class Pool:
         if self._closed or not conn.usable:
             conn.close()
             return
-        conns = self._idle[conn.origin].conns
+        conns = self._idle[conn.origin]
         now = time.monotonic()
         # the oldest idle connection goes first when expired: an amortised sweep, no timer of its own
         while conns and (not conns[0][0].usable or now - conns[0][1] >= self.keepalive_s):

@@ -196,7 +196,7 @@ async def fetch(pool: Pool, origin: Origin, method: str = "GET", target: str = "
 
 def idle(pool: Pool, origin: Origin) -> int:
     """How many connections the pool keeps for the origin."""
-    return len(pool._idle[origin].conns)
+    return len(pool._idle[origin])
 
 
 def closed_port() -> int:

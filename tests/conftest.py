@@ -29,6 +29,7 @@ from google import genai
 from google.genai import types as gtypes
 
 from tests.fakes import Exchange, FakeProvider
+from tests.otlp_receiver import GrpcReceiver, HttpReceiver, Receiver
 from tests.sidecar_process import Sidecar
 
 QUANTUM = Decimal("0.000000000001")  # the ledger's DECIMAL(38, 12)
@@ -273,3 +274,12 @@ def start_sidecar(fake: FakeProvider, tmp_path: Path) -> Iterator[Callable[..., 
     yield start
     for process in started:
         process.stop()
+
+
+@pytest.fixture(params=["http", "grpc"])
+def receiver(request: pytest.FixtureRequest) -> Iterator[Receiver]:
+    """An in-process OTLP receiver, once over HTTP/protobuf and once over gRPC."""
+    r: Receiver = HttpReceiver().start() if request.param == "http" else GrpcReceiver().start()
+    r.protocol = "http/protobuf" if request.param == "http" else "grpc"  # type: ignore[attr-defined]
+    yield r
+    r.stop()  # type: ignore[attr-defined]

@@ -6,9 +6,7 @@ own price of that usage.
 """
 from __future__ import annotations
 
-import io
 import json
-import wave
 from datetime import datetime
 from decimal import Decimal
 from typing import TYPE_CHECKING, Any
@@ -17,6 +15,7 @@ import genai_prices
 import pytest
 
 from tests.fakes import reply_text
+from tests.fakes.openai_api import wav
 from tests.fakes.tokens import CACHE_READ_TOKENS
 
 if TYPE_CHECKING:
@@ -53,16 +52,6 @@ def without_usage(body: bytes) -> bytes:
 
 def sse_objects(body: bytes) -> list[dict[str, Any]]:
     return [json.loads(line[6:]) for line in body.split(b"\n") if line.startswith(b"data: {")]
-
-
-def wav(seconds: float, rate: int = 8000) -> bytes:
-    buffer = io.BytesIO()
-    with wave.open(buffer, "wb") as out:
-        out.setnchannels(1)
-        out.setsampwidth(2)
-        out.setframerate(rate)
-        out.writeframes(b"\x00\x00" * int(rate * seconds))
-    return buffer.getvalue()
 
 
 # --- chat completions ------------------------------------------------------------------------

@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 import threading
-from collections.abc import Iterator
 from decimal import Decimal
 from typing import Any
 
@@ -12,7 +11,7 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from exporters import Telemetry, semconv
 from exporters.prometheus import metric_name
-from tests.otlp_receiver import GrpcReceiver, HttpReceiver, Receiver, attributes, call, metrics_by_name
+from tests.otlp_receiver import Receiver, attributes, call, metrics_by_name
 
 CUMULATIVE = AggregationTemporality.AGGREGATION_TEMPORALITY_CUMULATIVE
 
@@ -27,14 +26,6 @@ def known_calls() -> list:
              response_model="claude-sonnet-4-5-20250929", input_tokens=20, output_tokens=5, stream=False, ttft_ms=None,
              cost_usd=Decimal("0.000135"), extras={"server_address": "api.anthropic.com"}),
     ]
-
-
-@pytest.fixture(params=["http", "grpc"])
-def receiver(request: pytest.FixtureRequest) -> Iterator[Receiver]:
-    r: Receiver = HttpReceiver().start() if request.param == "http" else GrpcReceiver().start()
-    r.protocol = "http/protobuf" if request.param == "http" else "grpc"  # type: ignore[attr-defined]
-    yield r
-    r.stop()  # type: ignore[attr-defined]
 
 
 def families(telemetry: Telemetry) -> dict[str, Any]:

@@ -15,17 +15,9 @@ from opentelemetry.proto.trace.v1.trace_pb2 import Span, Status
 
 from exporters import Telemetry, protowire
 from exporters.spans import unix_nanos
-from tests.otlp_receiver import GrpcReceiver, HttpReceiver, Receiver, any_value, attributes, call
+from tests.otlp_receiver import HttpReceiver, Receiver, any_value, attributes, call
 
 FAST = {"batch_delay_s": 0.05}
-
-
-@pytest.fixture(params=["http", "grpc"])
-def receiver(request: pytest.FixtureRequest) -> Iterator[Receiver]:
-    r: Receiver = HttpReceiver().start() if request.param == "http" else GrpcReceiver().start()
-    r.protocol = "http/protobuf" if request.param == "http" else "grpc"  # type: ignore[attr-defined]
-    yield r
-    r.stop()  # type: ignore[attr-defined]
 
 
 @pytest.fixture

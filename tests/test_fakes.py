@@ -12,8 +12,6 @@ import sys
 import time
 import urllib.error
 import urllib.request
-import wave
-from io import BytesIO
 from pathlib import Path
 from typing import Any, Iterator, Optional
 
@@ -43,6 +41,7 @@ from openai.types.responses import (
 )
 
 from tests.fakes import Exchange, FakeProvider, fetch_exchanges, reply_text
+from tests.fakes.openai_api import wav
 from tests.fakes.tokens import CACHE_READ_TOKENS, CACHE_WRITE_1H_TOKENS, CACHE_WRITE_5M_TOKENS
 
 pytestmark = pytest.mark.filterwarnings("ignore:Inheritance class AiohttpClientSession:DeprecationWarning")
@@ -278,18 +277,8 @@ def test_openai_images(fake: FakeProvider, oai: openai.OpenAI) -> None:
         assert png.read()[:4] == b"\x89PNG"
 
 
-def _wav(seconds: float, rate: int = 8000) -> bytes:
-    buffer = BytesIO()
-    with wave.open(buffer, "wb") as out:
-        out.setnchannels(1)
-        out.setsampwidth(2)
-        out.setframerate(rate)
-        out.writeframes(b"\x00\x00" * int(rate * seconds))
-    return buffer.getvalue()
-
-
 def test_openai_transcriptions(fake: FakeProvider, oai: openai.OpenAI) -> None:
-    audio = _wav(2.5)
+    audio = wav(2.5)
     whisper = oai.audio.transcriptions.create(model="whisper-1", file=("speech.wav", audio, "audio/wav"))
     tokens = oai.audio.transcriptions.create(model="gpt-4o-transcribe", file=("speech.wav", audio, "audio/wav"), prompt="meter")
     fake.wait_settled_sync()

@@ -11,10 +11,12 @@ from __future__ import annotations
 
 import base64
 import hashlib
+import io
 import math
 import random
 import struct
 import time
+import wave
 from email.parser import BytesParser
 from email.policy import HTTP
 from typing import Any, Awaitable, Callable, Optional
@@ -455,6 +457,17 @@ def parse_multipart(content_type: str, body: bytes) -> dict[str, tuple[Optional[
         if name:
             fields[str(name)] = (part.get_filename(), part.get_payload(decode=True) or b"")
     return fields
+
+
+def wav(seconds: float, rate: int = 8000) -> bytes:
+    """A silent mono 16-bit WAV file of `seconds` (what audio_seconds reads back), for tests to upload."""
+    buffer = io.BytesIO()
+    with wave.open(buffer, "wb") as out:
+        out.setnchannels(1)
+        out.setsampwidth(2)
+        out.setframerate(rate)
+        out.writeframes(b"\x00\x00" * int(rate * seconds))
+    return buffer.getvalue()
 
 
 def audio_seconds(audio: bytes) -> float:

@@ -29,6 +29,19 @@ MAX_BATCH = 5000
 FLUSH_INTERVAL_S = 0.25
 
 
+# DuckDB caches every block it writes until its memory_limit (by default 80% of the machine's RAM),
+# so a long-running ledger would grow the sidecar without bound; capped, old blocks are evicted
+DEFAULT_MEMORY_LIMIT = "128MB"
+# Settings for the ledger's DuckDB that a sidecar wants whatever the config says. Appended rows
+# stay in memory (a block per column) until a checkpoint writes them out: checkpointing at a
+# small WAL keeps that little. DuckDB's allocator keeps freed memory unless told to flush it.
+_DUCKDB_SETTINGS = {
+    "checkpoint_threshold": "2MB",
+    "allocator_flush_threshold": "2MB",
+    "allocator_background_threads": True,
+}
+
+
 def journal_dir(db_path: str | Path) -> Path:
     return Path(f"{db_path}.journal")
 
@@ -41,8 +54,9 @@ class Sink(Protocol):
 
 class LedgerWriter:
     def __init__(self, db_path: str | Path, journal: Journal | None = None,
-                 flush_interval_s: float = FLUSH_INTERVAL_S) -> None:
+                 flush_interval_s: float = FLUSH_INTERVAL_S, memory_limit: str = DEFAULT_MEMORY_LIMIT, threads: int = 1) -> None:
         self.path = Path(db_path)
+        self.duckdb_config = {**_DUCKDB_SETTINGS, "memory_limit": memory_limit, "threads": threads}
         self.flush_interval_s = flush_interval_s
         self.journal = journal or Journal(journal_dir(self.path))
         self.queue: queue.SimpleQueue[Any] = queue.SimpleQueue()
@@ -59,7 +73,7 @@ class LedgerWriter:
     def open(self) -> int:
         """Opens the ledger, replays what the journal holds, locks down file access. Returns calls replayed."""
         self.path.parent.mkdir(parents=True, exist_ok=True)
-        self.con = duckdb.connect(str(self.path))
+        self.con = duckdb.connect(str(self.path), config=self.duckdb_config)
         schema.create(self.con)
         budget_store.create(self.con)
         self.salt = bytes.fromhex(schema.meta_value(self.con, "fingerprint_salt", lambda: os.urandom(16).hex()))

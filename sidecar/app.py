@@ -28,7 +28,7 @@ log = logging.getLogger("meterline")
 def build(config: Config) -> web.Application:
     """The application; the ledger opens (and the journal replays) when it starts up."""
     app = web.Application(client_max_size=512 * 1024 * 1024)
-    writer = LedgerWriter(config.ledger_path)
+    writer = LedgerWriter(config.ledger_path, memory_limit=config.ledger_memory_limit, threads=config.ledger_threads)
     pricer = Pricer(config.prices, config.default_max_output_tokens)
     alerts = AlertDispatcher(config.alerts, persist=lambda crossing, call_id: _persist_alert(writer, crossing, call_id))
     telemetry = Telemetry(config.telemetry, os.environ, config.app)

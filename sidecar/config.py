@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import os
+import re
 from dataclasses import dataclass, field
 from decimal import Decimal
 from pathlib import Path
@@ -15,12 +16,14 @@ from exporters.settings import load_settings as load_telemetry_settings
 from ledger.budgets import DEFAULT_THRESHOLDS, Rule, RuleError, parse_rule, parse_thresholds
 from ledger.money import non_negative_amount
 from ledger.pricing import PriceRule
+from ledger.writer import DEFAULT_MEMORY_LIMIT
 
 from .upstream import Origin, origin_of
 
 DEFAULT_HOST = "127.0.0.1"
 DEFAULT_PORT = 8720
 DEFAULT_DB = "meterline.duckdb"
+_MEMORY = re.compile(r"\d+(\.\d+)?\s*([KMGT]i?B|B)", re.IGNORECASE)
 ADAPTERS = ("openai", "anthropic", "gemini")
 
 # name -> (base URL, adapter, genai-prices provider id)
@@ -53,6 +56,8 @@ class Config:
     port: int = DEFAULT_PORT
     app: str | None = None
     ledger_path: str = DEFAULT_DB
+    ledger_memory_limit: str = DEFAULT_MEMORY_LIMIT  # DuckDB's memory_limit: its block cache and queries share it
+    ledger_threads: int = 1  # DuckDB's threads: a sidecar leaves the machine's cores to the app
     upstreams: dict[str, Upstream] = field(default_factory=dict)
     prices: list[PriceRule] = field(default_factory=list)
     connect_timeout_s: float = 10.0
@@ -96,8 +101,21 @@ def parse(doc: Any) -> Config:
         cfg.host, cfg.port = _listen(doc["listen"])
     cfg.app = _str(doc, "app") or os.environ.get("OTEL_SERVICE_NAME") or None
     ledger = _map(doc, "ledger")
+    unknown = set(ledger) - {"path", "memory_limit", "threads"}
+    if unknown:
+        raise ConfigError(f"unknown config key 'ledger.{sorted(unknown)[0]}' (known: memory_limit, path, threads)")
     if "path" in ledger:
         cfg.ledger_path = _str(ledger, "path", "ledger.path")
+    if "memory_limit" in ledger:
+        limit = ledger["memory_limit"]
+        if not isinstance(limit, str) or not _MEMORY.fullmatch(limit.strip()):
+            raise ConfigError(f"config key 'ledger.memory_limit': expected a size such as '128MB' or '1GiB', got {limit!r}")
+        cfg.ledger_memory_limit = limit.strip()
+    if "threads" in ledger:
+        threads = ledger["threads"]
+        if isinstance(threads, bool) or not isinstance(threads, int) or threads <= 0:
+            raise ConfigError(f"config key 'ledger.threads': expected a positive whole number, got {threads!r}")
+        cfg.ledger_threads = threads
     cfg.upstreams = _upstreams(_map(doc, "upstreams"))
     cfg.prices = [_price(i, p) for i, p in enumerate(_list(doc, "prices"))]
     timeouts = _map(doc, "timeouts")

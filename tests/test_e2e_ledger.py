@@ -217,6 +217,39 @@ def test_cli_sql_through_the_sidecar_and_on_the_file(e2e: E2E, start_sidecar: An
     assert refused.returncode == 1 and refused.stderr.startswith("meterline: ") and "root:" not in refused.stdout
 
 
+def _duckdb_settings(sidecar: Any) -> dict[str, str]:
+    rows = sidecar.sql("SELECT name, value FROM duckdb_settings() WHERE name IN "
+                       "('memory_limit', 'threads', 'checkpoint_threshold', 'allocator_flush_threshold')")
+    return {row["name"]: row["value"] for row in rows}
+
+
+def test_ledger_duckdb_is_capped_for_a_sidecar(e2e: E2E, start_sidecar: Any) -> None:
+    # by default DuckDB may take 80% of the machine's RAM and every core; the sidecar's is capped
+    default = _duckdb_settings(e2e.sidecar)
+    assert default["memory_limit"] == "122.0 MiB"  # 128MB, as DuckDB shows it
+    assert default["threads"] == "1"
+    assert default["checkpoint_threshold"] == "1.9 MiB"
+    assert default["allocator_flush_threshold"] == "2MB"
+    own = start_sidecar({"ledger": {"memory_limit": "1GiB", "threads": 2}})
+    configured = _duckdb_settings(own)
+    assert configured["memory_limit"] == "1.0 GiB" and configured["threads"] == "2"
+    status, _ = own.sql_status("SET memory_limit = '8GB'")  # the SQL endpoint cannot lift them
+    assert status == 403 and _duckdb_settings(own)["memory_limit"] == "1.0 GiB"
+
+
+@pytest.mark.parametrize(("ledger", "message"), [
+    ({"memory_limit": 128}, "config key 'ledger.memory_limit': expected a size such as '128MB'"),
+    ({"memory_limit": "lots"}, "config key 'ledger.memory_limit': expected a size"),
+    ({"threads": 0}, "config key 'ledger.threads': expected a positive whole number, got 0"),
+    ({"threads": "2"}, "config key 'ledger.threads': expected a positive whole number"),
+    ({"memory": "1GB"}, "unknown config key 'ledger.memory'"),
+])
+def test_bad_ledger_config_names_the_key(ledger: dict[str, Any], message: str) -> None:
+    from sidecar.config import ConfigError, parse
+    with pytest.raises(ConfigError, match=message.replace("(", r"\(").replace(".", r"\.")):
+        parse({"ledger": ledger})
+
+
 # --- spend views -------------------------------------------------------------------------------
 
 

@@ -131,6 +131,7 @@ async def forward(rt: Runtime, incoming: Incoming, reply: Reply, t0: float) -> N
         if call.concluded:
             return
         call.concluded = True
+        call.conclude = None  # this closure holds `call`: without the cycle the call is freed at once, not by the GC
         t_end = time.perf_counter()
         record = _record(rt, call, record_base, provisional=False)
         rt.guard.settle(decision, record, extras)

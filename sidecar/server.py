@@ -103,6 +103,7 @@ class Front(asyncio.Protocol):
     def connection_lost(self, exc: Exception | None) -> None:
         self.closed = True
         _LIVE.discard(self)
+        self.parser = None  # type: ignore[assignment]  # it holds this protocol: no cycle for the GC to find
         if self.task is not None:
             self.task.cancel()  # the app went away: so does its call (recorded as cancelled)
         if self.drain is not None and not self.drain.done():

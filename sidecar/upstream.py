@@ -290,6 +290,7 @@ class _Connection(asyncio.Protocol):
 
     def connection_lost(self, exc: Exception | None) -> None:
         self._closed = True
+        self.parser = None  # type: ignore[assignment]  # it holds this protocol: no cycle for the GC to find
         if self._headers_done and not self._complete and not self._framed and exc is None:
             self._complete = True  # a body delimited by the end of the connection
             self._wake()

@@ -32,6 +32,7 @@ FLUSH_INTERVAL_S = 0.25
 # DuckDB caches every block it writes until its memory_limit (by default 80% of the machine's RAM),
 # so a long-running ledger would grow the sidecar without bound; capped, old blocks are evicted
 DEFAULT_MEMORY_LIMIT = "128MB"
+DEFAULT_THREADS = 1  # DuckDB's threads: a sidecar leaves the machine's cores to the app
 # Settings for the ledger's DuckDB that a sidecar wants whatever the config says. Appended rows
 # stay in memory (a block per column) until a checkpoint writes them out: checkpointing at a
 # small WAL keeps that little. DuckDB's allocator keeps freed memory unless told to flush it.
@@ -54,7 +55,8 @@ class Sink(Protocol):
 
 class LedgerWriter:
     def __init__(self, db_path: str | Path, journal: Journal | None = None,
-                 flush_interval_s: float = FLUSH_INTERVAL_S, memory_limit: str = DEFAULT_MEMORY_LIMIT, threads: int = 1) -> None:
+                 flush_interval_s: float = FLUSH_INTERVAL_S, memory_limit: str = DEFAULT_MEMORY_LIMIT,
+                 threads: int = DEFAULT_THREADS) -> None:
         self.path = Path(db_path)
         self.duckdb_config = {**_DUCKDB_SETTINGS, "memory_limit": memory_limit, "threads": threads}
         self.flush_interval_s = flush_interval_s

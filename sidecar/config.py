@@ -16,7 +16,7 @@ from exporters.settings import load_settings as load_telemetry_settings
 from ledger.budgets import DEFAULT_THRESHOLDS, Rule, RuleError, parse_rule, parse_thresholds
 from ledger.money import non_negative_amount
 from ledger.pricing import PriceRule
-from ledger.writer import DEFAULT_MEMORY_LIMIT
+from ledger.writer import DEFAULT_MEMORY_LIMIT, DEFAULT_THREADS
 
 from .upstream import Origin, origin_of
 
@@ -56,8 +56,8 @@ class Config:
     port: int = DEFAULT_PORT
     app: str | None = None
     ledger_path: str = DEFAULT_DB
-    ledger_memory_limit: str = DEFAULT_MEMORY_LIMIT  # DuckDB's memory_limit: its block cache and queries share it
-    ledger_threads: int = 1  # DuckDB's threads: a sidecar leaves the machine's cores to the app
+    ledger_memory_limit: str = DEFAULT_MEMORY_LIMIT  # DuckDB's: its block cache and queries share it
+    ledger_threads: int = DEFAULT_THREADS
     upstreams: dict[str, Upstream] = field(default_factory=dict)
     prices: list[PriceRule] = field(default_factory=list)
     connect_timeout_s: float = 10.0

@@ -11,18 +11,16 @@ import asyncio
 import gc
 import threading
 import time
-import urllib.request
 from collections import Counter
 from pathlib import Path
 
 import anthropic
 import openai
-import orjson
 import pytest
 
 from sidecar import app, config
 from tests.fakes import FakeProvider
-from tests.sidecar_process import free_port
+from tests.sidecar_process import Sidecar
 
 MESSAGES = [{"role": "user", "content": "Does this call leave garbage?"}]
 OURS = ("sidecar.", "ledger.", "exporters.")
@@ -35,14 +33,15 @@ def test_calls_leave_no_cyclic_garbage(fake: FakeProvider, tmp_path: Path) -> No
                     {"name": "spent", "match": {"user": "blocked"}, "window": "day", "limit_usd": 0.000001,
                      "action": "block"}],
     })
-    cfg.port, cfg.ledger_path = free_port(), str(tmp_path / "ledger.duckdb")
-    base = f"http://127.0.0.1:{cfg.port}"
+    side = Sidecar(tmp_path, {})  # not started: its helpers read the in-process sidecar's endpoints
+    cfg.port, cfg.ledger_path = side.port, str(side.db)
+    base = side.url
     loop = asyncio.new_event_loop()
     thread = threading.Thread(target=loop.run_forever, name="sidecar", daemon=True)
     thread.start()
     serving = asyncio.run_coroutine_threadsafe(app.serve(cfg), loop)
     try:
-        _wait_healthy(base)
+        _wait_healthy(side)
         client = openai.OpenAI(api_key="sk-garbage", base_url=f"{base}/openai/v1", max_retries=0)
         refused = openai.OpenAI(api_key="sk-garbage", base_url=f"{base}/openai/v1", max_retries=0,
                                 default_headers={"x-meterline-user": "blocked"})
@@ -61,7 +60,7 @@ def test_calls_leave_no_cyclic_garbage(fake: FakeProvider, tmp_path: Path) -> No
                     stream.get_final_message()
                 with pytest.raises(openai.APIStatusError):  # refused by the budget, before going upstream
                     refused.chat.completions.create(model="gpt-4o-mini", messages=MESSAGES)
-            _wait_written(base, 21)
+            assert len(side.rows("true", 21)) == 21  # every call recorded, the refused ones too
             gc.collect()
             ours = Counter(type(o).__qualname__ for o in gc.garbage if type(o).__module__.startswith(OURS))
         finally:
@@ -80,25 +79,13 @@ def test_calls_leave_no_cyclic_garbage(fake: FakeProvider, tmp_path: Path) -> No
         thread.join(30)
 
 
-def _health(base: str) -> dict:
-    with urllib.request.urlopen(f"{base}/_meterline/healthz", timeout=2) as r:
-        return orjson.loads(r.read())
-
-
-def _wait_healthy(base: str, timeout: float = 30.0) -> None:
+def _wait_healthy(side: Sidecar, timeout: float = 30.0) -> None:
     deadline = time.monotonic() + timeout
     while True:
         try:
-            _health(base)
+            side.health()
             return
         except OSError:
             if time.monotonic() > deadline:
                 raise
             time.sleep(0.05)
-
-
-def _wait_written(base: str, calls: int, timeout: float = 10.0) -> None:
-    deadline = time.monotonic() + timeout
-    while _health(base)["ledger"]["written"] < calls:
-        assert time.monotonic() < deadline, _health(base)
-        time.sleep(0.05)

@@ -272,8 +272,7 @@ class Front(asyncio.Protocol):
     def _fail(self, status: int, message: str, kind: str) -> None:
         """Answers `status` and closes, after the calls already read (a call sent upstream is answered)."""
         body = b'{"error":{"message":"meterline: %s","type":"%s"}}' % (message.encode(), kind.encode())
-        self.error = (b"HTTP/1.1 %d %s\r\nContent-Type: application/json\r\nContent-Length: %d\r\n"
-                      b"Connection: close\r\n\r\n%s" % (status, _REASONS[status].encode(), len(body), body))
+        self.error = _json_response(status, body, None, keep_alive=False)
         self.handoff = None  # the connection ends here; aiohttp gets nothing more of it
         if self.transport is not None:
             self.transport.pause_reading()
@@ -295,6 +294,18 @@ class _TooLarge(Exception):
 def _chunk(data: bytes) -> bytes:
     """One chunk of a chunked HTTP/1.1 body."""
     return b"%x\r\n%s\r\n" % (len(data), data)
+
+
+def _json_response(status: int, body: bytes, headers: dict[str, str] | None, keep_alive: bool) -> bytes:
+    """A whole JSON response of the sidecar's own: an error, a refusal."""
+    head = [f"HTTP/1.1 {status} {_REASONS.get(status, 'Error')}\r\nContent-Type: application/json\r\n"
+            f"Content-Length: {len(body)}\r\n"]
+    for key, value in (headers or {}).items():
+        head.append(f"{key}: {value}\r\n")
+    if not keep_alive:
+        head.append("Connection: close\r\n")
+    head.append("\r\n")
+    return "".join(head).encode("utf-8", "surrogateescape") + body
 
 
 def _incoming(req: _Parsed, method: str) -> Incoming:
@@ -324,15 +335,8 @@ class FastReply:
         self.final: bytes | None = None  # the response's last bytes, written by _Finals
 
     def simple(self, status: int, body: bytes, headers: dict[str, str] | None = None) -> None:
-        head = [f"HTTP/1.1 {status} {_REASONS.get(status, 'Error')}\r\nContent-Type: application/json\r\n"
-                f"Content-Length: {len(body)}\r\n"]
-        for key, value in (headers or {}).items():
-            head.append(f"{key}: {value}\r\n")
-        if not self.keep_alive:
-            head.append("Connection: close\r\n")
-        head.append("\r\n")
         self.state = "ended"
-        self.final = "".join(head).encode("utf-8", "surrogateescape") + body
+        self.final = _json_response(status, body, headers, self.keep_alive)
 
     async def start(self, status: int, reason: str, headers: list[tuple[str, str]], whole: bool) -> None:
         head = [f"HTTP/1.1 {status} {reason or _REASONS.get(status, 'Unknown')}\r\n"]

@@ -271,11 +271,18 @@ def ledger_check(meterline: System, results: dict[str, Any]) -> None:
             f"recorded as cancelled). overhead_ms as meterline records it: median {overhead_p50:.3f} ms, "
             f"p99 {overhead_p99:.3f} ms. Healthz: written {health['ledger']['written']:,}, pending "
             f"{health['ledger']['pending']}, write failures {health['ledger']['write_failures']}, anomalies "
-            f"{health['anomalies'] or 'none'}.")
+            f"{health['anomalies'] or 'none'}. {_span_text(health['telemetry'])}")
     results["ledger_check"] = {"rows": rows, "priced": priced, "ok": ok, "streamed": streamed, "wrk_responses": sent,
                                "overhead_ms_p50": overhead_p50, "overhead_ms_p99": overhead_p99,
                                "health": health, "text": text}
     log(text)
+
+
+def _span_text(telemetry: dict[str, Any]) -> str:
+    # spans are shed, not queued without bound, when the exporter falls behind: a run must show it
+    return (f"Spans: exported {telemetry['spans_exported']:,}, still queued {telemetry['spans_queued']:,}, dropped "
+            f"{telemetry['spans_dropped']:,} ({telemetry['spans_dropped_queue_full']:,} with the queue full, "
+            f"{telemetry['spans_dropped_export']:,} in failed exports).")
 
 
 class RssSampler:

@@ -22,6 +22,10 @@ SAMPLERS = ("always_on", "always_off", "traceidratio",
 DEFAULT_SAMPLER = "parentbased_always_on"
 DEFAULT_TIMEOUT_S = 5.0
 DEFAULT_SERVICE_NAME = "meterline"
+# Spans arrive in the ledger writer's batches (up to ledger.writer.MAX_BATCH, 5,000, after the
+# writer falls behind), not one at a time as OTel's default of 2,048 assumes: a smaller queue drops
+# the excess of every large batch even while the exporter keeps up.
+QUEUE_MAX_SPANS = 8192
 
 KEYS = {
     "otlp_endpoint", "otlp_traces_endpoint", "otlp_metrics_endpoint", "otlp_protocol", "otlp_headers",
@@ -61,7 +65,7 @@ class TelemetrySettings:
     metric_tag_labels: tuple[str, ...] = ()
     metric_max_series: int = 2000
     budget_key_label: bool = False
-    queue_max_spans: int = 2048
+    queue_max_spans: int = QUEUE_MAX_SPANS
     batch_max_spans: int = 512
     batch_delay_s: float = 5.0
     app_name: str | None = field(default=None, compare=False)
@@ -151,7 +155,7 @@ def load_settings(config: Mapping[str, Any] | None, env: Mapping[str, str],
         metric_tag_labels=tuple(dict.fromkeys(tag_labels)),
         metric_max_series=_int(src.get("metric_max_series"), 2000, minimum=1),
         budget_key_label=_bool(src.get("budget_key_label"), False),
-        queue_max_spans=_int(src.get("queue_max_spans", "OTEL_BSP_MAX_QUEUE_SIZE"), 2048, minimum=1),
+        queue_max_spans=_int(src.get("queue_max_spans", "OTEL_BSP_MAX_QUEUE_SIZE"), QUEUE_MAX_SPANS, minimum=1),
         batch_max_spans=_int(src.get("batch_max_spans", "OTEL_BSP_MAX_EXPORT_BATCH_SIZE"), 512, minimum=1),
         batch_delay_s=_seconds(src.get("batch_delay_s", "OTEL_BSP_SCHEDULE_DELAY"), 5.0),
         app_name=app_name,

@@ -301,3 +301,16 @@ def test_varint_matches_protobuf() -> None:
         assert protowire.varint(n) == _VarintBytes(n)
     assert protowire.varint(-1) == _VarintBytes(2**64 - 1)
     assert struct.unpack("<Q", protowire.fixed64(123456789012345))[0] == 123456789012345
+
+
+def test_a_whole_ledger_writer_batch_is_queued_not_dropped(http_receiver: HttpReceiver) -> None:
+    # the writer hands spans over in its batches; under load one reached 2,465 and the old
+    # default queue (2,048) dropped the excess while the exporter kept up
+    from ledger.writer import MAX_BATCH
+    items = [call(i) for i in range(MAX_BATCH)]
+    telemetry = Telemetry({"otlp_endpoint": http_receiver.endpoint, **FAST}, {}, "checkout")
+    telemetry.start()
+    telemetry.consume(items)
+    telemetry.shutdown(30)
+    assert telemetry.stats()["spans_dropped_queue_full"] == 0
+    assert len(http_receiver.spans()) == MAX_BATCH

@@ -56,9 +56,13 @@ class Sidecar:
             env={**{k: v for k, v in os.environ.items() if not k.startswith("OTEL_")},
                  "PYTHONPATH": str(Path(__file__).resolve().parents[1]), **self.env},
         )
+        return self.wait_healthy(timeout)
+
+    def wait_healthy(self, timeout: float = 30.0) -> Sidecar:
+        """Polls healthz until this sidecar answers (and, when started here, its process still runs)."""
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
-            if self.proc.poll() is not None:
+            if self.proc is not None and self.proc.poll() is not None:
                 raise RuntimeError(f"sidecar exited with {self.proc.returncode}:\n{self.log()}")
             try:
                 health = self.health()

@@ -41,7 +41,7 @@ def test_calls_leave_no_cyclic_garbage(fake: FakeProvider, tmp_path: Path) -> No
     thread.start()
     serving = asyncio.run_coroutine_threadsafe(app.serve(cfg), loop)
     try:
-        _wait_healthy(side)
+        side.wait_healthy()
         client = openai.OpenAI(api_key="sk-garbage", base_url=f"{base}/openai/v1", max_retries=0)
         refused = openai.OpenAI(api_key="sk-garbage", base_url=f"{base}/openai/v1", max_retries=0,
                                 default_headers={"x-meterline-user": "blocked"})
@@ -78,14 +78,3 @@ def test_calls_leave_no_cyclic_garbage(fake: FakeProvider, tmp_path: Path) -> No
         loop.call_soon_threadsafe(loop.stop)
         thread.join(30)
 
-
-def _wait_healthy(side: Sidecar, timeout: float = 30.0) -> None:
-    deadline = time.monotonic() + timeout
-    while True:
-        try:
-            side.health()
-            return
-        except OSError:
-            if time.monotonic() > deadline:
-                raise
-            time.sleep(0.05)

@@ -15,6 +15,7 @@ import orjson
 from ledger import sql
 
 from . import config as config_mod
+from .hostcheck import allowed_hosts
 
 DEFAULT_CONFIG = "meterline.yaml"
 
@@ -90,6 +91,7 @@ def _serve(args: argparse.Namespace, cfg: config_mod.Config) -> int:
     logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     if args.host:
         cfg.host = args.host
+        cfg.allowed_hosts = allowed_hosts(cfg.host, cfg.allowed_hosts)  # the new listen address too
     if args.port is not None:
         cfg.port = args.port
     if args.db:

@@ -18,6 +18,7 @@ from ledger.money import non_negative_amount
 from ledger.pricing import PriceRule
 from ledger.writer import DEFAULT_MEMORY_LIMIT, DEFAULT_THREADS
 
+from .hostcheck import allowed_hosts
 from .upstream import Origin, origin_of
 
 DEFAULT_HOST = "127.0.0.1"
@@ -69,10 +70,12 @@ class Config:
     default_max_output_tokens: int = 32_768  # reservation for calls without max tokens on unknown models
     telemetry: dict[str, Any] = field(default_factory=dict)
     jaeger_ui_url: str | None = None  # telemetry.jaeger_ui_url: where the dashboard links traces
+    # Host header values served besides loopback names (see sidecar/hostcheck.py); set by parse()
+    allowed_hosts: frozenset[str] = frozenset()
 
 
 _TOP_KEYS = {"listen", "app", "ledger", "upstreams", "prices", "budgets", "alerts", "telemetry", "timeouts",
-             "admin_token", "default_max_output_tokens"}
+             "admin_token", "default_max_output_tokens", "allowed_hosts"}
 
 
 def load(path: str | os.PathLike[str] | None) -> Config:
@@ -134,6 +137,10 @@ def parse(doc: Any) -> Config:
     names = [r.name for r in cfg.budgets]
     if len(set(names)) != len(names):
         raise ConfigError(f"config key 'budgets': two rules are named {max(names, key=names.count)!r}")
+    hosts = _list(doc, "allowed_hosts")
+    if not all(isinstance(h, str) and h.strip() for h in hosts):
+        raise ConfigError("config key 'allowed_hosts': expected a list of host names, e.g. [meterline.internal]")
+    cfg.allowed_hosts = allowed_hosts(cfg.host, hosts)
     cfg.admin_token = _str(doc, "admin_token") or os.environ.get("METERLINE_ADMIN_TOKEN") or None
     if "default_max_output_tokens" in doc:
         value = doc["default_max_output_tokens"]

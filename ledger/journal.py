@@ -10,14 +10,23 @@ Appends are plain `write(2)`s on the event loop (a few microseconds, no fsync): 
 process being killed, not the machine losing power. A final record is written at once, before the
 response's last bytes go out; provisional lines wait for the end of the event loop's current
 turn (`defer`), so the calls that start together share one write.
+
+An append never fails a call. Lines the disk refuses (full, I/O error) stay in memory, up to
+MAX_UNWRITTEN_BYTES, and are written on a later append once one line goes through again; after a
+partial write the next write starts with a newline, so the torn fragment stays a line of its own
+(which replay quarantines) and is never glued onto a whole one. Failures are counted for healthz
+and logged at most once per LOG_INTERVAL_S. A line replay cannot read or turn into a record is
+kept in `rejected_lines` (the writer stores them in the ledger's `rejected` table).
 """
 from __future__ import annotations
 
 import dataclasses
+import errno
 import logging
 import operator
 import os
 import threading
+import time
 from datetime import datetime
 from decimal import Decimal
 from collections.abc import Callable
@@ -26,6 +35,7 @@ from typing import Any
 
 import orjson
 
+from . import validate
 from .records import CallRecord
 
 log = logging.getLogger("meterline.journal")
@@ -37,6 +47,8 @@ _ROW = operator.attrgetter(*_FIELDS)
 # A segment's first line names the fields; every other line is one record as a JSON array in that
 # order: a third of the cost of encoding the dataclass by name, on the event loop, twice a call.
 _HEADER = orjson.dumps({"meterline_journal": 2, "fields": _FIELDS}, option=orjson.OPT_APPEND_NEWLINE)
+MAX_UNWRITTEN_BYTES = 64 * 1024 * 1024  # lines kept in memory while the disk refuses them
+LOG_INTERVAL_S = 60.0  # a full disk logs once per interval, not once per call
 
 
 def encode(record: CallRecord) -> bytes:
@@ -51,19 +63,34 @@ def _default(value: Any) -> Any:
 
 def decode(line: bytes, fields: tuple[str, ...] = _FIELDS) -> CallRecord | tuple[str, ...]:
     """A record, or (for a segment's header line) the field names its records use. Lines written
-    before the header existed are objects keyed by field name, and still read."""
+    before the header existed are objects keyed by field name, and still read. Every value is
+    checked (`validate.full`): a bad one becomes NULL and an anomaly; a line that cannot be a
+    record at all raises ValueError."""
     doc = orjson.loads(line)
     if isinstance(doc, list):
         doc = dict(zip(fields, doc))
+    elif not isinstance(doc, dict):
+        raise ValueError(f"a JSON {type(doc).__name__}, not a record")
     elif "meterline_journal" in doc:
-        return tuple(doc["fields"])
+        names = doc.get("fields")
+        if not isinstance(names, list) or not all(type(n) is str for n in names):
+            raise ValueError("a header line without its field names")
+        return tuple(names)
     for name in _DATETIMES:
-        if doc.get(name):
-            doc[name] = datetime.fromisoformat(doc[name])
+        value = doc.get(name)
+        if value and type(value) is str:
+            try:
+                doc[name] = datetime.fromisoformat(value)
+            except ValueError:
+                pass  # left as text: validate.full refuses it or makes it NULL
     for name in _MONEY:
-        if doc.get(name) is not None:
-            doc[name] = Decimal(doc[name])
-    return CallRecord(**{name: doc.get(name) for name in _FIELDS})
+        value = doc.get(name)
+        if type(value) is str:
+            try:
+                doc[name] = Decimal(value)
+            except ArithmeticError:
+                pass
+    return validate.full(CallRecord(**{name: doc.get(name) for name in _FIELDS}))
 
 
 class Journal:
@@ -81,6 +108,14 @@ class Journal:
         self.buffer: list[bytes] = []  # provisional lines not yet written
         # schedules a function for the end of the event loop's turn (loop.call_soon); None: write at once
         self.defer: Callable[[Callable[[], None]], object] | None = None
+        self.closed = False
+        self.unwritten: list[bytes] = []  # lines the disk refused, oldest first; retried on the next flush
+        self.unwritten_bytes = 0
+        self.torn = False  # the file ends inside a line: the next write starts with a newline
+        self.append_failures = 0  # writes the disk refused (counted for healthz)
+        self.lost = 0  # lines dropped because more than MAX_UNWRITTEN_BYTES were waiting
+        self.rejected_lines: list[tuple[bytes, str]] = []  # (line, reason) that replay could not use
+        self._logged_at = -LOG_INTERVAL_S
 
     # --- start-up ------------------------------------------------------------------------------
 
@@ -96,8 +131,10 @@ class Journal:
                         break  # a torn last write: that line never completed
                     try:
                         record = decode(line, fields)
-                    except (ValueError, TypeError, KeyError):
-                        log.warning("journal %s line %d is unreadable; skipped", path.name, n)
+                    except (ValueError, TypeError, KeyError, ArithmeticError) as e:
+                        # a torn fragment (full disk) or a line edited by hand: kept aside, not replayed
+                        log.warning("journal %s line %d is unusable (%s); quarantined", path.name, n, e)
+                        self.rejected_lines.append((line.rstrip(b"\n"), f"{path.name} line {n}: {e}"))
                         continue
                     if isinstance(record, tuple):
                         fields = record
@@ -177,6 +214,7 @@ class Journal:
                 self._flush()
                 os.close(self.fd)
                 self.fd = -1
+            self.closed = True
             for segment, left in list(self.outstanding.items()):
                 if left == 0:
                     self._delete(segment)
@@ -184,22 +222,100 @@ class Journal:
     # --- internals (lock held) -----------------------------------------------------------------
 
     def _flush(self) -> None:
-        if self.buffer and self.fd >= 0:
-            data = self.buffer[0] if len(self.buffer) == 1 else b"".join(self.buffer)
+        if self.unwritten:
+            # the disk refused lines before: while it still does, a flush costs one small write
+            # (the oldest line), not a write of everything waiting
+            self._keep(self.buffer)
             self.buffer.clear()
-            while data:  # a regular file takes it all at once; the loop is for the rule, not the case
-                data = data[os.write(self.fd, data):]
+            if (self.fd < 0 and not self._reopen()) or self._write(self.unwritten[:1]) == 0:
+                return
+            lines = self.unwritten[1:]
+            self.unwritten, self.unwritten_bytes = [], 0
+            log.warning("journal appends work again; %d waiting lines written", len(lines) + 1)
+        elif self.buffer and self.fd >= 0:
+            lines, self.buffer = self.buffer, []
+        else:
+            return
+        if lines:
+            done = self._write(lines)
+            if done < len(lines):
+                self._keep(lines[done:])
+
+    def _write(self, lines: list[bytes]) -> int:
+        """Writes whole lines; returns how many went out complete (the rest are the caller's)."""
+        data = lines[0] if len(lines) == 1 else b"".join(lines)
+        if self.torn:
+            data = b"\n" + data
+        sent = 0
+        try:
+            while sent < len(data):  # a regular file takes it all at once unless the disk fills up
+                n = os.write(self.fd, memoryview(data)[sent:] if sent else data)
+                if n <= 0:
+                    raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+                sent += n
+        except OSError as e:
+            self._failed(e)
+        else:
+            self.torn = False
+            return len(lines)
+        if self.torn:
+            if sent == 0:
+                return 0
+            sent -= 1
+        done = 0
+        for line in lines:
+            if sent < len(line):
+                break
+            sent -= len(line)
+            done += 1
+        self.torn = sent > 0  # part of a line is in the file: the next write begins a new line
+        return done
+
+    def _keep(self, lines: list[bytes]) -> None:
+        self.unwritten.extend(lines)
+        self.unwritten_bytes += sum(map(len, lines))
+        while self.unwritten_bytes > MAX_UNWRITTEN_BYTES and len(self.unwritten) > 1:
+            self.unwritten_bytes -= len(self.unwritten.pop(0))
+            self.lost += 1
+
+    def _failed(self, error: OSError) -> None:
+        self.append_failures += 1
+        now = time.monotonic()
+        if now - self._logged_at >= LOG_INTERVAL_S:
+            self._logged_at = now
+            log.error("journal append failed (%s): %d lines kept in memory to retry, %d lost so far "
+                      "(%d failed writes; logged at most every %.0f s)", error.strerror or error,
+                      len(self.unwritten) + len(self.buffer), self.lost, self.append_failures, LOG_INTERVAL_S)
+
+    def _path(self, segment: int) -> Path:
+        return self.dir / f"{segment:012d}.jsonl"
+
+    def _reopen(self) -> bool:
+        if self.closed:
+            return False
+        try:
+            self.fd = os.open(self._path(self.segment), os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600)
+        except OSError as e:
+            self._failed(e)
+            return False
+        return True
 
     def _rotate(self, segment: int) -> None:
         if self.fd >= 0:
             self._flush()  # queued lines belong to the segment they were counted in
             os.close(self.fd)
+            self.fd = -1
         previous = self.segment
-        self.segment, self.size = segment, 0
+        self.segment, self.size = segment, len(_HEADER)
         self.outstanding[segment] = 0
-        self.fd = os.open(self.dir / f"{segment:012d}.jsonl", os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600)
-        os.write(self.fd, _HEADER)
-        self.size = len(_HEADER)
+        self.torn = False  # a new file starts on a new line
+        # lines the disk refused go to the new segment, after its header
+        lines = [_HEADER, *self.unwritten]
+        self.unwritten, self.unwritten_bytes = [], 0
+        if self._reopen():
+            done = self._write(lines)
+            lines = lines[done:]
+        self._keep(lines)
         if previous in self.outstanding and self.outstanding[previous] == 0:
             self._delete(previous)
 
@@ -212,6 +328,6 @@ class Journal:
     def _delete(self, segment: int) -> None:
         del self.outstanding[segment]
         try:
-            os.unlink(self.dir / f"{segment:012d}.jsonl")
+            os.unlink(self._path(segment))
         except OSError:
             log.warning("could not delete journal segment %d", segment, exc_info=True)

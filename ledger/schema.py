@@ -85,6 +85,10 @@ VIEWS = {
 
 
 CREATE_META = "CREATE TABLE IF NOT EXISTS meta (key VARCHAR PRIMARY KEY, value VARCHAR)"
+# records the ledger refused and journal lines replay could not read, kept to be looked at
+# (source: writer or journal; data: the record as JSON, or the raw line)
+CREATE_REJECTED = ("CREATE TABLE IF NOT EXISTS rejected "
+                   "(rejected_at TIMESTAMPTZ, source VARCHAR, reason VARCHAR, data VARCHAR)")
 
 
 def create(con: Any) -> None:
@@ -96,6 +100,7 @@ def create(con: Any) -> None:
         if name not in have:
             con.execute(f"ALTER TABLE calls ADD COLUMN {name} {sql_type}")
     con.execute(CREATE_META)
+    con.execute(CREATE_REJECTED)
     for name, body in VIEWS.items():
         con.execute(f"CREATE OR REPLACE VIEW {name} AS {body}")
 

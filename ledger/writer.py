@@ -2,9 +2,19 @@
 
 The event loop only ever calls `submit` (a non-blocking queue put). One thread owns the write
 connection; queries get their own cursors from `cursor()` and run on other threads.
+
+A batch DuckDB or Arrow refuses for its data is split in halves until the record at fault is
+found; that record goes to the `rejected` table (its JSON and the reason) and the others are
+written. Other failures (a full disk) keep the batch and retry it. Replay does the same, and the
+journal lines replay could not read land in `rejected` too: one bad record never stops the ledger.
+
+The ledger, its WAL, journal and salt file are private to the sidecar's user (mode 0600). The salt
+of API-key fingerprints lives in `<ledger>.salt`, outside what SQL can read.
 """
 from __future__ import annotations
 
+import dataclasses
+import json
 import logging
 import os
 import queue
@@ -47,6 +57,21 @@ def journal_dir(db_path: str | Path) -> Path:
     return Path(f"{db_path}.journal")
 
 
+def salt_path(db_path: str | Path) -> Path:
+    return Path(f"{db_path}.salt")
+
+
+# what DuckDB raises for values it will not store (rather than for a disk or lock problem)
+_DATA_ERRORS = (duckdb.DataError, duckdb.IntegrityError, duckdb.InvalidInputException)
+
+
+class _Refused(Exception):
+    """A batch refused for its data (conversion or DuckDB): split it to find the record at fault."""
+
+
+Item = tuple[CallRecord, "int | None", "CallExtras | None"]
+
+
 class Sink(Protocol):
     """Something that receives every record off the request path, in batches, on the writer thread."""
 
@@ -64,40 +89,77 @@ class LedgerWriter:
         self.queue: queue.SimpleQueue[Any] = queue.SimpleQueue()
         self.con: duckdb.DuckDBPyConnection | None = None
         self.thread: threading.Thread | None = None
-        self.salt = b""  # salt for API-key fingerprints, kept in the ledger so they stay stable
+        self.salt = b""  # salt for API-key fingerprints, kept beside the ledger so they stay stable
         self.sinks: list[Sink] = []  # telemetry and the like; a failing sink never stops the ledger
         # visible state, for health and metrics
         self.submitted = 0  # counted on the event loop
         self.written = 0  # counted on the writer thread
-        self.failures = 0
+        self.failures = 0  # write attempts that failed (each retried)
+        self.failing = False  # the last write attempt failed: records wait in the journal
+        self.rejected = 0  # records quarantined in `rejected` instead of written
+        self.rejected_at_start = 0  # journal records and lines quarantined by replay
         self.last_lag_s = 0.0  # from a record's end to its commit, for the last batch
 
     def open(self) -> int:
         """Opens the ledger, replays what the journal holds, locks down file access. Returns calls replayed."""
         self.path.parent.mkdir(parents=True, exist_ok=True)
+        # what the sidecar creates from here on (the ledger, the WAL DuckDB recreates after every
+        # checkpoint, journal segments) is its user's alone: the process umask is the one place
+        # that reaches files DuckDB creates. Files of an older version are closed down below.
+        os.umask(os.umask(0o077) | 0o077)
         self.con = duckdb.connect(str(self.path), config=self.duckdb_config)
         schema.create(self.con)
         budget_store.create(self.con)
-        self.salt = bytes.fromhex(schema.meta_value(self.con, "fingerprint_salt", lambda: os.urandom(16).hex()))
+        self.salt = self._salt()
         recovered = self.journal.recover()
         self.journal.open()
         replayed = self._replay(recovered) if recovered else 0
+        self._quarantine_lines(self.journal.rejected_lines)
+        self.journal.rejected_lines = []
         self.journal.discard_recovered()
+        for path in (self.path, Path(f"{self.path}.wal"), salt_path(self.path), *self.journal.dir.glob("*.jsonl")):
+            try:
+                os.chmod(path, 0o600)
+            except FileNotFoundError:
+                pass
         # from here on no statement on this database can touch files, attach or install anything
         self.con.execute("SET enable_external_access = false")
         self.con.execute("SET lock_configuration = true")
         return replayed
 
+    def _salt(self) -> bytes:
+        """The fingerprint salt, from `<ledger>.salt` (0600); a ledger of an older version kept it in
+        its `meta` table, which SQL can read: it moves to the file, then leaves the table."""
+        path = salt_path(self.path)
+        row = self.con.execute("SELECT value FROM meta WHERE key = 'fingerprint_salt'").fetchone()
+        try:
+            text = path.read_text().strip()
+        except FileNotFoundError:
+            salt = bytes.fromhex(row[0]) if row else os.urandom(16)
+            temporary = path.with_name(path.name + ".tmp")
+            fd = os.open(temporary, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+            try:
+                os.write(fd, salt.hex().encode() + b"\n")
+                os.fsync(fd)
+            finally:
+                os.close(fd)
+            os.replace(temporary, path)  # the file is complete before the old copy goes
+        else:
+            try:
+                salt = bytes.fromhex(text)
+            except ValueError:
+                raise ValueError(f"{path} is not a fingerprint salt (hex); restore it or delete it "
+                                 "(key fingerprints then change)") from None
+        if row:
+            self.con.execute("DELETE FROM meta WHERE key = 'fingerprint_salt'")
+        return salt
+
     def _replay(self, records: list[CallRecord]) -> int:
         cur = self.con.cursor()
-        cur.register("replay", schema.to_arrow(records))
-        new = "FROM replay WHERE call_id NOT IN (SELECT call_id FROM calls)"
-        cur.execute("BEGIN")
-        (count,) = cur.execute(f"SELECT count(*) {new}").fetchone()
-        cur.execute(f"INSERT INTO calls BY NAME SELECT * {new}")
-        cur.execute("COMMIT")
-        cur.unregister("replay")
+        count, left = self._isolate(cur, [(r, None, None) for r in records], "journal", new_only=True)
         cur.close()
+        if left:  # not the records' fault (e.g. a full disk): start-up fails and the journal stays
+            raise RuntimeError(f"journal replay could not write {len(left)} records; see the log above")
         interrupted = sum(1 for r in records if r.outcome == "interrupted")
         log.info("journal replay: %d calls in the journal (%d interrupted), %d new to the ledger",
                  len(records), interrupted, count)
@@ -114,12 +176,12 @@ class LedgerWriter:
     @property
     def pending(self) -> int:
         """Records submitted and not yet committed."""
-        return self.submitted - self.written
+        return self.submitted - self.written - self.rejected
 
     def wait_written(self, target: int, timeout: float) -> bool:
-        """Blocks (a worker thread, never the loop) until `target` records are committed."""
+        """Blocks (a worker thread, never the loop) until `target` records are committed (or quarantined)."""
         deadline = time.monotonic() + timeout
-        while self.written < target:
+        while self.written + self.rejected < target:
             if time.monotonic() > deadline:
                 return False
             time.sleep(0.005)
@@ -165,8 +227,7 @@ class LedgerWriter:
                     break
                 new.append(item)
             self._fan_out(new)
-            batch = retry + new
-            retry = [] if self._write(cur, batch) else batch
+            retry = self._write(cur, retry + new)
             if retry and not stopping:
                 time.sleep(min(5.0, 0.1 * 2 ** min(self.failures, 6)))
         if retry:
@@ -183,28 +244,107 @@ class LedgerWriter:
             except Exception:  # noqa: BLE001 - telemetry faults never touch the ledger
                 log.exception("sink %s failed on a batch of %d", type(sink).__name__, len(items))
 
-    def _write(self, cur: duckdb.DuckDBPyConnection, batch: list[tuple[CallRecord, int | None, CallExtras | None]]) -> bool:
-        records = [r for r, _, _ in batch]
-        try:
-            cur.register("batch", schema.to_arrow(records))
-            cur.execute("BEGIN")
-            cur.execute("INSERT INTO calls BY NAME SELECT * FROM batch")
-            cur.execute("COMMIT")
-        except Exception:  # noqa: BLE001 - keep the batch (it is in the journal too) and retry
+    def _write(self, cur: duckdb.DuckDBPyConnection, batch: list[Item]) -> list[Item]:
+        """Writes the batch; returns what is left to retry (empty unless the failure was not the data's)."""
+        _, left = self._isolate(cur, batch, "writer", new_only=False)
+        if left:
             self.failures += 1
-            log.exception("ledger write of %d records failed; will retry", len(batch))
+            self.failing = True
+        else:
+            self.failing = False
+        return left
+
+    def _isolate(self, cur: duckdb.DuckDBPyConnection, items: list[Item], source: str,
+                 new_only: bool) -> tuple[int, list[Item]]:
+        """Inserts `items`; a part refused for its data is halved until the record at fault is
+        found and quarantined. Returns (rows inserted, items left after a failure of another kind)."""
+        if not items:
+            return 0, []
+        try:
+            count = self._insert(cur, [r for r, _, _ in items], new_only)
+        except _Refused as e:
+            if len(items) > 1:
+                mid = len(items) // 2
+                first, left = self._isolate(cur, items[:mid], source, new_only)
+                if left:
+                    return first, left + items[mid:]
+                second, left = self._isolate(cur, items[mid:], source, new_only)
+                return first + second, left
             try:
-                cur.execute("ROLLBACK")
-            except Exception:  # noqa: BLE001
-                pass
-            return False
+                self._quarantine(cur, source, _record_json(items[0][0]), str(e.__cause__ or e))
+            except Exception:  # noqa: BLE001 - the database itself fails: retry later
+                log.exception("could not quarantine a refused record")
+                return 0, items
+            if source == "writer":
+                self.rejected += 1
+                self._settled(items, written=False)
+            else:
+                self.rejected_at_start += 1
+            return 0, []
+        except Exception:  # noqa: BLE001 - keep the records (they are in the journal too) and retry
+            log.exception("ledger write of %d records failed; will retry", len(items))
+            return 0, items
+        if source == "writer":
+            self._settled(items, written=True)
+        return count, []
+
+    def _insert(self, cur: duckdb.DuckDBPyConnection, records: list[CallRecord], new_only: bool) -> int:
+        try:
+            table = schema.to_arrow(records)
+        except Exception as e:  # noqa: BLE001 - a value Arrow cannot hold: the data's fault
+            raise _Refused(f"{type(e).__name__}: {e}") from e
+        cur.register("batch", table)
+        try:
+            cur.execute("BEGIN")
+            try:
+                if new_only:
+                    new = "FROM batch WHERE call_id NOT IN (SELECT call_id FROM calls)"
+                    (count,) = cur.execute(f"SELECT count(*) {new}").fetchone()
+                    cur.execute(f"INSERT INTO calls BY NAME SELECT * {new}")
+                else:
+                    count = len(records)
+                    cur.execute("INSERT INTO calls BY NAME SELECT * FROM batch")
+                cur.execute("COMMIT")
+            except BaseException as e:
+                try:
+                    cur.execute("ROLLBACK")
+                except Exception:  # noqa: BLE001
+                    pass
+                if isinstance(e, _DATA_ERRORS):
+                    raise _Refused(f"{type(e).__name__}: {e}") from e
+                raise
         finally:
             try:
                 cur.unregister("batch")
             except Exception:  # noqa: BLE001
                 pass
-        self.journal.committed([s for _, s, _ in batch if s is not None])
-        self.written += len(batch)
-        newest = max((r.ended_at or r.started_at) for r in records)
-        self.last_lag_s = max(0.0, time.time() - newest.timestamp())
-        return True
+        return count
+
+    def _settled(self, items: list[Item], written: bool) -> None:
+        """Written or quarantined: the journal need not keep them."""
+        self.journal.committed([s for _, s, _ in items if s is not None])
+        if written:
+            self.written += len(items)
+            newest = max((r.ended_at or r.started_at) for r, _, _ in items)
+            try:
+                self.last_lag_s = max(0.0, time.time() - newest.timestamp())
+            except (AttributeError, TypeError, ValueError, OverflowError):
+                pass
+
+    def _quarantine(self, cur: duckdb.DuckDBPyConnection, source: str, data: str, reason: str) -> None:
+        log.error("ledger: a %s record was refused (%s); kept in the `rejected` table", source, reason)
+        cur.execute("INSERT INTO rejected VALUES (current_timestamp, ?, ?, ?)", [source, reason, data])
+
+    def _quarantine_lines(self, lines: list[tuple[bytes, str]]) -> None:
+        if lines:
+            self.rejected_at_start += len(lines)
+            self.con.executemany("INSERT INTO rejected VALUES (current_timestamp, 'journal', ?, ?)",
+                                 [[reason, line.decode("utf-8", "replace")] for line, reason in lines])
+
+
+def _record_json(record: CallRecord) -> str:
+    """Any record as JSON (stdlib json: it takes integers of any size, and escapes lone surrogates)."""
+    try:
+        return json.dumps(dataclasses.asdict(record), default=str)
+    except Exception:  # noqa: BLE001 - e.g. an unhashable or recursive value: its repr will do
+        return json.dumps({"repr": repr(record)})

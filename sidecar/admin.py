@@ -30,13 +30,20 @@ def add_routes(app: web.Application) -> None:
 
 
 async def healthz(request: web.Request) -> web.Response:
+    """"ok", or "degraded" while ledger writes or journal appends fail, or once records were lost or
+    quarantined (in `rejected`) since start-up; the counts say which."""
     rt = request.app[proxy.RUNTIME]
     w = rt.writer
+    j = w.journal
+    rejected = w.rejected + w.rejected_at_start
+    degraded = w.failing or rejected or j.unwritten or j.lost
     body = {
-        "status": "ok",
+        "status": "degraded" if degraded else "ok",
         "in_flight": rt.in_flight,
         "ledger": {"path": str(w.path), "written": w.written, "pending": w.pending,
-                   "write_failures": w.failures, "last_lag_s": round(w.last_lag_s, 4)},
+                   "write_failures": w.failures, "last_lag_s": round(w.last_lag_s, 4),
+                   "failing": w.failing, "rejected": rejected},
+        "journal": {"append_failures": j.append_failures, "unwritten": len(j.unwritten), "lost": j.lost},
         "anomalies": dict(rt.anomalies),
         "telemetry": rt.telemetry.stats() if rt.telemetry is not None else None,
     }

@@ -11,7 +11,7 @@ import aiohttp
 import orjson
 from aiohttp import web
 
-from ledger import records
+from ledger import records, validate
 from ledger.budgets import CallAttrs, Refusal
 from ledger.pricing import FREE_COST
 from ledger.records import CallExtras, CallInfo, CallRecord, Observation
@@ -359,11 +359,16 @@ def _record(rt: Runtime, call: _Call, base: dict[str, Any], provisional: bool) -
     info = call.info
     seen = call.observation
     usage = seen.usage
+    bad = None
     if provisional:
         ended_at = duration_ms = None
         outcome = records.INTERRUPTED
         cost = None
     else:
+        # before pricing: a count no column holds (2**64 tokens) becomes NULL, prices nothing, reaches no budget
+        bad = validate.usage(usage)
+        if bad:
+            rt.anomaly(bad, f"{info.provider} {info.endpoint} reported a usage count the ledger cannot hold")
         duration = time.perf_counter() - call.t0
         ended_at = call.started_at + timedelta(seconds=duration)
         duration_ms = duration * 1000
@@ -376,12 +381,12 @@ def _record(rt: Runtime, call: _Call, base: dict[str, Any], provisional: bool) -
             cost = None
         elif not info.priced:
             cost = FREE_COST if outcome == records.OK else None
-        elif usage.is_empty():
+        elif usage.is_empty() or bad:
             cost = None
         else:
             cost = rt.pricer.cost(info.provider, (seen.response_model, info.request_model), usage,
                                   call.started_at, seen.service_tier)
-    return CallRecord(
+    record = CallRecord(
         call_id=base["call_id"], started_at=call.started_at, ended_at=ended_at, duration_ms=duration_ms,
         ttft_ms=call.ttft * 1000 if call.ttft is not None else None,
         overhead_ms=None if provisional else call.work * 1000,
@@ -400,4 +405,8 @@ def _record(rt: Runtime, call: _Call, base: dict[str, Any], provisional: bool) -
         response_bytes=call.response_bytes, anomaly=None if provisional else seen.anomaly,
         service_tier=seen.service_tier,
     )
+    if not provisional:
+        validate.mark(record, bad)
+        validate.costs(record)  # money that fits DECIMAL(38, 12), upstream strings that are strings
+    return record
 

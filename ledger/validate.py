@@ -19,6 +19,7 @@ from datetime import datetime
 from decimal import Context, Decimal
 from typing import Any
 
+from .money import MONEY_DIGITS
 from .records import CallRecord, Usage
 
 OUT_OF_RANGE = "out_of_range"
@@ -26,7 +27,6 @@ INVALID = "invalid_value"
 
 BIGINT_MAX = 2**63 - 1
 INT32_MAX = 2**31 - 1
-MONEY_DIGITS = 26  # DECIMAL(38, 12): 26 digits before the point
 MONEY_QUANTUM = Decimal("0.000000000001")
 _MONEY_CONTEXT = Context(prec=38)  # quantizing a 26-digit amount to 12 places needs 38 digits
 

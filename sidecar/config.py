@@ -1,6 +1,7 @@
 """The sidecar's configuration: `meterline.yaml` parsed and validated into plain data, with clear errors."""
 from __future__ import annotations
 
+import math
 import os
 import re
 from dataclasses import dataclass, field
@@ -14,7 +15,7 @@ import yaml
 from exporters.alerts import AlertConfigError, AlertSettings, parse_settings
 from exporters.settings import load_settings as load_telemetry_settings
 from ledger.budgets import DEFAULT_THRESHOLDS, Rule, RuleError, parse_rule, parse_thresholds
-from ledger.money import non_negative_amount
+from ledger.money import MAX_AMOUNT_TEXT, non_negative_amount
 from ledger.pricing import PriceRule
 from ledger.writer import DEFAULT_MEMORY_LIMIT, DEFAULT_THREADS
 
@@ -26,6 +27,8 @@ DEFAULT_PORT = 8720
 DEFAULT_DB = "meterline.duckdb"
 _MEMORY = re.compile(r"\d+(\.\d+)?\s*([KMGT]i?B|B)", re.IGNORECASE)
 ADAPTERS = ("openai", "anthropic", "gemini")
+MAX_LEDGER_THREADS = 256  # DuckDB starts every thread at once: 100000 of them hang start-up
+_TIMEOUT_KEYS = ("connect_s", "read_s")
 
 # name -> (base URL, adapter, genai-prices provider id)
 BUILTIN_UPSTREAMS = {
@@ -108,7 +111,7 @@ def parse(doc: Any) -> Config:
     if unknown:
         raise ConfigError(f"unknown config key 'ledger.{sorted(unknown)[0]}' (known: memory_limit, path, threads)")
     if "path" in ledger:
-        cfg.ledger_path = _str(ledger, "path", "ledger.path")
+        cfg.ledger_path = _ledger_path(_str(ledger, "path", "ledger.path"))
     if "memory_limit" in ledger:
         limit = ledger["memory_limit"]
         if not isinstance(limit, str) or not _MEMORY.fullmatch(limit.strip()):
@@ -116,12 +119,17 @@ def parse(doc: Any) -> Config:
         cfg.ledger_memory_limit = limit.strip()
     if "threads" in ledger:
         threads = ledger["threads"]
-        if isinstance(threads, bool) or not isinstance(threads, int) or threads <= 0:
-            raise ConfigError(f"config key 'ledger.threads': expected a positive whole number, got {threads!r}")
+        if isinstance(threads, bool) or not isinstance(threads, int) or not 0 < threads <= MAX_LEDGER_THREADS:
+            raise ConfigError(f"config key 'ledger.threads': expected a whole number from 1 to "
+                              f"{MAX_LEDGER_THREADS}, got {threads!r}")
         cfg.ledger_threads = threads
     cfg.upstreams = _upstreams(_map(doc, "upstreams"))
     cfg.prices = [_price(i, p) for i, p in enumerate(_list(doc, "prices"))]
     timeouts = _map(doc, "timeouts")
+    unknown = set(timeouts) - set(_TIMEOUT_KEYS)
+    if unknown:
+        raise ConfigError(f"unknown config key 'timeouts.{sorted(map(str, unknown))[0]}' "
+                          f"(known: {', '.join(_TIMEOUT_KEYS)})")
     cfg.connect_timeout_s = _positive(timeouts, "connect_s", cfg.connect_timeout_s)
     cfg.read_timeout_s = _positive(timeouts, "read_s", cfg.read_timeout_s)
     alerts = _map(doc, "alerts")
@@ -183,15 +191,23 @@ def _upstreams(doc: dict[str, Any]) -> dict[str, Upstream]:
         builtin = BUILTIN_UPSTREAMS.get(name)
         url = spec.get("base_url", builtin[0] if builtin else None)
         parts = urlsplit(url) if isinstance(url, str) else None
-        if parts is None or parts.scheme not in ("http", "https") or not parts.netloc:
+        if parts is None or parts.scheme not in ("http", "https") or not parts.hostname:
             raise ConfigError(f"config key '{key}.base_url': expected an http(s) URL, got {url!r}")
+        try:
+            parts.port  # noqa: B018 - urlsplit checks the port only when asked
+        except ValueError:
+            raise ConfigError(f"config key '{key}.base_url': the port is not a number from 0 to 65535, "
+                              f"got {url!r}") from None
         adapter = spec.get("adapter", builtin[1] if builtin else "openai")
         if adapter not in ADAPTERS:
             raise ConfigError(f"config key '{key}.adapter': expected one of {', '.join(ADAPTERS)}, got {adapter!r}")
         provider = spec.get("provider", builtin[2] if builtin else name)
         if not isinstance(provider, str) or not provider:
             raise ConfigError(f"config key '{key}.provider': expected a provider id such as 'groq'")
-        result[name] = _upstream(name, url, adapter, provider)
+        try:
+            result[name] = _upstream(name, url, adapter, provider)
+        except ValueError as e:
+            raise ConfigError(f"config key '{key}.base_url': {e}, got {url!r}") from None
     return result
 
 
@@ -230,8 +246,25 @@ def _price(i: int, spec: Any) -> PriceRule:
 def _money(value: Any, key: str) -> Decimal:
     amount = non_negative_amount(value)
     if amount is None:
-        raise ConfigError(f"config key {key!r}: expected a non-negative amount in USD, got {value!r}")
+        raise ConfigError(f"config key {key!r}: expected a non-negative amount in USD below {MAX_AMOUNT_TEXT} "
+                          f"(what the ledger's DECIMAL(38, 12) holds), got {value!r}")
     return amount
+
+
+def _ledger_path(value: str | None) -> str:
+    """A path DuckDB can create or open: not empty, not a directory, not under a file."""
+    if not value:
+        raise ConfigError("config key 'ledger.path': expected a file name such as meterline.duckdb")
+    path = Path(value).expanduser()
+    if path.is_dir():
+        raise ConfigError(f"config key 'ledger.path': {value!r} is a directory; name the ledger file in it, "
+                          "e.g. {value}/meterline.duckdb".replace("{value}", value.rstrip("/")))
+    for parent in path.absolute().parents:
+        if parent.exists():
+            if not parent.is_dir():
+                raise ConfigError(f"config key 'ledger.path': {str(parent)!r} is a file, not a directory")
+            break
+    return value
 
 
 def _map(doc: dict[str, Any], key: str) -> dict[str, Any]:
@@ -261,6 +294,6 @@ def _str(doc: dict[str, Any], key: str, name: str | None = None) -> str | None:
 
 def _positive(doc: dict[str, Any], key: str, default: float) -> float:
     value = doc.get(key, default)
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or value <= 0:
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or value <= 0:
         raise ConfigError(f"config key 'timeouts.{key}': expected a positive number of seconds, got {value!r}")
     return float(value)

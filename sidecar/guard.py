@@ -88,7 +88,8 @@ class Guard:
                 decision.bounded = assumed[1] == "max_tokens"
                 decision.basis = self._basis(info, attrs, *assumed)
             if decision.account.refused == 1:  # once per account and window: the log is not flooded
-                log.warning("%s (further refusals in this window are counted, not logged)", decision.message)
+                log.warning("refused a call: %s (further refusals of this account in this window are counted, "
+                            "not logged)", decision.message.removeprefix("meterline: "))
         return decision
 
     @staticmethod

@@ -107,6 +107,17 @@ def history(con: Any, starts: set[datetime], exclude: Iterable[str] = ()) -> His
     return History(topups, spend, fired)
 
 
+def recent_outputs(con: Any, since: datetime, per_key: int) -> list[tuple[tuple[str, str, str], int]]:
+    """The output tokens of the last `per_key` successful calls since `since` of each (provider,
+    request model, app), oldest first: a restarted guard's estimates for calls without max tokens."""
+    rows = con.execute(
+        """SELECT provider, coalesce(request_model, ''), coalesce(app, ''), output_tokens FROM calls
+           WHERE outcome = 'ok' AND output_tokens IS NOT NULL AND started_at >= ?
+           QUALIFY row_number() OVER (PARTITION BY provider, request_model, app ORDER BY started_at DESC) <= ?
+           ORDER BY started_at""", [since, per_key]).fetchall()
+    return [((provider, model, app), int(tokens)) for provider, model, app, tokens in rows]
+
+
 def apply(budgets: Budgets, h: History, only: str | None = None) -> None:
     """Fills the accounts of the current windows (of one rule, or all) from a History."""
     if only is None:

@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from datetime import datetime, timezone
+from datetime import datetime, timedelta, timezone
 from decimal import Decimal
 from collections.abc import Callable
 from typing import Any
@@ -17,6 +17,7 @@ from ledger.writer import LedgerWriter
 
 NO_RESERVATION = Reservation([])
 log = logging.getLogger("meterline.budgets")
+RECENT_HISTORY = timedelta(days=7)  # how far back a restart looks for each model's recent answers
 
 
 class Guard:
@@ -43,6 +44,11 @@ class Guard:
         now = datetime.now(timezone.utc)
         history = await loop.run_in_executor(None, self._db, budget_store.history, self.budgets.window_starts(now))
         budget_store.apply(self.budgets, history)
+        if self.budgets.rules:  # a restart keeps the estimates for calls without max tokens
+            recent = await loop.run_in_executor(None, self._db, budget_store.recent_outputs,
+                                                now - RECENT_HISTORY, RECENT_CALLS)
+            for key, tokens in recent:
+                self.recent.record(key, tokens)
 
     def _db(self, fn: Any, *args: Any) -> Any:
         cur = self.writer.cursor()

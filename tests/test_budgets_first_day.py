@@ -254,3 +254,24 @@ def test_cli_shows_exact_amounts_from_the_ledger_file(tmp_path, fake):
     out = cli_budgets(sc, "--url", f"http://127.0.0.1:{free_port()}", "--db", str(sc.db))
     assert out.returncode == 0, out.stderr
     assert "$0.0005" in out.stdout and f"${spent.normalize():f}" in out.stdout, out.stdout
+
+
+def test_a_restart_keeps_the_estimate_for_calls_without_max_tokens(tmp_path, fake):
+    # one answer of 8,000 output tokens costs about $0.0048: a second does not fit in $0.0075
+    sc = start(tmp_path, fake, budgets=[{"name": "cap", "window": "day", "limit_usd": "0.0075"}])
+    try:
+        call(client(sc), chunks=2000, app="writer")
+        with pytest.raises(openai.RateLimitError) as info:
+            call(client(sc), chunks=2000, app="writer")
+        assert "8,000 output tokens" in info.value.message, info.value.message
+        sc.rows("outcome = 'ok'", 1)
+    finally:
+        sc.stop()
+    sc.start()  # the estimate comes back from the ledger, not the 1,024-token first-call default
+    try:
+        with pytest.raises(openai.RateLimitError) as info:
+            call(client(sc), chunks=2000, app="writer")
+        assert "8,000 output tokens" in info.value.message and "last 16 calls" in info.value.message
+        assert ledger_spend(sc, 1) <= Decimal("0.0075")
+    finally:
+        sc.stop()

@@ -11,7 +11,7 @@ from urllib.parse import urlsplit
 import aiohttp
 import orjson
 
-from ledger.budgets import Crossing
+from ledger.budgets import Crossing, exact
 
 log = logging.getLogger("meterline.alerts")
 
@@ -86,7 +86,7 @@ def payload(crossing: Crossing, call_id: str | None) -> dict[str, Any]:
         "rule": rule.name, "per": rule.per, "key": a.key if rule.per else None,
         "window": rule.window, "window_start": a.start.isoformat(),
         "threshold": float(crossing.threshold), "utilization": round(float(crossing.utilization), 6),
-        "spent_usd": str(a.spent.usd), "limit_usd": None if a.limit_usd is None else str(a.limit_usd),
+        "spent_usd": exact(a.spent.usd), "limit_usd": None if a.limit_usd is None else exact(a.limit_usd),
         "spent_tokens": a.spent.tokens, "limit_tokens": rule.limit_tokens,
         "requests": a.spent.requests, "limit_requests": rule.limit_requests,
         "action": rule.action, "at": crossing.at.isoformat(), "call_id": call_id,
@@ -130,9 +130,9 @@ class AlertDispatcher:
 
     def fire(self, crossing: Crossing, call_id: str | None) -> None:
         self.stats.fired += 1
-        body = payload(crossing, call_id)
-        log.warning("budget alert: rule %s key %r reached %s of its limit (utilization %.4f, %s window)",
-                    body["rule"], body["key"], body["threshold"], body["utilization"], body["window"])
+        a = crossing.account
+        log.warning("budget alert: %s reached %s of its limit: %s", a.describe(), f"{crossing.threshold:.0%}",
+                    a.spend_text())
         try:
             self.queue.put_nowait((crossing, call_id))
         except asyncio.QueueFull:

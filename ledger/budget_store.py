@@ -82,10 +82,16 @@ class History:
     fired: list[tuple[str, str, datetime, Decimal]]
 
 
+# top-ups and alerts of a rule count from its last definition on: a rule replaced through the API
+# (budget_rules.updated_at) starts clean, with neither its old top-ups nor its old alerts
+_SINCE_DEFINED = "LEFT JOIN budget_rules r ON r.name = t.rule WHERE (r.updated_at IS NULL OR t.{at} >= r.updated_at)"
+
+
 def history(con: Any, starts: set[datetime], exclude: Iterable[str] = ()) -> History:
     """Reads top-ups, spend since each window start (less the calls in `exclude`) and fired alerts."""
     topups = [(rule, key, Decimal(amount)) for rule, key, amount in con.execute(
-        "SELECT rule, split_key, sum(amount_usd) FROM budget_topups GROUP BY ALL").fetchall()]
+        "SELECT t.rule, t.split_key, sum(t.amount_usd) FROM budget_topups t "
+        + _SINCE_DEFINED.format(at="topped_at") + " GROUP BY ALL").fetchall()]
     spend = []
     excluded = sorted(exclude)
     query = _HISTORY.replace("GROUP BY ALL", "AND NOT list_contains(?, call_id) GROUP BY ALL")
@@ -95,9 +101,21 @@ def history(con: Any, starts: set[datetime], exclude: Iterable[str] = ()) -> His
             attrs = CallAttrs(provider or "", model, operation or "", app, user, key, dict(tags or {}))
             spend.append((attrs, start, Tally(Decimal(usd), int(tokens), int(requests))))
     fired = [(rule, key, window_start, Decimal(threshold)) for rule, key, window_start, threshold in con.execute(
-        "SELECT rule, coalesce(split_key, ''), window_start, threshold FROM alerts WHERE window_start >= ?",
+        "SELECT t.rule, coalesce(t.split_key, ''), t.window_start, t.threshold FROM alerts t "
+        + _SINCE_DEFINED.format(at="fired_at") + " AND t.window_start >= ?",
         [min(starts, default=datetime.now(timezone.utc))]).fetchall()]
     return History(topups, spend, fired)
+
+
+def recent_outputs(con: Any, since: datetime, per_key: int) -> list[tuple[tuple[str, str, str], int]]:
+    """The output tokens of the last `per_key` successful calls since `since` of each (provider,
+    request model, app), oldest first: a restarted guard's estimates for calls without max tokens."""
+    rows = con.execute(
+        """SELECT provider, coalesce(request_model, ''), coalesce(app, ''), output_tokens FROM calls
+           WHERE outcome = 'ok' AND output_tokens IS NOT NULL AND started_at >= ?
+           QUALIFY row_number() OVER (PARTITION BY provider, request_model, app ORDER BY started_at DESC) <= ?
+           ORDER BY started_at""", [since, per_key]).fetchall()
+    return [((provider, model, app), int(tokens)) for provider, model, app, tokens in rows]
 
 
 def apply(budgets: Budgets, h: History, only: str | None = None) -> None:

@@ -1,4 +1,4 @@
-"""Budget rules and their accounts: in-memory admission that reserves worst-case spend, and settlement to real spend.
+"""Budget rules and their accounts: in-memory admission that reserves a call's estimate, and settlement to real spend.
 
 Pure logic, no I/O: the sidecar's guard feeds it calls and the ledger's history, and acts on
 what it answers (refusals, threshold crossings). All of it runs on the event loop, so a check
@@ -227,6 +227,32 @@ def window_bounds(window: str, tz: str | None, at: datetime) -> tuple[datetime, 
     return start.astimezone(timezone.utc), end.astimezone(timezone.utc)
 
 
+# --- how amounts read -----------------------------------------------------------------------
+
+def exact(amount: Decimal) -> str:
+    """A Decimal as plain digits, exactly, without trailing zeros: 0.0005, not 5E-4 nor 0.000500000000."""
+    if not amount:
+        return "0"
+    return f"{amount.normalize():f}"
+
+
+def dollars(amount: Decimal) -> str:
+    """$1,234.5, $0.0005: exact, for people."""
+    if not amount:
+        return "$0"
+    return f"${amount.normalize():,f}"
+
+
+def duration(seconds: int | None) -> str:
+    """3h 12m, 2d 4h, 45s: a time to a window's reset, for people."""
+    if seconds is None:
+        return "never"
+    d, rest = divmod(seconds, 86400)
+    h, rest = divmod(rest, 3600)
+    m, s = divmod(rest, 60)
+    return f"{d}d {h}h" if d else f"{h}h {m}m" if h else f"{m}m {s}s" if m else f"{s}s"
+
+
 # --- accounts ---------------------------------------------------------------------------------
 
 @dataclass(slots=True)
@@ -254,6 +280,7 @@ class Account:
     topup_usd: Decimal = Decimal(0)
     fired: set[Decimal] = field(default_factory=set)
     settled_utilization: Decimal = Decimal(0)  # utilization() as of the last settlement
+    refused: int = 0  # calls refused in this window (a refusal is not spend: it fires no alert)
 
     @property
     def limit_usd(self) -> Decimal | None:
@@ -293,20 +320,62 @@ class Account:
             return None
         return max(1, math.ceil((self.end - now).total_seconds()))
 
+    def spend_text(self, kind: str | None = None) -> str:
+        """'spent $0.0005 of $0.001 limit' (or tokens, requests): one kind, or every kind the rule limits."""
+        parts = []
+        s, r = self.spent, self.reserved
+        if kind in (None, "usd") and self.limit_usd is not None:
+            held = f" (+{dollars(r.usd)} held by calls in flight)" if r.usd else ""
+            parts.append(f"spent {dollars(s.usd)}{held} of {dollars(self.limit_usd)} limit")
+        if kind in (None, "tokens") and self.rule.limit_tokens is not None:
+            held = f" (+{r.tokens:,} held by calls in flight)" if r.tokens else ""
+            parts.append(f"spent {s.tokens:,} tokens{held} of {self.rule.limit_tokens:,} tokens limit")
+        if kind in (None, "requests") and self.rule.limit_requests is not None:
+            held = f" (+{r.requests:,} in flight)" if r.requests else ""
+            parts.append(f"made {s.requests:,} requests{held} of {self.rule.limit_requests:,} requests limit")
+        return "; ".join(parts)
+
+    def describe(self) -> str:
+        """"budget 'x' (day window)", "budget 'x' for user 'alice' (day window)"."""
+        who = f" for {self.rule.per} {self.key!r}" if self.rule.per else ""
+        return f"budget {self.rule.name!r}{who} ({self.rule.window} window)"
+
 
 @dataclass(slots=True)
 class Refusal:
     account: Account
     limit: str  # usd | tokens | requests
     retry_after: int | None
-    crossings: list[Crossing]
+    crossings: list[Crossing] = field(default_factory=list)  # always empty: a refusal is not spend
+    estimate: Tally = field(default_factory=Tally)  # what this call would have reserved
+    basis: str = ""  # how the estimate was made, e.g. "max_tokens 4096 at gpt-4o-mini prices"
+    bounded: bool = True  # the estimate is the request's own max tokens, not a guess
 
     @property
     def message(self) -> str:
-        a = self.account
-        who = f" for {a.rule.per}={a.key!r}" if a.rule.per else ""
-        return (f"meterline budget {a.rule.name!r}{who} would be exceeded ({self.limit} limit, "
-                f"{a.rule.window} window); the call was not sent")
+        a, e = self.account, self.estimate
+        need = (dollars(e.usd) if self.limit == "usd" else f"{e.tokens:,} tokens" if self.limit == "tokens"
+                else "1 request")
+        how = f" ({self.basis})" if self.basis and self.limit != "requests" else ""
+        text = (f"meterline: {a.describe()}: {a.spend_text(self.limit)}; "
+                f"this call needs {'up to' if self.bounded else 'about'} {need}{how}")
+        return f"{text}; the call was not sent. {self.advice()}"
+
+    def advice(self) -> str:
+        a, e = self.account, self.estimate
+        options = []
+        if self.limit in ("usd", "tokens"):
+            options.append("set max_tokens lower" if self.bounded else "set max_tokens to bound it")
+        if self.limit == "usd":
+            options.append(f"top up (POST /_meterline/budgets/{a.rule.name}/topup)")
+        elif self.limit in ("tokens", "requests"):
+            options.append(f"raise its limit_{self.limit}")
+        too_big = (self.limit == "usd" and a.limit_usd is not None and e.usd > a.limit_usd) or (
+            self.limit == "tokens" and a.rule.limit_tokens is not None and e.tokens > a.rule.limit_tokens)
+        if self.retry_after is not None and not too_big:  # a new window would not make it fit
+            options.append(f"wait {duration(self.retry_after)} for the window to reset")
+        lead = "This call alone is more than the whole limit: " if too_big else "To avoid this: "
+        return lead + (", ".join(options[:-1]) + " or " + options[-1] if len(options) > 1 else options[0]) + "."
 
 
 @dataclass(slots=True)
@@ -343,8 +412,9 @@ class Budgets:
     # --- rules ---------------------------------------------------------------------------------
 
     def put(self, rule: Rule) -> None:
-        """Adds or replaces a rule. A replaced rule starts with no accounts: its window or match may
-        have changed, so the caller restores its spend from the ledger (`restore(..., only=name)`)."""
+        """Adds or replaces a rule. A replaced rule starts clean, with no accounts, top-ups or fired
+        alerts: its window or match may have changed, so the caller restores what its new definition
+        counts from the ledger (`restore(..., only=name)`)."""
         self.rules[rule.name] = rule
         self._reindex()
         self._forget(rule.name)
@@ -361,6 +431,8 @@ class Budgets:
             del self.accounts[k]
         for k in [k for k in self._current if k[0] == name]:
             del self._current[k]
+        for k in [k for k in self.topups if k[0] == name]:
+            del self.topups[k]
 
     def _reindex(self) -> None:
         self._index, self._open = {}, []
@@ -400,7 +472,8 @@ class Budgets:
         return acct
 
     def admit(self, c: CallAttrs, at: datetime, estimate: Callable[[list[Rule]], Tally]) -> Reservation | Refusal:
-        """Reserves the call's worst case on every matching account, or refuses it."""
+        """Reserves the call's estimate on every matching account, or refuses it. A refusal is
+        counted on its account but fires no alert: alerts follow settled spend only."""
         rules = self.matching(c)
         if not rules:
             return Reservation([])
@@ -410,12 +483,8 @@ class Budgets:
             if acct.rule.action == "block":
                 limit = acct.would_exceed(e)
                 if limit is not None:
-                    crossings = []
-                    if Decimal(1) in acct.rule.thresholds and Decimal(1) not in acct.fired:
-                        # refusing means the allowance is used up, whether or not spend reached it exactly
-                        acct.fired.add(Decimal(1))
-                        crossings.append(Crossing(acct, Decimal(1), acct.utilization(), at))
-                    return Refusal(acct, limit, acct.seconds_to_reset(at), crossings)
+                    acct.refused += 1
+                    return Refusal(acct, limit, acct.seconds_to_reset(at), estimate=e)
         for acct, e in holds:
             acct.reserved.add(e)
         return Reservation(holds)
@@ -478,21 +547,24 @@ class Budgets:
         out = []
         for rule in self.rules.values():
             current = [a for a in self.accounts.values() if a.rule.name == rule.name and a.start <= now < a.end]
-            if not current and rule.per is None:
-                current = [self.account(rule, NO_KEY, now)]
+            placeholder = not current and rule.per is not None
+            if not current:
+                # a split rule before its first call shows as one row with no key and nothing spent
+                current = [self.account(rule, NO_KEY, now) if rule.per is None
+                           else Account(rule, NO_KEY, *window_bounds(rule.window, rule.tz, now))]
             for a in sorted(current, key=lambda a: a.key):
                 out.append({
-                    "rule": rule.name, "key": a.key if rule.per else None, "per": rule.per,
+                    "rule": rule.name, "key": a.key if rule.per and not placeholder else None, "per": rule.per,
                     "window": rule.window, "action": rule.action,
                     "window_start": a.start.isoformat(),
                     "resets_at": None if a.end >= FOREVER else a.end.isoformat(),
                     "seconds_to_reset": a.seconds_to_reset(now),
-                    "spent_usd": str(a.spent.usd), "reserved_usd": str(a.reserved.usd),
-                    "limit_usd": None if a.limit_usd is None else str(a.limit_usd),
+                    "spent_usd": exact(a.spent.usd), "reserved_usd": exact(a.reserved.usd),
+                    "limit_usd": None if a.limit_usd is None else exact(a.limit_usd),
                     "spent_tokens": a.spent.tokens, "limit_tokens": rule.limit_tokens,
                     "requests": a.spent.requests, "limit_requests": rule.limit_requests,
                     "utilization": float(a.utilization()),
-                    "alerts_fired": sorted(str(t) for t in a.fired),
+                    "alerts_fired": [exact(t) for t in sorted(a.fired)], "refused": a.refused,
                     "source": rule.source,
                 })
         return out

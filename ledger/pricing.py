@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import fnmatch
 import logging
+from collections import deque
 from dataclasses import dataclass
 from datetime import date, datetime
 from decimal import Decimal
@@ -71,20 +72,33 @@ class Pricer:
 
     def worst_case(self, provider: str, model: str | None, input_tokens: int, max_output: int | None,
                    at: datetime) -> tuple[Decimal | None, int]:
-        """An upper bound of a call's cost before it is sent, and the output tokens it assumes: the
-        request's max tokens, else what the model's context window leaves, else a default."""
-        rates = None
-        if model:
-            k = (provider, model, at.date())
-            if k not in self._rates:
-                self._rates[k] = _rates(provider, model, self.rules, at)
-            rates = self._rates[k]
+        """An upper bound of a call's cost before it is sent (at the model's highest-tier prices),
+        and the output tokens it assumes: `max_output`, else `output_ceiling`."""
+        rates = self.rates(provider, model, at)
         if max_output is None:
-            window = rates.context_window if rates else None
-            max_output = max(window - input_tokens, 0) if window else self.default_max_output
+            max_output = self._ceiling(rates, input_tokens)
         if rates is None:
             return None, max_output
         return rates.input_per_token * input_tokens + rates.output_per_token * max_output, max_output
+
+    def output_ceiling(self, provider: str, model: str | None, input_tokens: int, at: datetime) -> int:
+        """The most a call without max tokens can produce: what the model's context window leaves
+        after the input, or `default_max_output` when the window is unknown."""
+        return self._ceiling(self.rates(provider, model, at), input_tokens)
+
+    def _ceiling(self, rates: Rates | None, input_tokens: int) -> int:
+        window = rates.context_window if rates else None
+        return max(window - input_tokens, 0) if window else self.default_max_output
+
+    def rates(self, provider: str, model: str | None, at: datetime) -> Rates | None:
+        """The model's upper-bound per-token prices (cached per day: one dict lookup after the first)."""
+        if not model:
+            return None
+        k = (provider, model, at.date())
+        rates = self._rates.get(k, _UNSEEN)
+        if rates is _UNSEEN:
+            rates = self._rates[k] = _rates(provider, model, self.rules, at)
+        return rates  # type: ignore[return-value]
 
     def warm(self) -> None:
         """Loads the catalogue now, so the first call does not pay for it."""
@@ -119,6 +133,41 @@ class Pricer:
             if cost is not None:
                 return cost
         return Cost.unpriced()
+
+
+# --- what a call without max tokens will likely produce ------------------------------------------
+
+FIRST_CALL_OUTPUT = 1024  # output tokens assumed before a (provider, model, app) has any history
+MIN_LIKELY_OUTPUT = 64  # never assume less than this, however short the recent answers were
+RECENT_CALLS = 16  # the likely output is the largest of this many recent answers
+
+
+class RecentOutput:
+    """Output tokens of the last few calls per (provider, model, app), in memory on the event loop.
+
+    `likely` is one dict lookup: the largest of the last RECENT_CALLS answers, kept up to date
+    by `record` (a max over 16 ints, once per call). At most `max_keys` keys are kept (apps and
+    models are free text from the caller); the oldest is forgotten first.
+    """
+
+    def __init__(self, size: int = RECENT_CALLS, max_keys: int = 10_000) -> None:
+        self.size = size
+        self.max_keys = max_keys
+        self._recent: dict[tuple[str, str, str], deque[int]] = {}
+        self._likely: dict[tuple[str, str, str], int] = {}
+
+    def likely(self, key: tuple[str, str, str]) -> int | None:
+        return self._likely.get(key)
+
+    def record(self, key: tuple[str, str, str], output_tokens: int) -> None:
+        recent = self._recent.get(key)
+        if recent is None:
+            if len(self._recent) >= self.max_keys:
+                oldest = next(iter(self._recent))
+                del self._recent[oldest], self._likely[oldest]
+            recent = self._recent[key] = deque(maxlen=self.size)
+        recent.append(output_tokens)
+        self._likely[key] = max(recent)
 
 
 _STANDARD_TIERS = frozenset({"default", "standard", "auto"})

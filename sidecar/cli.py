@@ -210,18 +210,23 @@ def _budgets_from_file(path: str, cfg: config_mod.Config) -> list[dict]:
 
 
 def _spent(r: dict) -> str:
-    return _amounts(r, r["spent_usd"], r["spent_tokens"], r["requests"], 4)
+    return _amounts(r, r["spent_usd"], r["spent_tokens"], r["requests"])
 
 
 def _limit(r: dict) -> str:
-    return _amounts(r, r["limit_usd"], r["limit_tokens"], r["limit_requests"], 2)
+    return _amounts(r, r["limit_usd"], r["limit_tokens"], r["limit_requests"])
 
 
-def _amounts(r: dict, usd: str | None, tokens: int | None, requests: int | None, places: int) -> str:
-    """One budget row's spend or limits, for the kinds of limit its rule has."""
+def _amounts(r: dict, usd: str | None, tokens: int | None, requests: int | None) -> str:
+    """One budget row's spend or limits, for the kinds of limit its rule has; dollars exactly
+    (from the row's Decimal string, never through a float): $0.0005, not $0.00."""
+    from decimal import Decimal
+
+    from ledger.budgets import dollars
+
     parts = []
     if r["limit_usd"] is not None:
-        parts.append(f"${float(usd):,.{places}f}")
+        parts.append(dollars(Decimal(usd or 0)))
     if r["limit_tokens"] is not None:
         parts.append(f"{tokens:,} tok")
     if r["limit_requests"] is not None:
@@ -230,12 +235,9 @@ def _amounts(r: dict, usd: str | None, tokens: int | None, requests: int | None,
 
 
 def _duration(seconds: int | None) -> str:
-    if seconds is None:
-        return "never"
-    d, rest = divmod(seconds, 86400)
-    h, rest = divmod(rest, 3600)
-    m, s = divmod(rest, 60)
-    return f"{d}d {h}h" if d else f"{h}h {m}m" if h else f"{m}m {s}s"
+    from ledger.budgets import duration
+
+    return duration(seconds)
 
 
 class _Refused(Exception):

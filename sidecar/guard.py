@@ -2,7 +2,8 @@
 from __future__ import annotations
 
 import asyncio
-from datetime import datetime, timezone
+import logging
+from datetime import datetime, timedelta, timezone
 from decimal import Decimal
 from collections.abc import Callable
 from typing import Any
@@ -10,11 +11,13 @@ from typing import Any
 from exporters.alerts import AlertDispatcher
 from ledger import budget_store
 from ledger.budgets import Budgets, CallAttrs, Crossing, Refusal, Reservation, Rule, Tally
-from ledger.pricing import Pricer
-from ledger.records import CallExtras, CallInfo, CallRecord
+from ledger.pricing import FIRST_CALL_OUTPUT, MIN_LIKELY_OUTPUT, RECENT_CALLS, Pricer, RecentOutput
+from ledger.records import OK, CallExtras, CallInfo, CallRecord
 from ledger.writer import LedgerWriter
 
 NO_RESERVATION = Reservation([])
+log = logging.getLogger("meterline.budgets")
+RECENT_HISTORY = timedelta(days=7)  # how far back a restart looks for each model's recent answers
 
 
 class Guard:
@@ -26,6 +29,7 @@ class Guard:
         self.writer = writer
         self.alerts = alerts
         self.refused = 0
+        self.recent = RecentOutput()  # what each (provider, model, app) answered lately: the estimate without max tokens
         self.on_utilization = on_utilization  # feeds the meterline.budget.utilization gauge
         # rules whose history is being read: calls settled meanwhile are counted live, not from the ledger
         self._rebuilding: dict[str, set[str]] = {}
@@ -40,6 +44,11 @@ class Guard:
         now = datetime.now(timezone.utc)
         history = await loop.run_in_executor(None, self._db, budget_store.history, self.budgets.window_starts(now))
         budget_store.apply(self.budgets, history)
+        if self.budgets.rules:  # a restart keeps the estimates for calls without max tokens
+            recent = await loop.run_in_executor(None, self._db, budget_store.recent_outputs,
+                                                now - RECENT_HISTORY, RECENT_CALLS)
+            for key, tokens in recent:
+                self.recent.record(key, tokens)
 
     def _db(self, fn: Any, *args: Any) -> Any:
         cur = self.writer.cursor()
@@ -56,48 +65,79 @@ class Guard:
         return bool(self.budgets.rules)
 
     def admit(self, info: CallInfo, attrs: CallAttrs, at: datetime) -> Reservation | Refusal:
+        """Reserves what the call will cost: up to its max tokens when it gives them (a hard bound),
+        else what this model answered this app lately (bounded by the context window), else a
+        first-call default. Every step is a dict lookup."""
         if not self.budgets.rules:
             return NO_RESERVATION
+        assumed: list[Any] = []  # (output tokens, where they come from, usd): for the refusal's message
 
         def estimate(rules: list[Rule]) -> Tally:
+            out = info.max_output_tokens
+            source = "max_tokens"
+            if out is None:
+                ceiling = self.pricer.output_ceiling(info.provider, info.request_model, info.input_estimate, at)
+                seen = self.recent.likely((info.provider, attrs.model, attrs.app))
+                source = "first" if seen is None else "recent"
+                out = min(FIRST_CALL_OUTPUT if seen is None else max(seen, MIN_LIKELY_OUTPUT), ceiling)
             usd = Decimal(0)
-            need_usd = any(r.limit_usd is not None for r in rules)
-            if need_usd and info.priced:
-                worst, max_out = self.pricer.worst_case(info.provider, info.request_model, info.input_estimate,
-                                                        info.max_output_tokens, at)
-                usd = worst or Decimal(0)  # an unpriced model can be held only by token and request limits
-            else:
-                max_out = info.max_output_tokens if info.max_output_tokens is not None else \
-                    self.pricer.default_max_output
-            tokens = info.input_estimate + max_out if info.priced else 0
-            return Tally(usd, tokens, 1)
+            if info.priced and any(r.limit_usd is not None for r in rules):
+                cost, out = self.pricer.worst_case(info.provider, info.request_model, info.input_estimate, out, at)
+                usd = cost or Decimal(0)  # an unpriced model can be held only by token and request limits
+            assumed[:] = (out, source, usd)
+            return Tally(usd, info.input_estimate + out if info.priced else 0, 1)
 
         decision = self.budgets.admit(attrs, at, estimate)
         if isinstance(decision, Refusal):
             self.refused += 1
+            if assumed:
+                decision.bounded = assumed[1] == "max_tokens"
+                decision.basis = self._basis(info, attrs, *assumed)
+            if decision.account.refused == 1:  # once per account and window: the log is not flooded
+                log.warning("refused a call: %s (further refusals of this account in this window are counted, "
+                            "not logged)", decision.message.removeprefix("meterline: "))
         return decision
 
+    @staticmethod
+    def _basis(info: CallInfo, attrs: CallAttrs, out: int, source: str, usd: Decimal) -> str:
+        """How a refused call's reservation was made, in words (built only for refusals)."""
+        model = info.request_model or "an unnamed model"
+        prices = f" at {model} prices" if usd else ""
+        inp = f"about {info.input_estimate:,} input tokens + " if info.input_estimate else ""
+        if source == "max_tokens":
+            return f"{inp}max_tokens {out}{prices}"
+        app = f"app {attrs.app!r}" if attrs.app else "calls without an app"
+        if source == "recent":
+            return (f"{inp}{out:,} output tokens{prices}: no max_tokens given, so the most {model} produced "
+                    f"for {app} in its last {RECENT_CALLS} calls")
+        return (f"{inp}{out:,} output tokens{prices}: no max_tokens given and no recent calls of {model} "
+                f"for {app}, so a first-call default")
+
     def settle(self, reservation: Reservation, record: CallRecord, extras: CallExtras) -> None:
+        if record.outcome == OK and record.output_tokens is not None and self.budgets.rules:
+            self.recent.record((record.provider, record.request_model or "", record.app or ""), record.output_tokens)
         if not reservation.holds:
             return
         actual = Tally(record.cost_usd or Decimal(0),
                        (record.input_tokens or 0) + (record.output_tokens or 0), 1)
         extras.attributes["meterline.budget.rules"] = ",".join(a.rule.name for a, _ in reservation.holds)
         crossings = self.budgets.settle(reservation, actual, record.started_at)
+        rules = self.budgets.rules
         for acct, _ in reservation.holds:
-            if acct.rule.name in self._rebuilding:
+            # only a call counted on the rule's new definition is left out of its rebuild from the ledger
+            if acct.rule.name in self._rebuilding and rules.get(acct.rule.name) is acct.rule:
                 self._rebuilding[acct.rule.name].add(record.call_id)
             if self.on_utilization is not None:
                 self.on_utilization(acct.rule.name, acct.key or None, acct.settled_utilization)
         self._alert(crossings, record.call_id, extras)
 
     def refused_call(self, refusal: Refusal, call_id: str, extras: CallExtras) -> None:
+        """Marks the refused call's span; a refusal is counted (status `refused`), never alerted on."""
         extras.attributes["meterline.budget.name"] = refusal.account.rule.name
         extras.attributes["meterline.budget.blocked"] = True
         extras.attributes["meterline.budget.limit"] = refusal.limit
         if refusal.account.rule.per:
             extras.attributes["meterline.budget.key"] = refusal.account.key
-        self._alert(refusal.crossings, call_id, extras)
 
     def _alert(self, crossings: list[Crossing], call_id: str, extras: CallExtras) -> None:
         for c in crossings:

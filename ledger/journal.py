@@ -322,7 +322,9 @@ class Journal:
     def _release(self, segment: int) -> None:
         left = self.outstanding[segment] - 1
         self.outstanding[segment] = left
-        if left == 0 and segment != self.segment:
+        # while lines wait in memory, a final record may be among them: keep the segment holding
+        # its provisional line (close() or the next rotation deletes it)
+        if left == 0 and segment != self.segment and not self.unwritten:
             self._delete(segment)
 
     def _delete(self, segment: int) -> None:

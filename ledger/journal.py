@@ -121,7 +121,7 @@ class Journal:
 
     def recover(self) -> list[CallRecord]:
         """Every call the journal still holds (last line per call wins), oldest segment first."""
-        self.dir.mkdir(parents=True, exist_ok=True)
+        self.dir.mkdir(parents=True, exist_ok=True, mode=0o700)
         latest: dict[str, CallRecord] = {}
         for path in self._segments():
             fields = _FIELDS

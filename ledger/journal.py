@@ -121,7 +121,7 @@ class Journal:
 
     def recover(self) -> list[CallRecord]:
         """Every call the journal still holds (last line per call wins), oldest segment first."""
-        self.dir.mkdir(parents=True, exist_ok=True)
+        self.dir.mkdir(parents=True, exist_ok=True, mode=0o700)
         latest: dict[str, CallRecord] = {}
         for path in self._segments():
             fields = _FIELDS
@@ -322,7 +322,9 @@ class Journal:
     def _release(self, segment: int) -> None:
         left = self.outstanding[segment] - 1
         self.outstanding[segment] = left
-        if left == 0 and segment != self.segment:
+        # while lines wait in memory, a final record may be among them: keep the segment holding
+        # its provisional line (close() or the next rotation deletes it)
+        if left == 0 and segment != self.segment and not self.unwritten:
             self._delete(segment)
 
     def _delete(self, segment: int) -> None:

@@ -84,12 +84,18 @@ def mark(record: CallRecord, kind: str | None) -> None:
 def usage(u: Usage) -> str | None:
     """On the request path, before pricing: NULLs every count outside BIGINT or below zero and
     every unit that is not such a count or a finite number >= 0. Returns the anomaly, or None."""
+    a, b, c, d, e = u.input_tokens, u.output_tokens, u.cache_read_tokens, u.cache_write_tokens, u.reasoning_tokens
     kind = None
-    for name in _COUNTS:
-        value = getattr(u, name)
-        if value is not None and not (type(value) is int and 0 <= value <= BIGINT_MAX):
-            setattr(u, name, None)
-            kind = OUT_OF_RANGE if isinstance(value, (int, float)) and not isinstance(value, bool) else INVALID
+    if not ((a is None or (type(a) is int and 0 <= a <= BIGINT_MAX))
+            and (b is None or (type(b) is int and 0 <= b <= BIGINT_MAX))
+            and (c is None or (type(c) is int and 0 <= c <= BIGINT_MAX))
+            and (d is None or (type(d) is int and 0 <= d <= BIGINT_MAX))
+            and (e is None or (type(e) is int and 0 <= e <= BIGINT_MAX))):
+        for name in _COUNTS:
+            value = getattr(u, name)
+            if value is not None and not count_ok(value):
+                setattr(u, name, None)
+                kind = OUT_OF_RANGE if isinstance(value, (int, float)) and not isinstance(value, bool) else INVALID
     if u.units:
         units, bad = _units(u.units)
         if bad:
@@ -99,17 +105,27 @@ def usage(u: Usage) -> str | None:
 
 
 def costs(record: CallRecord) -> None:
-    """On the request path, after pricing: money that fits, strings from the upstream that are strings."""
-    for name in _MONEY:
-        value = getattr(record, name)
-        if value is not None and not money_ok(value):
-            setattr(record, name, money(value))
-            mark(record, OUT_OF_RANGE)
-    for name in _UPSTREAM_STRINGS:
-        value = getattr(record, name)
-        if value is not None and type(value) is not str:
-            setattr(record, name, None)
-            mark(record, INVALID)
+    """On the request path, after pricing: money that fits, strings from the upstream that are strings.
+    (The pricer rounds to 12 places, so only the magnitude is checked here; `full` checks both.)"""
+    a, b, c = record.input_cost_usd, record.output_cost_usd, record.cost_usd
+    if ((a is not None and not (a.is_finite() and a.adjusted() < MONEY_DIGITS))
+            or (b is not None and not (b.is_finite() and b.adjusted() < MONEY_DIGITS))
+            or (c is not None and not (c.is_finite() and c.adjusted() < MONEY_DIGITS))):
+        for name in _MONEY:
+            value = getattr(record, name)
+            if value is not None and not money_ok(value):
+                setattr(record, name, money(value))
+        mark(record, OUT_OF_RANGE)
+    if not (_is_text(record.request_model) and _is_text(record.response_model) and _is_text(record.response_id)
+            and _is_text(record.finish_reason) and _is_text(record.error_type) and _is_text(record.service_tier)):
+        for name in _UPSTREAM_STRINGS:
+            if not _is_text(getattr(record, name)):
+                setattr(record, name, None)
+        mark(record, INVALID)
+
+
+def _is_text(value: Any) -> bool:
+    return value is None or type(value) is str
 
 
 def full(record: CallRecord) -> CallRecord:

@@ -120,8 +120,8 @@ def parse(doc: Any) -> Config:
     if "threads" in ledger:
         threads = ledger["threads"]
         if isinstance(threads, bool) or not isinstance(threads, int) or not 0 < threads <= MAX_LEDGER_THREADS:
-            raise ConfigError(f"config key 'ledger.threads': expected a whole number from 1 to "
-                              f"{MAX_LEDGER_THREADS}, got {threads!r}")
+            raise ConfigError(f"config key 'ledger.threads': expected a positive whole number, got {threads!r} "
+                              f"(at most {MAX_LEDGER_THREADS})")
         cfg.ledger_threads = threads
     cfg.upstreams = _upstreams(_map(doc, "upstreams"))
     cfg.prices = [_price(i, p) for i, p in enumerate(_list(doc, "prices"))]

@@ -160,3 +160,18 @@ def test_the_writer_quarantines_a_record_duckdb_refuses_and_carries_on(tmp_path:
     assert [json.loads(data)["call_id"] for _, _, data in rejected] == ["w13", "w7"]
     assert all(source == "writer" and reason for source, reason, _ in rejected)
     assert writer.rejected == 2
+
+
+def test_replay_quarantines_a_record_duckdb_refuses(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Past the line checks (turned off here), replay isolates what the ledger refuses, as the writer does."""
+    monkeypatch.setattr("ledger.journal.validate.full", lambda record: record)
+    db = tmp_path / "ledger.duckdb"
+    _write_segment(journal_dir(db), [_line("r1"), BAD_LINES["tokens_huge"], BAD_LINES["cost_nan"], _line("r2")])
+    writer = LedgerWriter(db)
+    assert writer.open() == 2
+    ids = {r[0] for r in writer.cursor().execute("SELECT call_id FROM calls").fetchall()}
+    rejected = writer.cursor().execute("SELECT source, data FROM rejected").fetchall()
+    writer.stop()
+    assert ids == {"r1", "r2"}
+    assert sorted(json.loads(data)["call_id"] for _, data in rejected) == ["cost_nan", "tokens_huge"]
+    assert {source for source, _ in rejected} == {"journal"} and writer.rejected_at_start == 2

@@ -280,7 +280,7 @@ class Account:
     topup_usd: Decimal = Decimal(0)
     fired: set[Decimal] = field(default_factory=set)
     settled_utilization: Decimal = Decimal(0)  # utilization() as of the last settlement
-    refused: int = 0  # calls refused in this window (a refusal is not spend: it fires no alert)
+    refused: int = 0  # calls refused in this window (a refusal is not spend)
 
     @property
     def limit_usd(self) -> Decimal | None:
@@ -346,7 +346,7 @@ class Refusal:
     account: Account
     limit: str  # usd | tokens | requests
     retry_after: int | None
-    crossings: list[Crossing] = field(default_factory=list)  # always empty: a refusal is not spend
+    crossings: list[Crossing] = field(default_factory=list)  # thresholds spend reaches, not yet fired
     estimate: Tally = field(default_factory=Tally)  # what this call would have reserved
     basis: str = ""  # how the estimate was made, e.g. "max_tokens 4096 at gpt-4o-mini prices"
     bounded: bool = True  # the estimate is the request's own max tokens, not a guess
@@ -473,7 +473,8 @@ class Budgets:
 
     def admit(self, c: CallAttrs, at: datetime, estimate: Callable[[list[Rule]], Tally]) -> Reservation | Refusal:
         """Reserves the call's estimate on every matching account, or refuses it. A refusal is
-        counted on its account but fires no alert: alerts follow settled spend only."""
+        counted on its account; it is not spend, so it fires only thresholds that spend already
+        reaches but that no settlement has checked (a zero limit, a rule added with past spend)."""
         rules = self.matching(c)
         if not rules:
             return Reservation([])
@@ -484,7 +485,7 @@ class Budgets:
                 limit = acct.would_exceed(e)
                 if limit is not None:
                     acct.refused += 1
-                    return Refusal(acct, limit, acct.seconds_to_reset(at), estimate=e)
+                    return Refusal(acct, limit, acct.seconds_to_reset(at), self._crossed(acct, at), estimate=e)
         for acct, e in holds:
             acct.reserved.add(e)
         return Reservation(holds)

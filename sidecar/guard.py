@@ -132,12 +132,14 @@ class Guard:
         self._alert(crossings, record.call_id, extras)
 
     def refused_call(self, refusal: Refusal, call_id: str, extras: CallExtras) -> None:
-        """Marks the refused call's span; a refusal is counted (status `refused`), never alerted on."""
+        """Marks the refused call's span. A refusal is counted (status `refused`); it alerts only on
+        thresholds that spend already reaches (see Budgets.admit), never at utilization 0."""
         extras.attributes["meterline.budget.name"] = refusal.account.rule.name
         extras.attributes["meterline.budget.blocked"] = True
         extras.attributes["meterline.budget.limit"] = refusal.limit
         if refusal.account.rule.per:
             extras.attributes["meterline.budget.key"] = refusal.account.key
+        self._alert(refusal.crossings, call_id, extras)
 
     def _alert(self, crossings: list[Crossing], call_id: str, extras: CallExtras) -> None:
         for c in crossings:

@@ -275,3 +275,15 @@ def test_a_restart_keeps_the_estimate_for_calls_without_max_tokens(tmp_path, fak
         assert ledger_spend(sc, 1) <= Decimal("0.0075")
     finally:
         sc.stop()
+
+
+def test_a_zero_allowance_is_used_up_so_its_refusal_alerts(tmp_path, fake):
+    sc = start(tmp_path, fake, budgets=[{"name": "none", "window": "day", "limit_usd": "0", "thresholds": [1.0]}])
+    try:
+        with pytest.raises(openai.RateLimitError):
+            call(client(sc), max_tokens=10)
+        (row,) = rule_rows(sc, "none")
+        assert row["utilization"] == 1 and row["alerts_fired"] == ["1"] and row["refused"] == 1
+        assert status(sc)["alerts"]["fired"] == 1
+    finally:
+        sc.stop()

@@ -84,7 +84,8 @@ def sidecar(fake: FakeProvider, tmp_path_factory: pytest.TempPathFactory) -> Ite
         "budgets": [
             {"name": "team-a-daily", "match": {"tags": {"team": "a"}}, "window": "day", "limit_usd": 5,
              "action": "alert"},
-            {"name": "tiny-block", "match": {"user": "blocked-user"}, "window": "day", "limit_usd": 0.000001,
+            # a zero allowance: used up (100%) before any call, so its refusal alerts at 100%
+            {"name": "tiny-block", "match": {"user": "blocked-user"}, "window": "day", "limit_usd": 0,
              "action": "block"},
         ],
     }

@@ -681,6 +681,29 @@ def test_dockerfile_runs_meterline_serve_as_a_user_with_a_healthcheck_and_a_ledg
             assert stage in {a.split()[-1] for i, a in instructions if i == "FROM" and " AS " in a.upper()}
 
 
+def test_dockerfile_builds_a_wheel_and_the_image_installs_it_not_the_source_tree():
+    """The build stage makes a wheel; the final stage pip-installs that .whl, never an editable install."""
+    instructions = dockerfile()
+    froms = [i for i, (ins, _) in enumerate(instructions) if ins == "FROM"]
+    assert len(froms) >= 2, "a build stage and a final stage"
+    build = instructions[froms[-2]:froms[-1]]
+    final = final_stage(instructions)
+    stage_name = build[0][1].split()[-1]
+    build_runs = " ".join(args for ins, args in build if ins == "RUN")
+    assert re.search(r"pip wheel\b.*--no-deps|-m build\b.*--wheel", build_runs), build_runs
+    final_runs = [args for ins, args in final if ins == "RUN"]
+    installs = [r for r in final_runs if re.search(r"pip install\b[^&]*\.whl", r)]
+    assert installs, final_runs
+    for ins, args in instructions:
+        if ins == "RUN":
+            assert not re.search(r"pip install\b[^&]*(\s-e\s|--editable)", args), args
+    # only the wheel crosses into the image: no source tree copied from the build stage or the context
+    final_copies = [args for ins, args in final if ins == "COPY"]
+    assert all(args.startswith(f"--from={stage_name}") for args in final_copies), final_copies
+    assert all(re.search(r"\.whl|/wheels?\b|/dist\b", args) for args in final_copies), final_copies
+    assert not any(src in args for args in final_copies for src in ("sidecar", "ledger", "exporters", "dashboards"))
+
+
 def healthcheck_command() -> list[str]:
     (health,) = [args for ins, args in final_stage(dockerfile()) if ins == "HEALTHCHECK"]
     return json.loads(health.split(" CMD ", 1)[1])

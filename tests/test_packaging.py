@@ -15,6 +15,7 @@ import shutil
 import subprocess
 import sys
 import sysconfig
+import time
 import tomllib
 import urllib.request
 import zipfile
@@ -116,3 +117,118 @@ def test_make_serve_installs_no_test_extras_and_make_recovers_from_a_failed_inst
     out = make(project, "serve")
     assert out.returncode == 0 and "serving" in out.stdout, out.stdout + out.stderr
     assert venv_has(project, "pip") and venv_has(project, "standin")
+
+
+# --- the wheel ------------------------------------------------------------------------------------
+
+
+def docker_context(dest: Path) -> Path:
+    """A copy of what Dockerfile.dockerignore (an allowlist) lets into the image's build context."""
+    lines = [line.strip() for line in (DEPLOY / "Dockerfile.dockerignore").read_text().splitlines()]
+    lines = [line for line in lines if line and not line.startswith("#")]
+    assert lines[0] == "*", "Dockerfile.dockerignore is expected to be an allowlist"
+    allowed = [line[1:].rstrip("/") for line in lines if line.startswith("!")]
+    excluded = [line.removeprefix("**/") for line in lines[1:] if not line.startswith("!")]
+    ignore = shutil.ignore_patterns(*excluded)
+    for name in allowed:
+        src = ROOT / name
+        if src.is_dir():
+            shutil.copytree(src, dest / name, ignore=ignore)
+        else:
+            (dest / name).parent.mkdir(parents=True, exist_ok=True)
+            shutil.copy(src, dest / name)
+    return dest
+
+
+def setuptools_satisfies_build_system() -> bool:
+    """Whether this venv's setuptools meets pyproject's build-system requirement (then no isolation)."""
+    requires = tomllib.loads((ROOT / "pyproject.toml").read_text())["build-system"]["requires"]
+    (spec,) = [r for r in requires if r.startswith("setuptools")]
+    minimum = re.fullmatch(r"setuptools>=([\d.]+)", spec.replace(" ", ""))
+    try:
+        installed = metadata.version("setuptools")
+    except metadata.PackageNotFoundError:
+        return False
+    as_tuple = lambda v: tuple(int(x) for x in re.findall(r"\d+", v)[:3])  # noqa: E731
+    return minimum is not None and as_tuple(installed) >= as_tuple(minimum.group(1))
+
+
+@pytest.fixture(scope="module")
+def wheel(tmp_path_factory) -> Path:
+    """The wheel `pip wheel --no-deps .` builds from the image's build context, as deploy/Dockerfile does."""
+    context = docker_context(tmp_path_factory.mktemp("context"))
+    out_dir = tmp_path_factory.mktemp("wheels")
+    # this venv's setuptools when it is recent enough (fast, offline); else pip's isolated build
+    isolation = ["--no-build-isolation"] if setuptools_satisfies_build_system() else []
+    cmd = [sys.executable, "-m", "pip", "wheel", "--no-deps", "--quiet", "--wheel-dir", str(out_dir), *isolation, "."]
+    out = subprocess.run(cmd, cwd=context, env=clean_env(), check=False, capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stdout + out.stderr
+    (whl,) = out_dir.glob("meterline-*.whl")
+    return whl
+
+
+def test_the_wheel_holds_the_packages_and_the_dashboard_files(wheel):
+    names = set(zipfile.ZipFile(wheel).namelist())
+    for package in ("sidecar", "ledger", "exporters"):
+        assert f"{package}/__init__.py" in names, package
+        sources = {p.relative_to(ROOT).as_posix() for p in (ROOT / package).rglob("*.py")}
+        assert sources <= names, f"{package}: missing {sorted(sources - names)[:5]}"
+    web = {p.relative_to(ROOT).as_posix() for p in WEB.rglob("*") if p.is_file()}
+    assert {"dashboards/web/index.html", "dashboards/web/vendor/uPlot.iife.min.js"} <= web
+    assert web <= names, f"dashboard files missing from the wheel: {sorted(web - names)}"
+    assert not any(fnmatch(n, "*.duckdb*") or "__pycache__" in n or n.startswith("tests/") for n in names)
+    entry_points = next(n for n in names if n.endswith(".dist-info/entry_points.txt"))
+    assert "meterline = sidecar.cli:main" in zipfile.ZipFile(wheel).read(entry_points).decode()
+
+
+def test_the_installed_wheel_serves_the_dashboard_from_any_directory(wheel, tmp_path):
+    venv = tmp_path / "venv"
+    subprocess.run([sys.executable, "-m", "venv", "--system-site-packages", "--without-pip", str(venv)],
+                   check=True, env=clean_env(), timeout=120)
+    vpy = venv / "bin" / "python"
+    site = Path(subprocess.run([str(vpy), "-c", "import sysconfig; print(sysconfig.get_paths()['purelib'])"],
+                               check=True, capture_output=True, text=True, env=clean_env()).stdout.strip())
+    # Dependencies come from this test run's venv, after the new venv's own site-packages: a plain path
+    # line, so that venv's .pth files (its editable install of this repository) are not run.
+    (site / "zz-meterline-deps.pth").write_text(sysconfig.get_paths()["purelib"] + "\n")
+    out = subprocess.run([sys.executable, "-m", "pip", "--python", str(vpy), "install", "--quiet", "--no-deps",
+                          str(wheel)], check=False, capture_output=True, text=True, env=clean_env(), timeout=300)
+    assert out.returncode == 0, out.stdout + out.stderr
+
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    out = subprocess.run([str(vpy), "-c", "import sidecar.dashboard as d; print(d.__file__); print(d.WEB_DIR)"],
+                         cwd=elsewhere, check=False, capture_output=True, text=True, env=clean_env(), timeout=60)
+    assert out.returncode == 0, out.stderr
+    module, web_dir = (Path(line) for line in out.stdout.split())
+    assert module.is_relative_to(site) and web_dir.is_relative_to(site), out.stdout
+    assert not web_dir.is_relative_to(ROOT) and (web_dir / "index.html").is_file()
+    assert (web_dir / "vendor" / "uPlot.iife.min.js").read_bytes() == (WEB / "vendor" / "uPlot.iife.min.js").read_bytes()
+
+    port = free_port()
+    proc = subprocess.Popen([str(venv / "bin" / "meterline"), "serve", "--port", str(port), "--db",
+                             str(tmp_path / "ledger.duckdb")], cwd=elsewhere, env=clean_env(),
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    try:
+        base = f"http://127.0.0.1:{port}/_meterline/"
+        deadline = time.monotonic() + 60
+        while True:
+            try:
+                urllib.request.urlopen(base + "healthz", timeout=2).read()
+                break
+            except OSError:
+                if proc.poll() is not None or time.monotonic() > deadline:
+                    proc.kill()
+                    raise AssertionError(f"meterline serve did not come up: {proc.communicate()[0]}")
+                time.sleep(0.1)
+        with urllib.request.urlopen(base, timeout=10) as resp:
+            assert resp.status == 200 and b"<html" in resp.read().lower()
+        with urllib.request.urlopen(base + "static/vendor/uPlot.iife.min.js", timeout=10) as resp:
+            assert resp.read() == (WEB / "vendor" / "uPlot.iife.min.js").read_bytes()
+    finally:
+        proc.terminate()
+        try:
+            proc.wait(20)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()

@@ -533,6 +533,21 @@ def test_compose_sidecar_config_is_valid_and_routes_the_demo_upstream():
     assert cfg.budgets
 
 
+def test_compose_demo_allows_the_hosts_it_is_called_by_and_prometheus_sends_the_admin_token():
+    """Beyond loopback the sidecar serves only allowed Host values (421 otherwise) and, with a token
+    set, /_meterline/metrics needs it: the app and Prometheus call it as `meterline:8720`."""
+    cfg = config_mod.load(DEPLOY / "meterline.yaml")
+    services = compose()["services"]
+    app_url = re.fullmatch(r"\$\{EXAMPLE_BASE_URL:-(.+)\}", services["example-app"]["environment"]["OPENAI_BASE_URL"])
+    config = yaml.safe_load((DEPLOY / "prometheus.yml").read_text())
+    (job,) = [j for j in config["scrape_configs"] if j["job_name"] == "meterline"]
+    (target,) = job["static_configs"][0]["targets"]
+    callers = {urllib.parse.urlsplit(app_url.group(1)).hostname, target.rsplit(":", 1)[0]}
+    assert callers <= cfg.allowed_hosts, f"{callers - cfg.allowed_hosts} would get 421"
+    token = re.fullmatch(r"\$\{METERLINE_ADMIN_TOKEN:-(.+)\}", services["meterline"]["environment"]["METERLINE_ADMIN_TOKEN"])
+    assert job["authorization"] == {"type": "Bearer", "credentials": token.group(1)}
+
+
 class _Capture(BaseHTTPRequestHandler):
     """OTLP/HTTP JSON, as the example app sends its own spans."""
 

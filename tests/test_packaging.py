@@ -232,3 +232,35 @@ def test_the_installed_wheel_serves_the_dashboard_from_any_directory(wheel, tmp_
         except subprocess.TimeoutExpired:
             proc.kill()
             proc.wait()
+
+
+# --- CI on a fresh machine ------------------------------------------------------------------------
+
+
+def test_ci_installs_every_debian_package_the_tests_drive_then_runs_make_test(tmp_path):
+    """.ci/run on a machine that has only bash and python3: apt-get and make are stand-ins that record."""
+    repo = tmp_path / "repo"
+    (repo / ".ci").mkdir(parents=True)
+    shutil.copy(ROOT / ".ci" / "run", repo / ".ci" / "run")
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    log = tmp_path / "calls.log"
+    # make exists only once apt-get has installed it
+    (tmp_path / "make").write_text(f'#!/bin/sh\necho "make $* (in $(pwd))" >> {log}\n')
+    (tmp_path / "make").chmod(0o755)
+    (bin_dir / "apt-get").write_text(f'#!/bin/bash\necho "apt-get $* (in $(pwd))" >> {log}\n'
+                                     f'[[ " $* " == *" make "* ]] && cp {tmp_path / "make"} {bin_dir}/make\nexit 0\n')
+    (bin_dir / "apt-get").chmod(0o755)
+    (bin_dir / "id").write_text("#!/bin/sh\necho 0\n")
+    (bin_dir / "id").chmod(0o755)
+    for tool in ("bash", "dirname", "sh", "cp"):
+        (bin_dir / tool).symlink_to(shutil.which(tool))
+    (bin_dir / "python3").symlink_to(getattr(sys, "_base_executable", sys.executable))
+    out = subprocess.run(["bash", str(repo / ".ci" / "run")], env={"PATH": str(bin_dir), "HOME": str(tmp_path)},
+                         check=False, capture_output=True, text=True, timeout=60)
+    assert out.returncode == 0, out.stdout + out.stderr
+    calls = log.read_text().splitlines()
+    (install,) = [c for c in calls if c.startswith("apt-get install")]
+    packages = set(install.split(" (in ")[0].split()[2:])
+    assert {"make", "prometheus", "chromium", "openssl", "systemd"} <= packages, install
+    assert calls[-1] == f"make test (in {repo})", calls

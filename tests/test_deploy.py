@@ -533,6 +533,21 @@ def test_compose_sidecar_config_is_valid_and_routes_the_demo_upstream():
     assert cfg.budgets
 
 
+def test_compose_demo_allows_the_hosts_it_is_called_by_and_prometheus_sends_the_admin_token():
+    """Beyond loopback the sidecar serves only allowed Host values (421 otherwise) and, with a token
+    set, /_meterline/metrics needs it: the app and Prometheus call it as `meterline:8720`."""
+    cfg = config_mod.load(DEPLOY / "meterline.yaml")
+    services = compose()["services"]
+    app_url = re.fullmatch(r"\$\{EXAMPLE_BASE_URL:-(.+)\}", services["example-app"]["environment"]["OPENAI_BASE_URL"])
+    config = yaml.safe_load((DEPLOY / "prometheus.yml").read_text())
+    (job,) = [j for j in config["scrape_configs"] if j["job_name"] == "meterline"]
+    (target,) = job["static_configs"][0]["targets"]
+    callers = {urllib.parse.urlsplit(app_url.group(1)).hostname, target.rsplit(":", 1)[0]}
+    assert callers <= cfg.allowed_hosts, f"{callers - cfg.allowed_hosts} would get 421"
+    token = re.fullmatch(r"\$\{METERLINE_ADMIN_TOKEN:-(.+)\}", services["meterline"]["environment"]["METERLINE_ADMIN_TOKEN"])
+    assert job["authorization"] == {"type": "Bearer", "credentials": token.group(1)}
+
+
 class _Capture(BaseHTTPRequestHandler):
     """OTLP/HTTP JSON, as the example app sends its own spans."""
 
@@ -679,6 +694,29 @@ def test_dockerfile_runs_meterline_serve_as_a_user_with_a_healthcheck_and_a_ledg
         if ins == "COPY" and args.startswith("--from"):
             stage = re.match(r"--from=(\S+)", args).group(1)
             assert stage in {a.split()[-1] for i, a in instructions if i == "FROM" and " AS " in a.upper()}
+
+
+def test_dockerfile_builds_a_wheel_and_the_image_installs_it_not_the_source_tree():
+    """The build stage makes a wheel; the final stage pip-installs that .whl, never an editable install."""
+    instructions = dockerfile()
+    froms = [i for i, (ins, _) in enumerate(instructions) if ins == "FROM"]
+    assert len(froms) >= 2, "a build stage and a final stage"
+    build = instructions[froms[-2]:froms[-1]]
+    final = final_stage(instructions)
+    stage_name = build[0][1].split()[-1]
+    build_runs = " ".join(args for ins, args in build if ins == "RUN")
+    assert re.search(r"pip wheel\b.*--no-deps|-m build\b.*--wheel", build_runs), build_runs
+    final_runs = [args for ins, args in final if ins == "RUN"]
+    installs = [r for r in final_runs if re.search(r"pip install\b[^&]*\.whl", r)]
+    assert installs, final_runs
+    for ins, args in instructions:
+        if ins == "RUN":
+            assert not re.search(r"pip install\b[^&]*(\s-e\s|--editable)", args), args
+    # only the wheel crosses into the image: no source tree copied from the build stage or the context
+    final_copies = [args for ins, args in final if ins == "COPY"]
+    assert all(args.startswith(f"--from={stage_name}") for args in final_copies), final_copies
+    assert all(re.search(r"\.whl|/wheels?\b|/dist\b", args) for args in final_copies), final_copies
+    assert not any(src in args for args in final_copies for src in ("sidecar", "ledger", "exporters", "dashboards"))
 
 
 def healthcheck_command() -> list[str]:

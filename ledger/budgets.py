@@ -382,6 +382,8 @@ class Refusal:
 class Reservation:
     holds: list[tuple[Account, Tally]]
     crossings: list[Crossing] = field(default_factory=list)  # alert-only rules already past a limit
+    attrs: CallAttrs | None = None  # what the call matched on: a rule replaced meanwhile is matched again
+    counted: list[Account] = field(default_factory=list)  # where settlement counted the call
 
 
 @dataclass(slots=True)
@@ -488,14 +490,24 @@ class Budgets:
                     return Refusal(acct, limit, acct.seconds_to_reset(at), self._crossed(acct, at), estimate=e)
         for acct, e in holds:
             acct.reserved.add(e)
-        return Reservation(holds)
+        return Reservation(holds, attrs=c)
 
     def settle(self, reservation: Reservation, actual: Tally, at: datetime) -> list[Crossing]:
-        """Replaces the reservations with what the call really cost; returns thresholds newly reached."""
+        """Replaces the reservations with what the call really cost; returns thresholds newly reached.
+        A call whose rule was replaced while it ran counts where the new definition puts it (if it
+        matches), so none of its spend goes to an account that no longer exists."""
         crossings: list[Crossing] = []
+        reservation.counted = counted = []
         for acct, est in reservation.holds:
             acct.reserved.add(est, -1)
+            rule = self.rules.get(acct.rule.name)
+            if rule is not acct.rule:
+                c = reservation.attrs
+                if rule is None or c is None or not rule.match.matches(c):
+                    continue
+                acct = self.account(rule, rule.split_key(c), at)
             acct.spent.add(actual)
+            counted.append(acct)
             crossings += self._crossed(acct, at)
         return crossings
 

@@ -122,10 +122,8 @@ class Guard:
                        (record.input_tokens or 0) + (record.output_tokens or 0), 1)
         extras.attributes["meterline.budget.rules"] = ",".join(a.rule.name for a, _ in reservation.holds)
         crossings = self.budgets.settle(reservation, actual, record.started_at)
-        rules = self.budgets.rules
-        for acct, _ in reservation.holds:
-            # only a call counted on the rule's new definition is left out of its rebuild from the ledger
-            if acct.rule.name in self._rebuilding and rules.get(acct.rule.name) is acct.rule:
+        for acct in reservation.counted:  # counted live: a rebuild from the ledger leaves it out
+            if acct.rule.name in self._rebuilding:
                 self._rebuilding[acct.rule.name].add(record.call_id)
             if self.on_utilization is not None:
                 self.on_utilization(acct.rule.name, acct.key or None, acct.settled_utilization)

@@ -287,3 +287,25 @@ def test_a_zero_allowance_is_used_up_so_its_refusal_alerts(tmp_path, fake):
         assert status(sc)["alerts"]["fired"] == 1
     finally:
         sc.stop()
+
+
+def test_a_call_in_flight_when_its_rule_is_replaced_counts_under_the_new_definition(tmp_path, fake):
+    import threading
+
+    sc = start(tmp_path, fake, budgets=[])
+    try:
+        assert api(sc, "POST", "", {"name": "r", "window": "day", "limit_requests": 10})[0] == 201
+        done: list[Any] = []
+        slow = threading.Thread(target=lambda: done.append(client(sc).chat.completions.create(
+            model=MODEL, messages=MESSAGES, max_tokens=50,
+            extra_headers={"x-fake-scenario": "slow", "x-fake-chunks": "20", "x-fake-chunk-delay-ms": "100"})))
+        slow.start()  # about 2 s upstream
+        time.sleep(0.5)
+        assert api(sc, "PUT", "/r", {"name": "r", "window": "day", "limit_requests": 20})[0] == 200
+        slow.join(30)
+        assert done, "the slow call failed"
+        sc.rows("true", 1)
+        (row,) = rule_rows(sc, "r")
+        assert row["requests"] == 1, row  # neither lost with the old definition nor counted twice
+    finally:
+        sc.stop()

@@ -2,8 +2,8 @@
 compressed without a small body inflating without end on the event loop.
 
 The app always gets the compressed bytes as they came; only the observer's copy is inflated, and
-within limits: at most `per_feed` bytes of output per chunk (what is left waits for the next chunk
-or the end), no more than MAX_RATIO times the input consumed (past a small allowance), at most
+within limits: at most `per_feed` bytes of output per chunk (brotli: up to twice that, as its
+buffer grows in steps; what is left waits for the next chunk or the end), no more than MAX_RATIO times the input consumed (past a small allowance), at most
 MAX_OUTPUT in all and MAX_BACKLOG of input waiting. Past a limit the decoder stops for good and
 says why in `stopped` (the row's anomaly): `decompression_bomb`, `metering_cap` or, for bytes that
 are not the coding they claim, `bad_encoding`.
@@ -33,7 +33,8 @@ _ZSTD_BLOCK_RATIO = 1 << 15  # zstd inflates at most ~32 KB per input byte (RLE 
 class Decoder:
     """Decodes successive chunks of one body; `feed` returns the output, b'' once `stopped`."""
 
-    __slots__ = ("per_feed", "stopped", "total_in", "total_out", "_kind", "_z", "_pending", "_pending_size")
+    __slots__ = ("per_feed", "stopped", "total_in", "total_out", "_kind", "_z", "_pending", "_pending_size",
+                 "_full")
 
     def __init__(self, kind: str, per_feed: int) -> None:
         self.per_feed = per_feed
@@ -44,6 +45,7 @@ class Decoder:
         self._z: object | None = None
         self._pending = b""  # input not given to the decompressor yet (brotli, zstd)
         self._pending_size = 0
+        self._full = False  # brotli: the last output filled its buffer
         if kind == "gzip":
             self._z = zlib.decompressobj(16 + zlib.MAX_WBITS)
         elif kind == "br":
@@ -84,8 +86,9 @@ class Decoder:
         z = self._z
         if self._kind in ("gzip", "deflate"):
             return len(z.unconsumed_tail) if z is not None else 0  # type: ignore[attr-defined]
-        if self._kind == "br" and z is not None and not z.can_accept_more_data():  # type: ignore[attr-defined]
-            return self._pending_size + 1  # brotli holds some input itself: at least one byte waits
+        if self._kind == "br" and z is not None and not z.is_finished() and (  # type: ignore[attr-defined]
+                self._full or not z.can_accept_more_data()):  # type: ignore[attr-defined]
+            return self._pending_size + 1  # brotli holds input (or output) itself: say at least one byte
         return self._pending_size
 
     def _stop(self, reason: str) -> None:
@@ -112,9 +115,13 @@ class Decoder:
             if z.can_accept_more_data():  # type: ignore[union-attr]
                 data = self._pending + chunk if self._pending else chunk
                 self._pending, self._pending_size = b"", 0
-                return z.process(data, output_buffer_limit=self.per_feed)  # type: ignore[union-attr]
-            self._add_pending(chunk)
-            return z.process(b"", output_buffer_limit=self.per_feed)  # type: ignore[union-attr]
+            else:
+                self._add_pending(chunk)
+                data = b""
+            out = z.process(data, output_buffer_limit=self.per_feed)  # type: ignore[union-attr]
+            # a full buffer may leave output inside brotli even when it says it takes more input
+            self._full = len(out) >= self.per_feed
+            return out
         # zstd has no output bound: it gets the input in slices small enough that none can inflate
         # past what is left of this feed's allowance
         if z.eof:  # type: ignore[union-attr]

@@ -281,5 +281,5 @@ def _compress(coding: str, data: bytes) -> bytes:
     if coding == "deflate":
         return zlib.compress(data)
     if coding == "br":
-        return brotli.compress(data)
+        return brotli.compress(data, quality=4)
     return zstandard.ZstdCompressor().compress(data)

@@ -18,7 +18,7 @@ from ledger.records import CallExtras, CallInfo, CallRecord, Observation
 
 from . import attribution, content
 from .adapters.base import JsonObserver
-from .decoding import decoder_for
+from .decoding import Decoder, decoder_for
 from .guard import NO_RESERVATION
 from .reply import AioReply, Incoming, Reply, incoming_of
 from .runtime import ADAPTER_MODULES, Runtime
@@ -207,13 +207,13 @@ async def _exchange(rt: Runtime, method: str, adapter: Any, origin: Origin, targ
         call.status = up.status
         content_type = up.header("content-type")
         observer = adapter.observe(info, up.status, content_type, rewritten)
+        streaming = info.stream or content_type.startswith("text/event-stream")
         try:
-            decode = decoder_for(up.header("content-encoding"))
+            decoder = decoder_for(up.header("content-encoding"), streaming)
         except ValueError as e:
-            decode = None
+            decoder = None
             observer = None
             rt.anomaly("unknown_encoding", str(e))
-        streaming = info.stream or content_type.startswith("text/event-stream")
         out_headers = [(key, value) for key, value in up.headers
                        if (lower := key.lower()) not in _DROP_RESPONSE and not (rewritten and lower == "content-length")]
         call.work += time.perf_counter() - t
@@ -226,13 +226,7 @@ async def _exchange(rt: Runtime, method: str, adapter: Any, origin: Origin, targ
             call.response_bytes += len(chunk)
             out = chunk
             if observer is not None:
-                try:
-                    fed = observer.feed(decode(chunk) if decode else chunk)
-                    if not decode:
-                        out = fed
-                except Exception as e:  # noqa: BLE001 - metering faults never break the call
-                    rt.anomaly("observer_error", f"{type(e).__name__}: {e}")
-                    observer = None
+                observer, out = _meter(rt, call, observer, decoder, chunk)
             call.work += time.perf_counter() - t
             if streaming:
                 if observer is not None and observer.done:
@@ -247,7 +241,11 @@ async def _exchange(rt: Runtime, method: str, adapter: Any, origin: Origin, targ
                 if pending:
                     await _send(reply, pending)
                 pending = out
+        if observer is not None and decoder is None and streaming and (rest := observer.leftover()):
+            await _send(reply, rest)  # a rewritten stream that ended inside an event
         if not call.concluded:
+            if observer is not None and decoder is not None:
+                observer, _ = _meter(rt, call, observer, decoder, None)
             _end_observation(rt, adapter, call, observer, up.status)
     except TimeoutError:
         call.outcome, call.error_type = records.TIMEOUT, "timeout"
@@ -264,6 +262,28 @@ async def _exchange(rt: Runtime, method: str, adapter: Any, origin: Origin, targ
         if up is not None:
             up.close()
     return started, pending
+
+
+def _meter(rt: Runtime, call: _Call, observer: Any, decoder: Decoder | None,
+           chunk: bytes | None) -> tuple[Any, bytes]:
+    """Feeds one chunk (None: the end of a compressed body) to the observer, through the decoder if
+    the body is compressed. Returns the observer (None once metering stopped: the row says why)
+    and the bytes for the app: the observer's, or the chunk as it came when compressed."""
+    try:
+        if decoder is None:
+            return observer, observer.feed(chunk)
+        data = decoder.drain() if chunk is None else decoder.feed(chunk)
+        if data:
+            observer.feed(data)
+        if decoder.stopped is not None:
+            _finish_partial(call, observer)
+            call.observation.anomaly = decoder.stopped
+            return None, chunk or b""
+    except Exception as e:  # noqa: BLE001 - metering faults never break the call
+        rt.anomaly("observer_error", f"{type(e).__name__}: {e}")
+        call.observation = Observation(anomaly="observer_error")
+        return None, chunk or b""
+    return observer, chunk or b""
 
 
 class _AppGone(Exception):

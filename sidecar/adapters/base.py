@@ -28,6 +28,10 @@ class Observer(Protocol):
     def finish(self) -> Observation:
         """Called once when the response ended (or broke off); says what was seen."""
 
+    def leftover(self) -> bytes:
+        """At the end of the body: bytes fed but not yet returned (a rewriting observer holds an
+        incomplete event); the app gets them last."""
+
     # True once the body has said it is complete (SSE: `[DONE]`, `message_stop`, ...), which SDKs
     # take as the end of the call, sometimes before the HTTP body itself has ended
     done: bool
@@ -96,6 +100,9 @@ class JsonObserver:
         self.body.feed(chunk)
         return chunk
 
+    def leftover(self) -> bytes:
+        return b""
+
     def finish(self) -> Observation:
         if self.body.overflow:
             return Observation(anomaly="body_too_large")
@@ -150,12 +157,17 @@ class SseObserver:
     def on_event(self, name: str | None, doc: Any) -> None:
         raise NotImplementedError
 
+    def leftover(self) -> bytes:
+        return b""
+
     def finish(self) -> Observation:
         last = self.splitter.flush()
         if last is not None:
             self._handle(last)
         seen = self.seen
-        if self.bad_events and seen.anomaly is None:
+        if self.splitter.overflow:
+            seen.anomaly = "event_too_large"  # metering stopped there; the app still got every byte
+        elif self.bad_events and seen.anomaly is None:
             seen.anomaly = "malformed_event"
         elif seen.usage.is_empty() and seen.anomaly is None:
             seen.anomaly = "no_usage"

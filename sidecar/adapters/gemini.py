@@ -158,8 +158,13 @@ class ArrayStream:
                 self.bad += 1
         return chunk
 
+    def leftover(self) -> bytes:
+        return b""
+
     def finish(self) -> Observation:
-        if self.bad:
+        if self.splitter.overflow:
+            self.seen.anomaly = "event_too_large"  # metering stopped there; the app still got every byte
+        elif self.bad:
             self.seen.anomaly = "malformed_event"
         elif self.seen.usage.is_empty():
             self.seen.anomaly = "no_usage"

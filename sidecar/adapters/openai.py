@@ -219,6 +219,9 @@ class NoUsageBody:
     def feed(self, chunk: bytes) -> bytes:
         return chunk
 
+    def leftover(self) -> bytes:
+        return b""
+
     def finish(self) -> Observation:
         return Observation(anomaly="no_usage")
 
@@ -226,6 +229,8 @@ class NoUsageBody:
 # --- streams ---------------------------------------------------------------------------------
 
 _USAGE_NULL = re.compile(rb',\s*"usage"\s*:\s*null')
+# While rewriting, at most this much of an incomplete event is held back from the app.
+STRIP_HOLD = 256 * 1024
 
 
 class ChatStream(SseObserver):
@@ -239,6 +244,7 @@ class ChatStream(SseObserver):
     def __init__(self, strip_usage: bool = False) -> None:
         super().__init__()
         self.strip_usage = strip_usage
+        self.gave_up = False  # an event outgrew STRIP_HOLD: the stream went on unrewritten
         self.reasons: dict[str, None] = {}
 
     def feed(self, chunk: bytes) -> bytes:
@@ -249,7 +255,20 @@ class ChatStream(SseObserver):
             keep = self._handle_stripping(event)
             if keep is not None:
                 out.append(keep)
+        if self.done:
+            # nothing is stripped after [DONE]: what follows passes as it comes
+            self.strip_usage = False
+            out.append(self.splitter.held())
+        elif len(self.splitter.tail) > STRIP_HOLD:
+            # an event this long is no usage chunk: the app gets what is held now and the rest as it
+            # comes (the splitter keeps its copy, to meter the event if it ever ends)
+            self.strip_usage = False
+            self.gave_up = True
+            out.append(self.splitter.held())
         return b"".join(out)
+
+    def leftover(self) -> bytes:
+        return self.splitter.held() if self.strip_usage else b""
 
     def _handle_stripping(self, event: SseEvent) -> bytes | None:
         if not event.data:
@@ -262,7 +281,11 @@ class ChatStream(SseObserver):
         except orjson.JSONDecodeError:
             self.bad_events += 1
             return event.raw
-        self.on_event(event.event, doc)
+        try:
+            self.on_event(event.event, doc)
+        except (TypeError, ValueError, AttributeError, KeyError):
+            self.bad_events += 1
+            return event.raw
         if isinstance(doc, dict) and doc.get("choices") == [] and isinstance(doc.get("usage"), dict):
             return None
         return _USAGE_NULL.sub(b"", event.raw, count=1)
@@ -286,6 +309,8 @@ class ChatStream(SseObserver):
     def finish(self) -> Observation:
         seen = super().finish()
         seen.finish_reason = ",".join(self.reasons) or None
+        if self.gave_up and seen.anomaly in (None, "no_usage"):
+            seen.anomaly = "usage_not_stripped"
         return seen
 
 

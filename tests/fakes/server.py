@@ -17,7 +17,7 @@ from typing import Any, Awaitable, Callable, Optional
 
 from aiohttp import web
 
-from . import anthropic_api, gemini_api, openai_api
+from . import anthropic_api, gemini_api, hostile, openai_api
 from .records import Exchange, ExchangeLog
 from .scenarios import DEFAULT_CHUNK_DELAY_MS, DEFAULT_CHUNKS, Scenario, ScenarioError, parse_scenario, parse_tokens
 from .wire import BadRequest, ConnectionDropped, Ctx, Provider
@@ -248,6 +248,8 @@ class FakeProvider:
         try:
             if provider is None:
                 return _plain_not_found(exchange)
+            if hostile.HEADER in headers:  # a broken or hostile upstream (tests/fakes/hostile.py)
+                return await hostile.respond(request, exchange, headers[hostile.HEADER], headers)
             try:
                 scenario = parse_scenario(
                     headers,

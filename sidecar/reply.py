@@ -40,6 +40,10 @@ class Reply(Protocol):
 
     defers_final: bool
 
+    def unsent(self) -> bool:
+        """Whether nothing of the response has reached the app yet: `simple` may still replace it
+        (a non-streamed response whose body broke off before its held head left)."""
+
     def abort(self) -> None:
         """Break the connection: the upstream broke off mid-body, so the app must not see an end."""
 
@@ -62,14 +66,22 @@ class AioReply:
         for key, value in headers:
             resp.headers.add(key, value)
         self.response = resp
-        await resp.prepare(self.request)
+        if not whole:
+            await resp.prepare(self.request)  # a whole one is prepared with its first body bytes
 
     async def write(self, data: bytes) -> None:
         assert self.response is not None
+        if not self.response.prepared:
+            await self.response.prepare(self.request)
         await self.response.write(data)
+
+    def unsent(self) -> bool:
+        return self.response is None or not self.response.prepared
 
     async def finish(self, last: bytes | None) -> None:
         assert self.response is not None
+        if not self.response.prepared:
+            await self.response.prepare(self.request)
         if last:
             await self.response.write(last)
         await self.response.write_eof()

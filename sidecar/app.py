@@ -30,7 +30,7 @@ SWITCH_INTERVAL_S = 0.0005  # how long a thread may keep the GIL when another wa
 
 def build(config: Config) -> web.Application:
     """The application; the ledger opens (and the journal replays) when it starts up."""
-    app = web.Application(client_max_size=512 * 1024 * 1024)
+    app = web.Application(client_max_size=server.MAX_BODY, middlewares=[_admin_body_cap])
     writer = LedgerWriter(config.ledger_path, memory_limit=config.ledger_memory_limit, threads=config.ledger_threads)
     pricer = Pricer(config.prices, config.default_max_output_tokens)
     alerts = AlertDispatcher(config.alerts, persist=lambda crossing, call_id: _persist_alert(writer, crossing, call_id))
@@ -49,6 +49,26 @@ def build(config: Config) -> web.Application:
     app.router.add_route("*", "/{upstream}/{tail:.*}", proxy.handle)
     app.cleanup_ctx.append(_lifecycle)
     return app
+
+
+@web.middleware
+async def _admin_body_cap(request: web.Request, handler):
+    """/_meterline/ requests on connections aiohttp serves get the front's cap (server.MAX_ADMIN_BODY):
+    refused from Content-Length before a byte of body is read, and a chunked body is cut there."""
+    if not request.path.startswith("/_meterline/"):
+        return await handler(request)
+    length = request.content_length
+    if length is None or length <= server.MAX_ADMIN_BODY:
+        if request.body_exists:
+            request = request.clone(client_max_size=server.MAX_ADMIN_BODY)
+        try:
+            return await handler(request)
+        except web.HTTPRequestEntityTooLarge:
+            pass  # a chunked body past the cap, found as it was read
+    resp = web.json_response({"error": {"message": "meterline: request body too large",
+                                        "type": "meterline_too_large"}}, status=413)
+    resp.force_close()  # the rest of the body is not read: the connection cannot carry another request
+    return resp
 
 
 async def _lifecycle(app: web.Application):

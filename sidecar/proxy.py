@@ -17,7 +17,7 @@ from ledger.budgets import CallAttrs, Refusal
 from ledger.pricing import FREE_COST
 from ledger.records import CallExtras, CallInfo, CallRecord, Observation
 
-from . import attribution, content, hostcheck
+from . import attribution, content, hostcheck, memory
 from .adapters.base import JsonObserver
 from .decoding import decoder_for
 from .guard import NO_RESERVATION
@@ -164,6 +164,7 @@ async def forward(rt: Runtime, incoming: Incoming, reply: Reply, t0: float) -> N
     finally:
         rt.in_flight -= 1
         conclude(lazily=reply.defers_final)
+        memory.after_call(len(raw) + call.response_bytes)
     if call.outcome in (records.NETWORK_ERROR, records.TIMEOUT) and (not started or reply.unsent()):
         # nothing reached the app yet (a non-streamed head waits for its body): it gets an error it can read
         where = f"{upstream.origin.host}:{upstream.origin.port}" if upstream.origin else upstream.base_url

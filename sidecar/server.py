@@ -189,7 +189,7 @@ class Front(asyncio.Protocol):
                            "meterline_http_version")
         # llhttp has checked the value: digits only, one value
         length = int(req.length) if req.length is not None and req.length.strip().isdigit() else None
-        if self.handoff is None and not self._takes(req):
+        if self.handoff is None and not self._takes(req, version):
             self.handoff = bytearray()
         if self.handoff is not None:
             # the cap is the route's, refused from the headers when the length says it is past it
@@ -279,11 +279,11 @@ class Front(asyncio.Protocol):
 
     # --- serving -------------------------------------------------------------------------------
 
-    def _takes(self, req: _Parsed) -> bool:
+    def _takes(self, req: _Parsed, version: str) -> bool:
         url = req.url
         end = url.find(b"/", 1)
         return (end > 0 and url[:end + 1] in self.upstreams and not req.expect
-                and self.parser.get_http_version() == "1.1" and not self.parser.should_upgrade())
+                and version == "1.1" and not self.parser.should_upgrade())
 
     def _next(self) -> None:
         if not self.queue or self.closed:

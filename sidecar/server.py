@@ -33,6 +33,7 @@ MAX_ADMIN_BODY = 1024 * 1024  # /_meterline/ requests (SQL text, budget JSON): r
 MAX_HEAD = 64 * 1024  # request line and headers together
 IDLE_S = 75.0  # a kept-alive connection with no request for this long is closed (as aiohttp does)
 _ADMIN_PREFIX = b"/_meterline/"
+_WATCHED = frozenset({4, 6, 14})  # the lengths of Host, Expect, Content-Length: the headers the front reads
 _HANDOFF_HIGH = 256 * 1024  # body bytes gathered for aiohttp while a call is in flight, before reading pauses
 _CONTINUE = b"HTTP/1.1 100 Continue\r\n\r\n"
 
@@ -59,6 +60,7 @@ class Front(asyncio.Protocol):
                  upstreams: frozenset[bytes], hosts: _Hosts | None = None) -> None:
         self.rt = rt
         self.hosts = hosts or _Hosts(rt.config.allowed_hosts)
+        self.hosts_seen = self.hosts.seen  # looked up first, without a call
         self.forward = forward
         self.aiohttp_protocol = aiohttp_protocol
         self.upstreams = upstreams  # b"/name/" prefixes the front serves itself
@@ -151,7 +153,6 @@ class Front(asyncio.Protocol):
         self.current = _Parsed()
         self.in_message = self.in_head = True
         self.head_bytes = 0
-        self.handoff_streaming = False
         self.began = self.last_active  # read in data_received just before: no clock read per request
 
     def on_url(self, url: bytes) -> None:
@@ -169,12 +170,16 @@ class Front(asyncio.Protocol):
         req.size += len(name) + len(value)
         if req.size > MAX_HEAD:
             raise _Refused(431, "request head too large", "meterline_too_large")
-        if len(name) == 6 and name.lower() == b"expect":
-            req.expect = True
-        elif len(name) == 4 and name.lower() == b"host" and not self.hosts.ok(value):
-            req.misdirected = True
-        elif len(name) == 14 and name.lower() == b"content-length":
-            req.length = value
+        if len(name) in _WATCHED:
+            lower = name.lower()
+            if lower == b"host":
+                ok = self.hosts_seen.get(value)
+                if not (self.hosts.ok(value) if ok is None else ok):
+                    req.misdirected = True
+            elif lower == b"content-length":
+                req.length = value
+            elif lower == b"expect":
+                req.expect = True
 
     def on_headers_complete(self) -> None:
         req = self.current
@@ -187,8 +192,10 @@ class Front(asyncio.Protocol):
                 raise _Refused(400, "HTTP/0.9 requests are not served", "meterline_bad_request")
             raise _Refused(505, f"HTTP/{version} is not supported (HTTP/1.1 and 1.0 are)",
                            "meterline_http_version")
-        # llhttp has checked the value: digits only, one value
-        length = int(req.length) if req.length is not None and req.length.strip().isdigit() else None
+        # llhttp has checked the value (digits, one value); under 7 digits it is under every cap
+        length = None
+        if req.length is not None and len(req.length) >= 7 and req.length.strip().isdigit():
+            length = int(req.length)
         if self.handoff is None and not self._takes(req, version):
             self.handoff = bytearray()
         if self.handoff is not None:
@@ -261,6 +268,7 @@ class Front(asyncio.Protocol):
     def on_message_complete(self) -> None:
         self.in_message = False
         if self.handoff is not None:
+            self.handoff_streaming = False  # the next message's head is gathered whole first
             if self.handoff_chunked:
                 self.handoff += b"0\r\n\r\n"
             if (self.task is not None or self.queue) and self.transport is not None:

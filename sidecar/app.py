@@ -20,6 +20,7 @@ from ledger.writer import LedgerWriter
 from . import admin, dashboard, proxy, server
 from .config import Config
 from .guard import Guard
+from .reply import closing, timed_out
 from .runtime import Runtime
 from .upstream import Pool
 
@@ -59,16 +60,20 @@ async def _admin_body_cap(request: web.Request, handler):
         return await handler(request)
     length = request.content_length
     if length is None or length <= server.MAX_ADMIN_BODY:
-        if request.body_exists:
-            request = request.clone(client_max_size=server.MAX_ADMIN_BODY)
-        try:
+        if not request.body_exists:
             return await handler(request)
+        request = request.clone(client_max_size=server.MAX_ADMIN_BODY)
+        # read here, whole within body_idle_s (at most 1 MiB; the handler's read() gets it): a stalled body ends the connection
+        idle_s = request.app[proxy.RUNTIME].config.body_idle_timeout_s
+        try:
+            await asyncio.wait_for(request.read(), idle_s)
+        except asyncio.TimeoutError:
+            return await timed_out(request, idle_s)
         except web.HTTPRequestEntityTooLarge:
             pass  # a chunked body past the cap, found as it was read
-    resp = web.json_response({"error": {"message": "meterline: request body too large",
-                                        "type": "meterline_too_large"}}, status=413)
-    resp.force_close()  # the rest of the body is not read: the connection cannot carry another request
-    return resp
+        else:
+            return await handler(request)
+    return await closing(request, 413, "request body too large", "meterline_too_large")
 
 
 async def _lifecycle(app: web.Application):

@@ -21,7 +21,7 @@ from . import attribution, content, hostcheck, memory
 from .adapters.base import JsonObserver
 from .decoding import decoder_for
 from .guard import NO_RESERVATION
-from .reply import AioReply, Incoming, Reply, incoming_of
+from .reply import AioReply, Incoming, Reply, incoming_of, read_body, timed_out
 from .runtime import ADAPTER_MODULES, Runtime
 from .upstream import Origin, Response as UpstreamResponse, UpstreamError
 
@@ -72,8 +72,12 @@ async def handle(request: web.Request) -> web.StreamResponse:
         raise web.HTTPMisdirectedRequest(
             body=b'{"error":{"message":"meterline: this Host is not served (add it to allowed_hosts if it is yours)",'
                  b'"type":"meterline_misdirected"}}', content_type="application/json")
+    try:
+        body = await read_body(request, rt.config.body_idle_timeout_s, request.client_max_size)
+    except TimeoutError:
+        return await timed_out(request, rt.config.body_idle_timeout_s)
     reply = AioReply(request)
-    await forward(rt, incoming_of(request, await request.read()), reply, t0)
+    await forward(rt, incoming_of(request, body), reply, t0)
     assert reply.response is not None
     return reply.response
 

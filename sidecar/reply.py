@@ -3,6 +3,7 @@
 front in sidecar/server.py (`FastReply` there)."""
 from __future__ import annotations
 
+import asyncio
 from dataclasses import dataclass
 from typing import Protocol
 from urllib.parse import quote
@@ -108,3 +109,40 @@ def incoming_of(request: web.Request, body: bytes) -> Incoming:
     else:  # the upstream's name was itself percent-escaped
         target = quote("/" + request.match_info["tail"], safe="/:@!$&'()*+,;=-._~%") + ("?" + query if query else "")
     return Incoming(request.method, name, "/" + request.match_info["tail"], query, target, request.headers, body)
+
+
+async def read_body(request: web.Request, idle_s: float, limit: int) -> bytes:
+    """A proxied call's body on a connection aiohttp serves, as it arrives. Raises TimeoutError once
+    it is silent for `idle_s` (the front's body timeout: one timer, moved on at each chunk), and
+    HTTPRequestEntityTooLarge past `limit`."""
+    if not request.body_exists:
+        return b""
+    loop = asyncio.get_running_loop()
+    parts: list[bytes] = []
+    size = 0
+    async with asyncio.timeout(idle_s) as timer:
+        while chunk := await request.content.readany():
+            size += len(chunk)
+            if size > limit:
+                raise web.HTTPRequestEntityTooLarge(max_size=limit, actual_size=size)
+            parts.append(chunk)
+            timer.reschedule(loop.time() + idle_s)
+    return parts[0] if len(parts) == 1 else b"".join(parts)
+
+
+async def closing(request: web.Request, status: int, message: str, kind: str) -> web.Response:
+    """A JSON error sent at once, then the connection closed: the request's body was not read to
+    its end, so the connection cannot carry another request (and aiohttp would otherwise read on,
+    discarding, for its lingering time)."""
+    resp = web.json_response({"error": {"message": f"meterline: {message}", "type": kind}}, status=status)
+    resp.force_close()
+    await resp.prepare(request)
+    await resp.write_eof()
+    if request.transport is not None:
+        request.transport.close()  # after what is written has left
+    return resp
+
+
+async def timed_out(request: web.Request, idle_s: float) -> web.Response:
+    """The 408 that ends a connection whose request body went silent."""
+    return await closing(request, 408, f"request body silent for {idle_s:g} s", "meterline_timeout")

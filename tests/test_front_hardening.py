@@ -511,3 +511,12 @@ def test_proxied_call_after_hand_over_with_a_large_body(e2e: E2E) -> None:
         resp = wire.response()
     ex = e2e.exchange(case)
     assert resp.status == 200 and ex.request_body == body.encode()
+
+
+@pytest.mark.parametrize("key", ["head_s", "body_idle_s"])
+@pytest.mark.parametrize("value", [0, -1, "x", True])
+def test_bad_front_timeout_names_its_key(key: str, value: Any) -> None:
+    from sidecar.config import ConfigError, parse
+    with pytest.raises(ConfigError, match=f"timeouts.{key}"):
+        parse({"timeouts": {key: value}})
+    assert getattr(parse({"timeouts": {key: 2.5}}), "head_timeout_s" if key == "head_s" else "body_idle_timeout_s") == 2.5

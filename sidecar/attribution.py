@@ -13,7 +13,14 @@ MAX_TAG_LEN = 128
 
 # where each provider's SDK puts the API key
 _KEY_HEADERS = ("authorization", "x-api-key", "x-goog-api-key", "api-key")
-_QUERY_KEY = re.compile(r"(?i)(^|&)(key|api_key|api-key)=[^&]*")
+# query parameters that carry a credential in the usual spellings (Gemini's `key`, Azure's `api-key`,
+# OAuth's `access_token`, signed URLs' `sig`/`signature`/`X-Amz-Signature`): never stored
+_SECRET_NAMES = (r"key|api[_-]?key|x-goog-api-key|access[_-]?token|token|id[_-]?token|refresh[_-]?token|auth|"
+                 r"authorization|sig|signature|x-amz-signature|x-amz-credential|x-amz-security-token|"
+                 r"client[_-]?secret|secret|password|passwd|pwd|session[_-]?token|code")
+_QUERY_KEY = re.compile(rf"(?i)(^|&)({_SECRET_NAMES})=[^&]*")
+# those that are the caller's API key itself (fingerprinted when no header carries one)
+_QUERY_API_KEY = re.compile(r"(?i)(?:^|&)(?:key|api[_-]?key|x-goog-api-key|access[_-]?token|token)=([^&]+)")
 
 
 def parse_tags(value: str | None) -> dict[str, str]:
@@ -39,7 +46,7 @@ def api_key(headers: Mapping[str, str], query: str) -> str | None:
             scheme, _, token = value.partition(" ")
             return token if token and scheme.lower() == "bearer" else value
     if query:
-        m = re.search(r"(?:^|&)key=([^&]+)", query)
+        m = _QUERY_API_KEY.search(query)
         if m:
             return m.group(1)
     return None
@@ -49,7 +56,21 @@ def fingerprint(key: str | None, salt: bytes) -> str | None:
     """A short salted hash that tells keys apart without revealing them."""
     if not key:
         return None
-    return "fp_" + hashlib.blake2b(key.encode(), key=salt, digest_size=6).hexdigest()
+    # surrogateescape: a key of non-UTF-8 bytes (as the front decodes them) still hashes as its bytes
+    return "fp_" + hashlib.blake2b(key.encode("utf-8", "surrogateescape"), key=salt, digest_size=6).hexdigest()
+
+
+def text(value: str | None) -> str | None:
+    """A metadata header's value as text that can be stored. The servers decode header bytes as
+    UTF-8 with surrogateescape; bytes that are not UTF-8 (a latin-1 `café`) are read as latin-1
+    instead of failing the call at the journal."""
+    if value is None or value.isascii():
+        return value
+    try:
+        value.encode("utf-8")
+    except UnicodeEncodeError:
+        return value.encode("utf-8", "surrogateescape").decode("latin-1")
+    return value
 
 
 def redact_query(query: str) -> str:

@@ -66,6 +66,8 @@ class Config:
     prices: list[PriceRule] = field(default_factory=list)
     connect_timeout_s: float = 10.0
     read_timeout_s: float = 600.0  # longest silence allowed on an upstream socket
+    head_timeout_s: float = 30.0  # an app's request head must be whole this long after its first byte
+    body_idle_timeout_s: float = 60.0  # longest silence allowed inside an app's request body
     budgets: list[Rule] = field(default_factory=list)
     alerts: AlertSettings = field(default_factory=AlertSettings)
     thresholds: tuple = DEFAULT_THRESHOLDS  # default alert thresholds of every rule
@@ -132,6 +134,8 @@ def parse(doc: Any) -> Config:
                           f"(known: {', '.join(_TIMEOUT_KEYS)})")
     cfg.connect_timeout_s = _positive(timeouts, "connect_s", cfg.connect_timeout_s)
     cfg.read_timeout_s = _positive(timeouts, "read_s", cfg.read_timeout_s)
+    cfg.head_timeout_s = _positive(timeouts, "head_s", cfg.head_timeout_s)
+    cfg.body_idle_timeout_s = _positive(timeouts, "body_idle_s", cfg.body_idle_timeout_s)
     alerts = _map(doc, "alerts")
     try:
         cfg.alerts = parse_settings(alerts)

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import asyncio
+import logging
 import os
 import time
 from datetime import datetime, timedelta, timezone
@@ -16,15 +17,16 @@ from ledger.budgets import CallAttrs, Refusal
 from ledger.pricing import FREE_COST
 from ledger.records import CallExtras, CallInfo, CallRecord, Observation
 
-from . import attribution, content
+from . import attribution, content, hostcheck, memory
 from .adapters.base import JsonObserver
 from .decoding import Decoder, decoder_for
 from .guard import NO_RESERVATION
-from .reply import AioReply, Incoming, Reply, incoming_of
+from .reply import AioReply, Incoming, Reply, incoming_of, read_body, timed_out
 from .runtime import ADAPTER_MODULES, Runtime
 from .upstream import Origin, Response as UpstreamResponse, UpstreamError
 
 RUNTIME = web.AppKey("runtime", Runtime)
+log = logging.getLogger("meterline")
 
 # RFC 9110 hop-by-hop headers, plus those recomputed for the upstream connection (Expect: the
 # sidecar already read the whole body)
@@ -39,7 +41,7 @@ _META_PREFIX = "x-meterline-"
 class _Call:
     """What the handler learns as one call proceeds; becomes a CallRecord at the end."""
 
-    __slots__ = ("t0", "started_at", "info", "upstream", "status", "outcome", "error_type", "ttft",
+    __slots__ = ("t0", "started_at", "info", "upstream", "status", "outcome", "error_type", "error_detail", "ttft",
                  "work", "response_bytes", "observation", "output_messages", "conclude", "concluded")
 
     def __init__(self, t0: float, started_at: datetime, info: CallInfo, upstream: str) -> None:
@@ -50,6 +52,7 @@ class _Call:
         self.status: int | None = None
         self.outcome = records.OK
         self.error_type: str | None = None
+        self.error_detail = ""  # what went wrong with the upstream, for the log and the 502
         self.ttft: float | None = None
         self.work = 0.0  # seconds spent in the sidecar's own code for this call
         self.response_bytes = 0
@@ -63,8 +66,18 @@ class _Call:
 async def handle(request: web.Request) -> web.StreamResponse:
     """The aiohttp route for /{upstream}/{tail}: connections the fast front handed to aiohttp."""
     t0 = time.perf_counter()
+    rt = request.app[RUNTIME]
+    if not all(hostcheck.host_ok(host, rt.config.allowed_hosts) for host in request.headers.getall("Host", ())):
+        # the front checks the calls it serves itself; these came through aiohttp (after a hand-over, HTTP/1.0)
+        raise web.HTTPMisdirectedRequest(
+            body=b'{"error":{"message":"meterline: this Host is not served (add it to allowed_hosts if it is yours)",'
+                 b'"type":"meterline_misdirected"}}', content_type="application/json")
+    try:
+        body = await read_body(request, rt.config.body_idle_timeout_s, request.client_max_size)
+    except TimeoutError:
+        return await timed_out(request, rt.config.body_idle_timeout_s)
     reply = AioReply(request)
-    await forward(request.app[RUNTIME], incoming_of(request, await request.read()), reply, t0)
+    await forward(rt, incoming_of(request, body), reply, t0)
     assert reply.response is not None
     return reply.response
 
@@ -99,16 +112,16 @@ async def forward(rt: Runtime, incoming: Incoming, reply: Reply, t0: float) -> N
     ids = os.urandom(40).hex()  # one system call for the call id, the span id and a trace id
     call_id, span_id = ids[:32], ids[32:48]
     trace_id, parent_span, sampled = _trace_context(headers.get("traceparent"), ids[48:])
-    extras = CallExtras(parent_span_id=parent_span, sampled=sampled, tracestate=headers.get("tracestate"),
+    extras = CallExtras(parent_span_id=parent_span, sampled=sampled, tracestate=attribution.text(headers.get("tracestate")),
                         server_address=upstream.host, server_port=upstream.port,
                         temperature=info.temperature, top_p=info.top_p,
                         max_output_tokens=info.max_output_tokens)
     if rt.capture_content:
         extras.input_messages = content.input_messages(upstream.adapter, body)
     record_base = dict(
-        call_id=call_id, app=headers.get(attribution.APP_HEADER) or rt.config.app,
-        user_id=headers.get(attribution.USER_HEADER) or info.user_id,
-        tags=attribution.parse_tags(headers.get(attribution.TAGS_HEADER)),
+        call_id=call_id, app=attribution.text(headers.get(attribution.APP_HEADER)) or rt.config.app,
+        user_id=attribution.text(headers.get(attribution.USER_HEADER)) or info.user_id,
+        tags=attribution.parse_tags(attribution.text(headers.get(attribution.TAGS_HEADER))),
         key_fingerprint=attribution.fingerprint(attribution.api_key(headers, query), rt.writer.salt),
         trace_id=trace_id, span_id=span_id, request_bytes=len(raw),
     )
@@ -155,14 +168,20 @@ async def forward(rt: Runtime, incoming: Incoming, reply: Reply, t0: float) -> N
     finally:
         rt.in_flight -= 1
         conclude(lazily=reply.defers_final)
-    if call.outcome in (records.NETWORK_ERROR, records.TIMEOUT) and not started:
-        message = f"meterline: upstream {upstream.name} failed: {call.error_type}"
+        memory.after_call(len(raw) + call.response_bytes)
+    if call.outcome in (records.NETWORK_ERROR, records.TIMEOUT) and (not started or reply.unsent()):
+        # nothing reached the app yet (a non-streamed head waits for its body): it gets an error it can read
+        where = f"{upstream.origin.host}:{upstream.origin.port}" if upstream.origin else upstream.base_url
+        message = f"meterline: upstream {upstream.name} ({where}) failed: {call.error_detail or call.error_type}"
+        log.warning("%s", message.removeprefix("meterline: "))
         status = 504 if call.outcome == records.TIMEOUT else 502
         reply.simple(status, adapter.error_body(status, message, "api_error"))
         return
     if call.outcome == records.CANCELLED:
         return
     if call.outcome in (records.NETWORK_ERROR, records.TIMEOUT):
+        log.warning("upstream %s (%s) broke off mid-response: %s", upstream.name, upstream.base_url,
+                    call.error_detail or call.error_type)
         reply.abort()  # the stream broke upstream: break it for the app too rather than end it cleanly
         return
     try:
@@ -247,13 +266,13 @@ async def _exchange(rt: Runtime, method: str, adapter: Any, origin: Origin, targ
             if observer is not None and decoder is not None:
                 observer, _ = _meter(rt, call, observer, decoder, None)
             _end_observation(rt, adapter, call, observer, up.status)
-    except TimeoutError:
-        call.outcome, call.error_type = records.TIMEOUT, "timeout"
+    except TimeoutError as e:
+        call.outcome, call.error_type, call.error_detail = records.TIMEOUT, "timeout", f"timeout: {e}"
     except _AppGone:
         _finish_partial(call, observer)
         _app_left(call)
     except UpstreamError as e:
-        call.outcome, call.error_type = records.NETWORK_ERROR, e.kind
+        call.outcome, call.error_type, call.error_detail = records.NETWORK_ERROR, e.kind, str(e)
         _finish_partial(call, observer)
     except asyncio.CancelledError:
         _finish_partial(call, observer)

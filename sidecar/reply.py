@@ -3,6 +3,7 @@
 front in sidecar/server.py (`FastReply` there)."""
 from __future__ import annotations
 
+import asyncio
 from dataclasses import dataclass
 from typing import Protocol
 from urllib.parse import quote
@@ -40,6 +41,10 @@ class Reply(Protocol):
 
     defers_final: bool
 
+    def unsent(self) -> bool:
+        """Whether nothing of the response has reached the app yet: `simple` may still replace it
+        (a non-streamed response whose body broke off before its held head left)."""
+
     def abort(self) -> None:
         """Break the connection: the upstream broke off mid-body, so the app must not see an end."""
 
@@ -62,14 +67,22 @@ class AioReply:
         for key, value in headers:
             resp.headers.add(key, value)
         self.response = resp
-        await resp.prepare(self.request)
+        if not whole:
+            await resp.prepare(self.request)  # a whole one is prepared with its first body bytes
 
     async def write(self, data: bytes) -> None:
         assert self.response is not None
+        if not self.response.prepared:
+            await self.response.prepare(self.request)
         await self.response.write(data)
+
+    def unsent(self) -> bool:
+        return self.response is None or not self.response.prepared
 
     async def finish(self, last: bytes | None) -> None:
         assert self.response is not None
+        if not self.response.prepared:
+            await self.response.prepare(self.request)
         if last:
             await self.response.write(last)
         await self.response.write_eof()
@@ -96,3 +109,40 @@ def incoming_of(request: web.Request, body: bytes) -> Incoming:
     else:  # the upstream's name was itself percent-escaped
         target = quote("/" + request.match_info["tail"], safe="/:@!$&'()*+,;=-._~%") + ("?" + query if query else "")
     return Incoming(request.method, name, "/" + request.match_info["tail"], query, target, request.headers, body)
+
+
+async def read_body(request: web.Request, idle_s: float, limit: int) -> bytes:
+    """A proxied call's body on a connection aiohttp serves, as it arrives. Raises TimeoutError once
+    it is silent for `idle_s` (the front's body timeout: one timer, moved on at each chunk), and
+    HTTPRequestEntityTooLarge past `limit`."""
+    if not request.body_exists:
+        return b""
+    loop = asyncio.get_running_loop()
+    parts: list[bytes] = []
+    size = 0
+    async with asyncio.timeout(idle_s) as timer:
+        while chunk := await request.content.readany():
+            size += len(chunk)
+            if size > limit:
+                raise web.HTTPRequestEntityTooLarge(max_size=limit, actual_size=size)
+            parts.append(chunk)
+            timer.reschedule(loop.time() + idle_s)
+    return parts[0] if len(parts) == 1 else b"".join(parts)
+
+
+async def closing(request: web.Request, status: int, message: str, kind: str) -> web.Response:
+    """A JSON error sent at once, then the connection closed: the request's body was not read to
+    its end, so the connection cannot carry another request (and aiohttp would otherwise read on,
+    discarding, for its lingering time)."""
+    resp = web.json_response({"error": {"message": f"meterline: {message}", "type": kind}}, status=status)
+    resp.force_close()
+    await resp.prepare(request)
+    await resp.write_eof()
+    if request.transport is not None:
+        request.transport.close()  # after what is written has left
+    return resp
+
+
+async def timed_out(request: web.Request, idle_s: float) -> web.Response:
+    """The 408 that ends a connection whose request body went silent."""
+    return await closing(request, 408, f"request body silent for {idle_s:g} s", "meterline_timeout")

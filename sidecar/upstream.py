@@ -20,6 +20,10 @@ import httptools
 # Past this much unread body the socket stops being read until the app catches up.
 _HIGH_WATER = 512 * 1024
 _LOW_WATER = 64 * 1024
+# A response head past either cap fails the call (a 502) and drops the connection: an upstream
+# cannot make the sidecar hold, or the app receive, an unbounded head (1xx heads count too).
+MAX_HEAD = 256 * 1024
+MAX_HEADERS = 1000
 # aiohttp retries the same way: only requests that are safe to send twice, only on a kept-alive
 # connection the upstream closed before answering.
 _IDEMPOTENT = frozenset({"GET", "HEAD", "OPTIONS", "TRACE", "PUT", "DELETE"})
@@ -196,6 +200,7 @@ class _Connection(asyncio.Protocol):
         self.reason = ""
         self.headers: list[tuple[str, str]] = []
         self.got_bytes = False
+        self._head_size = 0  # bytes read before the head's end (interim heads included)
         self._body: collections.deque[bytes] = collections.deque()
         self._buffered = 0
         self._paused = False
@@ -219,6 +224,7 @@ class _Connection(asyncio.Protocol):
         self.parser = httptools.HttpResponseParser(self)
         self.status, self.reason, self.headers = 0, "", []
         self.got_bytes = self._headers_done = self._complete = self._keep_alive = self._framed = False
+        self._head_size = 0
         self._body.clear()
         self._buffered = 0
         self._head_only = head_only
@@ -278,12 +284,22 @@ class _Connection(asyncio.Protocol):
 
     def data_received(self, data: bytes) -> None:
         self.got_bytes = True
+        if not self._headers_done:
+            # counted here, not in on_header: httptools gathers a header's value until it ends,
+            # so a value without end would grow unseen; what came before this read is all head
+            if self._head_size > MAX_HEAD:
+                self._fail(UpstreamError("ClientResponseError", f"response head over {MAX_HEAD} bytes"))
+                return
+            self._head_size += len(data)
         try:
             self.parser.feed_data(data)
         except httptools.HttpParserUpgrade:
             self._fail(UpstreamError("ClientResponseError", "upstream switched protocols"))
         except httptools.HttpParserError as e:
-            self._fail(UpstreamError("ClientResponseError", f"malformed response: {e}"))
+            if isinstance(e.__context__, UpstreamError):  # raised by a callback of ours
+                self._fail(e.__context__)
+            else:
+                self._fail(UpstreamError("ClientResponseError", f"malformed response: {e}"))
 
     def eof_received(self) -> bool:
         return False  # close the transport; connection_lost decides what the end means
@@ -317,6 +333,8 @@ class _Connection(asyncio.Protocol):
     def on_header(self, name: bytes, value: bytes) -> None:
         if self._headers_done:
             return  # chunked trailers: the app's headers are already on their way
+        if len(self.headers) >= MAX_HEADERS:
+            raise UpstreamError("ClientResponseError", f"response head over {MAX_HEADERS} headers")
         key = name.decode("utf-8", "surrogateescape")
         text = value.decode("utf-8", "surrogateescape")
         lower = key.lower()

@@ -576,6 +576,37 @@ async def test_malformed_response_head(serve: Serve, pool: Pool, response: bytes
     await asyncio.wait_for(up.peers[0].eof.wait(), 1)  # and the connection is dropped
 
 
+@pytest.mark.parametrize("shape", ["many-headers", "one-huge-header", "endless-interim"])
+async def test_response_head_past_its_cap_fails_and_drops_the_connection(serve: Serve, pool: Pool, shape: str) -> None:
+    async def hostile(peer: Peer) -> None:
+        await peer.request()
+        try:
+            if shape == "many-headers":  # 200,000 small headers, written until the client leaves
+                await peer.send(b"HTTP/1.1 200 OK\r\n", *[b"".join(b"X-H-%d: v\r\n" % i for i in range(1000))] * 200)
+            elif shape == "one-huge-header":
+                await peer.send(b"HTTP/1.1 200 OK\r\nX-Big: ", *[b"a" * 65536] * 64)
+            else:  # interim heads without end: each small, together past the cap
+                await peer.send(*[b"HTTP/1.1 103 Early Hints\r\nLink: </a>; rel=preload\r\n\r\n" * 1000] * 20)
+        except ConnectionError:
+            pass
+        await peer.until_closed()
+
+    up = await serve(hostile)
+    with pytest.raises(UpstreamError) as err:
+        await pool.request(up.origin(), "GET", "/", {}, b"")
+    assert err.value.kind == "ClientResponseError" and "head" in str(err.value)
+    await asyncio.wait_for(up.peers[0].eof.wait(), 2)  # and the connection is dropped
+
+
+async def test_response_head_under_the_cap_is_whole(serve: Serve, pool: Pool) -> None:
+    headers = b"".join(b"X-H-%d: %s\r\n" % (i, b"v" * 100) for i in range(900))  # ~100 KB, 900 headers
+    up = await serve(answering(b"HTTP/1.1 200 OK\r\n" + headers + b"Content-Length: 2\r\n\r\nok"))
+    resp = await pool.request(up.origin(), "GET", "/", {}, b"")
+    assert resp.status == 200 and len(resp.headers) == 901 and resp.header("x-h-899") == "v" * 100
+    assert await read_all(resp) == b"ok"
+    resp.close()
+
+
 async def test_malformed_chunk_in_body(serve: Serve, pool: Pool) -> None:
     async def malformed(peer: Peer) -> None:
         await peer.request()

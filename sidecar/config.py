@@ -28,7 +28,7 @@ DEFAULT_DB = "meterline.duckdb"
 _MEMORY = re.compile(r"\d+(\.\d+)?\s*([KMGT]i?B|B)", re.IGNORECASE)
 ADAPTERS = ("openai", "anthropic", "gemini")
 MAX_LEDGER_THREADS = 256  # DuckDB starts every thread at once: 100000 of them hang start-up
-_TIMEOUT_KEYS = ("connect_s", "read_s")
+_TIMEOUT_KEYS = ("connect_s", "read_s", "head_s", "body_idle_s")
 
 # name -> (base URL, adapter, genai-prices provider id)
 BUILTIN_UPSTREAMS = {

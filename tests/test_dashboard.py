@@ -10,6 +10,7 @@ import http.client
 import re
 import threading
 import time
+import urllib.parse
 import urllib.request
 from datetime import datetime, timedelta, timezone
 from decimal import ROUND_HALF_UP, Decimal
@@ -464,6 +465,49 @@ def test_beyond_loopback_the_page_asks_for_the_admin_token(browser: Any, fake: F
             _loaded(pg)
             assert pg.locator("#token-form").is_hidden()
             assert _attr(pg, "#status", "data-state") == "live"
+            assert errors == []
+        finally:
+            context.close()
+    finally:
+        process.stop()
+
+
+def test_with_a_token_on_loopback_the_page_takes_it_from_its_url(browser: Any, fake: FakeProvider,
+                                                                 tmp_path: Path) -> None:
+    process = InProcessSidecar(tmp_path, {"upstreams": {"openai": {"base_url": fake.base_url}},
+                                          "admin_token": "t0ken/with+odd=chars",
+                                          "budgets": [{"name": "day-cap", "window": "day", "limit_usd": 5}]})
+    process.start()  # on loopback: the token is needed all the same
+    try:
+        _openai(process, {"x-meterline-app": "local"}).chat.completions.create(model="gpt-4o-mini", messages=MESSAGES)
+        token = "t0ken/with+odd=chars"
+        context = browser.new_context(viewport={"width": 1280, "height": 800})
+        try:
+            pg = context.new_page()
+            errors: list[str] = []
+            pg.on("pageerror", lambda e: errors.append(str(e)))
+            sent: list[str | None] = []
+            pg.on("request", lambda r: sent.append(r.headers.get("x-meterline-admin-token"))
+                  if "/_meterline/sql" in r.url or r.url.endswith("/_meterline/budgets") else None)
+            # without it: nothing shown, and the page says how to open it
+            pg.goto(f"{process.url}/_meterline/")
+            pg.wait_for_selector("#token-form", state="visible")
+            assert "/_meterline/#token=" in _text(pg, "#token-help")
+            assert _attr(pg, "[data-kpi=calls_today]", "data-value") is None
+            # with it in the fragment: read, kept for the tab only, and gone from the URL
+            sent.clear()
+            pg.goto("about:blank")  # then a full load of the page, as from a bookmark
+            pg.goto(f"{process.url}/_meterline/#token={urllib.parse.quote(token, safe='')}&range=900")
+            _wait(lambda: pg.evaluate("() => document.querySelector('[data-kpi=calls_today]').dataset.value") == "1",
+                  "the page's figures", timeout=20)
+            _loaded(pg)
+            assert "token" not in pg.url and "range=900" in pg.url
+            assert pg.evaluate("() => sessionStorage.getItem('meterline-admin-token')") == token
+            assert pg.evaluate("() => localStorage.length") == 0
+            assert pg.locator('.budget[data-rule="day-cap"]').count() == 1  # GET budgets carried it too
+            assert sent and all(h == token for h in sent)
+            assert _attr(pg, "#status", "data-state") == "live"
+            assert pg.locator("#token-form").is_hidden()
             assert errors == []
         finally:
             context.close()

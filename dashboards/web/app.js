@@ -93,10 +93,30 @@
   const FETCH_TIMEOUT_MS = 20000; // a request that hangs must not stop the polling
   const TOKEN_KEY = "meterline-admin-token";
 
-  // Beyond loopback the sidecar answers SQL only with its admin token: asked for once, kept for the tab.
+  // When the sidecar has an admin token, every request but the page's own files needs it. The page is
+  // opened as /_meterline/#token=TOKEN (or asks for it): kept in sessionStorage for this tab only,
+  // never in localStorage, and taken out of the URL as soon as it is read.
   function tokenHeaders() {
     const token = sessionStorage.getItem(TOKEN_KEY);
     return token ? { "x-meterline-admin-token": token } : {};
+  }
+  function takeTokenFromUrl() {
+    const p = new URLSearchParams(location.hash.slice(1));
+    if (!p.has("token")) return;
+    const token = p.get("token");
+    if (token) sessionStorage.setItem(TOKEN_KEY, token);
+    p.delete("token");
+    const rest = p.toString();
+    history.replaceState(null, "", location.pathname + location.search + (rest ? "#" + rest : ""));
+  }
+  function needToken() {
+    const had = Boolean(sessionStorage.getItem(TOKEN_KEY));
+    $("#token-form").hidden = false;
+    $("#token-help").textContent = had
+      ? "The admin token this tab has is wrong. Open the page as /_meterline/#token=TOKEN, or enter the token:"
+      : "This sidecar has an admin token. Open the page as /_meterline/#token=TOKEN, or enter the token:";
+    return new Error(had ? "the admin token is wrong: open /_meterline/#token=TOKEN"
+                         : "the sidecar needs its admin token: open /_meterline/#token=TOKEN");
   }
 
   async function sql(query) {
@@ -104,17 +124,23 @@
                                       body: query, signal: AbortSignal.timeout(FETCH_TIMEOUT_MS) });
     let doc = null;
     try { doc = await resp.json(); } catch (e) { /* not JSON */ }
-    if (resp.status === 401) {
-      $("#token-form").hidden = false;
-      throw new Error("the sidecar needs its admin token to read the ledger");
-    }
+    if (resp.status === 401) throw needToken();
     if (!resp.ok) throw new Error((doc && doc.error) || `HTTP ${resp.status}`);
     return doc.rows.map((row) => Object.fromEntries(doc.columns.map((c, i) => [c, row[i]])));
   }
   async function getJSON(path) {
-    const resp = await fetch(path, { headers: { accept: "application/json" }, signal: AbortSignal.timeout(FETCH_TIMEOUT_MS) });
+    const resp = await fetch(path, { headers: { accept: "application/json", ...tokenHeaders() },
+                                     signal: AbortSignal.timeout(FETCH_TIMEOUT_MS) });
+    if (resp.status === 401) throw needToken();
     if (!resp.ok) throw new Error(`${path}: HTTP ${resp.status}`);
     return resp.json();
+  }
+  async function loadConfig() {
+    try {
+      state.cfg = { ...state.cfg, ...(await getJSON("dashboard/config")) };
+    } catch (e) {
+      console.warn("meterline: no dashboard config, using defaults", e.message || e);
+    }
   }
 
   // --- filters and the state in the URL ------------------------------------------------------
@@ -144,6 +170,7 @@
   }
 
   function readHash() {
+    takeTokenFromUrl();
     const p = new URLSearchParams(location.hash.slice(1));
     const range = Number(p.get("range"));
     if (RANGES.includes(range)) state.range = range;
@@ -646,7 +673,7 @@
       sessionStorage.setItem(TOKEN_KEY, $("#token").value);
       $("#token").value = "";
       $("#token-form").hidden = true;
-      changed();
+      loadConfig().then(changed);
     });
     $("#detail-close").addEventListener("click", closeDetail);
     document.addEventListener("keydown", (e) => { if (e.key === "Escape") closeDetail(); });
@@ -659,11 +686,7 @@
     readHash();
     wire();
     syncControls();
-    try {
-      state.cfg = { ...state.cfg, ...(await getJSON("dashboard/config")) };
-    } catch (e) {
-      console.warn("meterline: no dashboard config, using defaults", e);
-    }
+    await loadConfig();
     await refresh(true);
     const every = Math.min(5, Math.max(2, Number(state.cfg.poll_s) || POLL_DEFAULT_S)) * 1000;
     state.timer = setInterval(() => refresh(false), every);

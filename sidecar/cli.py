@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import errno
 import http.client
 import logging
 import os
@@ -124,7 +125,9 @@ def _serve(args: argparse.Namespace, cfg: config_mod.Config) -> int:
         else:
             asyncio.run(run())
     except OSError as e:
-        print(f"meterline: cannot listen on {cfg.host}:{cfg.port}: {e.strerror or e}", file=sys.stderr)
+        reason = os.strerror(e.errno) if e.errno else str(e)
+        hint = " (another process listens there: pick another --port)" if e.errno == errno.EADDRINUSE else ""
+        print(f"meterline: cannot listen on {cfg.host}:{cfg.port}: {reason}{hint}", file=sys.stderr)
         return 1
     except Exception as e:  # noqa: BLE001 - start-up failures get one line, not a traceback
         if _is_lock_error(e):

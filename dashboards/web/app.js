@@ -120,8 +120,10 @@
     const rest = p.toString();
     history.replaceState(null, "", location.pathname + location.search + (rest ? "#" + rest : ""));
   }
-  function needToken() {
-    const had = Boolean(sessionStorage.getItem(TOKEN_KEY));
+  function needToken(sentWith) {
+    // an answer to a request sent before a new token was entered says nothing about the new one
+    if ((sessionStorage.getItem(TOKEN_KEY) || "") !== sentWith) return new Error("the admin token changed: reloading");
+    const had = Boolean(sentWith);
     $("#token-form").hidden = false;
     $("#token-help").textContent = had
       ? "The admin token this tab has is wrong. Open the page as /_meterline/#token=TOKEN, or enter the token:"
@@ -131,18 +133,20 @@
   }
 
   async function sql(query) {
+    const sentWith = sessionStorage.getItem(TOKEN_KEY) || "";
     const resp = await fetch("sql", { method: "POST", headers: { "content-type": "text/plain", ...tokenHeaders() },
                                       body: query, signal: AbortSignal.timeout(FETCH_TIMEOUT_MS) });
     let doc = null;
     try { doc = await resp.json(); } catch (e) { /* not JSON */ }
-    if (resp.status === 401) throw needToken();
+    if (resp.status === 401) throw needToken(sentWith);
     if (!resp.ok) throw new Error((doc && doc.error) || `HTTP ${resp.status}`);
     return doc.rows.map((row) => Object.fromEntries(doc.columns.map((c, i) => [c, row[i]])));
   }
   async function getJSON(path) {
+    const sentWith = sessionStorage.getItem(TOKEN_KEY) || "";
     const resp = await fetch(path, { headers: { accept: "application/json", ...tokenHeaders() },
                                      signal: AbortSignal.timeout(FETCH_TIMEOUT_MS) });
-    if (resp.status === 401) throw needToken();
+    if (resp.status === 401) throw needToken(sentWith);
     if (!resp.ok) throw new Error(`${path}: HTTP ${resp.status}`);
     return resp.json();
   }
@@ -676,7 +680,9 @@
       state.polls += 1;
       const results = await Promise.allSettled(jobs);
       const failed = results.filter((r) => r.status === "rejected");
-      if (failed.length) {
+      if (gen !== state.gen) {
+        // drawn for an older view (or token): the newer refresh sets the status
+      } else if (failed.length) {
         setStatus("error", `${failed[0].reason.message || failed[0].reason}`.slice(0, 140));
         if (failed.length < results.length) console.warn("meterline: some panels failed", failed.map((f) => f.reason));
       } else {
@@ -720,7 +726,11 @@
     $("#detail-close").addEventListener("click", closeDetail);
     document.addEventListener("keydown", (e) => { if (e.key === "Escape") closeDetail(); });
     document.addEventListener("visibilitychange", () => { if (!document.hidden) refresh(); });
-    window.addEventListener("hashchange", () => { readHash(); changed(); });
+    window.addEventListener("hashchange", () => {
+      const token = new URLSearchParams(location.hash.slice(1)).has("token"); // pasted into this tab's URL
+      readHash();
+      if (token) { $("#token-form").hidden = true; loadConfig().then(changed); } else changed();
+    });
   }
 
   async function start() {

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import csv
 import io
+import threading
 from dataclasses import dataclass
 from datetime import date, datetime
 from decimal import Decimal
@@ -14,11 +15,42 @@ import orjson
 import pyarrow as pa
 
 READ_ONLY_STATEMENTS = frozenset({duckdb.StatementType.SELECT, duckdb.StatementType.EXPLAIN})
-MAX_ROWS = 10_000
+MAX_ROWS = 10_000  # what the SQL endpoint returns unless asked for more
+MAX_EXPORT_ROWS = 100_000  # the most it returns when asked (`max_rows`): the rows are held in memory
 
 
 class QueryRefused(ValueError):
     """The statement is not a single read-only query."""
+
+
+class QueryInterrupted(RuntimeError):
+    """The query was stopped before it finished (the reason is the message)."""
+
+
+class Handle:
+    """One query's cursor, so another thread can stop it: `interrupt` works before, during and after it runs."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._cursor: duckdb.DuckDBPyConnection | None = None
+        self.reason: str | None = None
+
+    def attach(self, cursor: duckdb.DuckDBPyConnection) -> None:
+        with self._lock:
+            self._cursor = cursor
+            if self.reason is not None:
+                raise QueryInterrupted(self.reason)
+
+    def detach(self) -> None:
+        with self._lock:
+            self._cursor = None
+
+    def interrupt(self, reason: str) -> None:
+        with self._lock:
+            if self.reason is None:
+                self.reason = reason
+            if self._cursor is not None:
+                self._cursor.interrupt()
 
 
 @dataclass(slots=True)
@@ -40,25 +72,36 @@ def check(con: duckdb.DuckDBPyConnection, query: str) -> None:
         raise QueryRefused(f"only SELECT queries are allowed, not {kind.name}")
 
 
-def run(con: duckdb.DuckDBPyConnection, query: str, max_rows: int = MAX_ROWS) -> Result:
-    """Runs one read-only query on a cursor of its own (call from a worker thread, never the loop)."""
+def run(con: duckdb.DuckDBPyConnection, query: str, max_rows: int | None = MAX_ROWS,
+        handle: Handle | None = None) -> Result:
+    """Runs one read-only query on a cursor of its own (call from a worker thread, never the loop).
+    max_rows None: every row. `handle.interrupt()` from another thread stops it (QueryInterrupted)."""
     check(con, query)
     cur = con.cursor()
     try:
+        if handle is not None:
+            handle.attach(cur)
         # a read-only transaction: even a statement that slipped past `check` cannot write
         cur.execute("BEGIN TRANSACTION READ ONLY")
-        columns, rows = _fetch(cur, query, max_rows + 1)
+        columns, rows = _fetch(cur, query, None if max_rows is None else max_rows + 1)
         cur.execute("ROLLBACK")
+    except duckdb.InterruptException:
+        raise QueryInterrupted(handle.reason if handle is not None and handle.reason else "interrupted") from None
     finally:
+        if handle is not None:
+            handle.detach()
         cur.close()
+    if max_rows is None:
+        return Result(columns, rows)
     return Result(columns, rows[:max_rows], truncated=len(rows) > max_rows)
 
 
-def _fetch(cur: duckdb.DuckDBPyConnection, query: str, limit: int) -> tuple[list[str], list[tuple[Any, ...]]]:
+def _fetch(cur: duckdb.DuckDBPyConnection, query: str,
+           limit: int | None) -> tuple[list[str], list[tuple[Any, ...]]]:
     """Up to `limit` rows, read through Arrow: DuckDB's own conversion of TIMESTAMPTZ to Python needs
     pytz (not a dependency of ours); Arrow's uses zoneinfo. Values come back as DuckDB's own
     conversion gives them: MAPs as dicts, whole numbers (HUGEINT sums) as ints."""
-    reader = cur.sql(query).to_arrow_reader(min(limit, 2048))
+    reader = cur.sql(query).to_arrow_reader(2048 if limit is None else min(limit, 2048))
     schema = reader.schema
     columns = list(schema.names)
     convert = {i: _to_python(f.type) for i, f in enumerate(schema) if _to_python(f.type) is not None}
@@ -68,7 +111,7 @@ def _fetch(cur: duckdb.DuckDBPyConnection, query: str, limit: int) -> tuple[list
         for i, fn in convert.items():
             values[i] = [None if v is None else fn(v) for v in values[i]]
         rows.extend(zip(*values))
-        if len(rows) >= limit:
+        if limit is not None and len(rows) >= limit:
             return columns, rows[:limit]
     return columns, rows
 

@@ -134,7 +134,11 @@ async def serve(config: Config) -> None:
     await runner.setup()
     assert runner.server is not None
     # the front takes proxied calls itself and hands every other connection to aiohttp's protocol
-    listener = await server.serve(app[proxy.RUNTIME], proxy.forward, runner.server, config.host, config.port)
+    try:
+        listener = await server.serve(app[proxy.RUNTIME], proxy.forward, runner.server, config.host, config.port)
+    except BaseException:  # e.g. the port is taken: close the ledger before the error is reported
+        await runner.cleanup()
+        raise
     log.info("meterline listening on http://%s:%d (ledger %s)", config.host, config.port, config.ledger_path)
     print(f"meterline listening on http://{config.host}:{config.port}  ledger: {config.ledger_path}", flush=True)
     try:

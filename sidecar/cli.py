@@ -3,12 +3,16 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import errno
+import http.client
 import logging
 import os
 import signal
 import sys
 import urllib.error
+import urllib.parse
 import urllib.request
+from typing import Any
 
 import orjson
 
@@ -18,6 +22,9 @@ from . import config as config_mod
 from .hostcheck import allowed_hosts
 
 DEFAULT_CONFIG = "meterline.yaml"
+URL_HELP = ("sidecar URL or HOST:PORT (default: $METERLINE_URL, else the config's listen address)")
+DB_HELP = ("ledger file: read through the sidecar when it is the one the sidecar owns, else opened directly "
+           "(also used when no sidecar answers)")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -39,16 +46,16 @@ def main(argv: list[str] | None = None) -> int:
     q.add_argument("query")
     q.add_argument("--format", choices=("table", "csv", "json"), default="table")
     q.add_argument("--config", help=f"config file (default: ./{DEFAULT_CONFIG} if present)")
-    q.add_argument("--url", help="sidecar URL (default from the config's listen address)")
-    q.add_argument("--db", help="ledger file, used when no sidecar answers")
+    q.add_argument("--url", help=URL_HELP)
+    q.add_argument("--db", help=DB_HELP)
 
     b = sub.add_parser("budgets", help="budget rules with spend, limit and window",
                        description="Every budget rule and split key: spend, limit, percent used and time to reset. "
                                    "Asks the running sidecar, or rebuilds from the ledger file when none runs.")
     b.add_argument("--format", choices=("table", "json"), default="table")
     b.add_argument("--config", help=f"config file (default: ./{DEFAULT_CONFIG} if present)")
-    b.add_argument("--url", help="sidecar URL (default from the config's listen address)")
-    b.add_argument("--db", help="ledger file, used when no sidecar answers")
+    b.add_argument("--url", help=URL_HELP)
+    b.add_argument("--db", help=DB_HELP)
 
     d = sub.add_parser("demo", help="try it without API keys: a fake provider, sample traffic and the dashboard",
                        description="Start the sidecar with a built-in fake OpenAI/Anthropic/Gemini provider, send "
@@ -118,9 +125,27 @@ def _serve(args: argparse.Namespace, cfg: config_mod.Config) -> int:
         else:
             asyncio.run(run())
     except OSError as e:
-        print(f"meterline: cannot listen on {cfg.host}:{cfg.port}: {e.strerror}", file=sys.stderr)
+        reason = os.strerror(e.errno) if e.errno else str(e)
+        hint = " (another process listens there: pick another --port)" if e.errno == errno.EADDRINUSE else ""
+        print(f"meterline: cannot listen on {cfg.host}:{cfg.port}: {reason}{hint}", file=sys.stderr)
+        return 1
+    except Exception as e:  # noqa: BLE001 - start-up failures get one line, not a traceback
+        if _is_lock_error(e):
+            print(f"meterline: the ledger {cfg.ledger_path} is in use by another process (another meterline serve?): "
+                  "stop it, or give this one its own --db", file=sys.stderr)
+        else:
+            print(f"meterline: cannot start: {_first_line(e)}", file=sys.stderr)
         return 1
     return 0
+
+
+def _is_lock_error(e: BaseException) -> bool:
+    return "Could not set lock" in str(e) or "Conflicting lock" in str(e)
+
+
+def _first_line(e: BaseException) -> str:
+    text = str(e).strip() or type(e).__name__
+    return text.splitlines()[0]
 
 
 def _demo(args: argparse.Namespace) -> int:
@@ -147,42 +172,41 @@ def _demo(args: argparse.Namespace) -> int:
 
 
 def _sql(args: argparse.Namespace, cfg: config_mod.Config) -> int:
-    url = args.url or f"http://{_connect_host(cfg.host)}:{cfg.port}"
+    export = args.format in ("csv", "json")  # every row, or a warning that they were cut
     try:
-        result = _sql_via_sidecar(url, args.query, cfg.admin_token)
-    except ConnectionRefusedError:
+        client = _Client(_base_url(args.url, cfg), cfg.admin_token)
         result = None
-    except _Refused as e:
+        if _through_sidecar(client, args.db):
+            doc = {"query": args.query, **({"max_rows": sql.MAX_EXPORT_ROWS} if export else {})}
+            result = _sql_via_sidecar(client, doc)
+        if result is None:
+            result = _on_file(args.db or cfg.ledger_path, lambda con: sql.run(con, args.query,
+                                                                                None if export else sql.MAX_ROWS))
+    except _Failed as e:
         print(f"meterline: {e}", file=sys.stderr)
         return 1
-    if result is None:
-        try:
-            con = sql.open_file(args.db or cfg.ledger_path)
-            result = sql.run(con, args.query)
-        except (FileNotFoundError, sql.QueryRefused) as e:
-            print(f"meterline: {e}", file=sys.stderr)
-            return 1
-        except Exception as e:  # noqa: BLE001 - DuckDB's own message is the useful one
-            print(f"meterline: {e}", file=sys.stderr)
-            return 1
     print(sql.render(result, args.format))
+    if result.truncated:
+        print(f"meterline: output cut at {len(result.rows):,} rows (the sidecar's limit); narrow the query, "
+              "or page through it with LIMIT and OFFSET", file=sys.stderr)
     return 0
 
 
 def _budgets(args: argparse.Namespace, cfg: config_mod.Config) -> int:
-    url = args.url or f"http://{_connect_host(cfg.host)}:{cfg.port}"
     try:
-        with urllib.request.urlopen(f"{url}/_meterline/budgets", timeout=30) as resp:
-            rows = orjson.loads(resp.read())["budgets"]
-    except urllib.error.URLError as e:
-        if not isinstance(e.reason, ConnectionRefusedError):
-            print(f"meterline: {e.reason}", file=sys.stderr)
-            return 1
-        try:
-            rows = _budgets_from_file(args.db or cfg.ledger_path, cfg)
-        except FileNotFoundError as e:
-            print(f"meterline: {e}", file=sys.stderr)
-            return 1
+        client = _Client(_base_url(args.url, cfg), cfg.admin_token)
+        rows = None
+        if _through_sidecar(client, args.db):
+            doc = client.call("GET", "/_meterline/budgets")
+            if doc is not None:
+                if not isinstance(doc, dict) or not isinstance(doc.get("budgets"), list):
+                    raise _Failed(f"{client.url} does not answer as a meterline sidecar")
+                rows = doc["budgets"]
+        if rows is None:
+            rows = _on_file(args.db or cfg.ledger_path, lambda con: _budgets_from_file(con, cfg))
+    except _Failed as e:
+        print(f"meterline: {e}", file=sys.stderr)
+        return 1
     if args.format == "json":
         print(orjson.dumps(rows, option=orjson.OPT_INDENT_2).decode())
         return 0
@@ -193,13 +217,33 @@ def _budgets(args: argparse.Namespace, cfg: config_mod.Config) -> int:
     return 0
 
 
-def _budgets_from_file(path: str, cfg: config_mod.Config) -> list[dict]:
+def _on_file(path: str, fn: Any) -> Any:
+    """Opens the ledger file itself (no sidecar owns it) and runs fn on it; failures become one line."""
+    try:
+        con = sql.open_file(path)
+    except FileNotFoundError as e:
+        raise _Failed(str(e)) from None
+    except Exception as e:  # noqa: BLE001 - DuckDB's errors, made one line
+        if _is_lock_error(e):
+            raise _Failed(f"the ledger {path} is in use by another process (a running sidecar?): query it through "
+                          "that sidecar with --url HOST:PORT or METERLINE_URL") from None
+        raise _Failed(f"cannot open the ledger {path}: {_first_line(e)}") from None
+    try:
+        return fn(con)
+    except sql.QueryRefused as e:
+        raise _Failed(f"refused: {e}") from None
+    except Exception as e:  # noqa: BLE001 - DuckDB's own message is the useful one
+        raise _Failed(_first_line(e)) from None
+    finally:
+        con.close()
+
+
+def _budgets_from_file(con: Any, cfg: config_mod.Config) -> list[dict]:
     from datetime import datetime, timezone
 
     from ledger import budget_store
     from ledger.budgets import Budgets
 
-    con = sql.open_file(path)
     budgets = Budgets(cfg.budgets)
     for rule in budget_store.api_rules(con):
         if rule.name not in budgets.rules:
@@ -240,28 +284,85 @@ def _duration(seconds: int | None) -> str:
     return duration(seconds)
 
 
-class _Refused(Exception):
-    pass
+class _Failed(Exception):
+    """What the CLI prints as its one line on stderr before exiting 1."""
 
 
-def _sql_via_sidecar(url: str, query: str, token: str | None) -> sql.Result | None:
-    headers = {"content-type": "text/plain"}
-    if token:
-        headers["x-meterline-admin-token"] = token
-    request = urllib.request.Request(f"{url}/_meterline/sql", data=query.encode(), method="POST", headers=headers)
-    try:
-        with urllib.request.urlopen(request, timeout=60) as resp:
-            return sql.from_json(resp.read())
-    except urllib.error.HTTPError as e:
+class _Client:
+    """The sidecar's admin API over urllib: None when nothing listens, _Failed for anything else wrong."""
+
+    def __init__(self, url: str, token: str | None) -> None:
+        self.url = url
+        self.token = token
+
+    def call(self, method: str, path: str, body: bytes | None = None, content_type: str | None = None) -> Any:
+        headers = {"accept": "application/json"}
+        if content_type:
+            headers["content-type"] = content_type
+        if self.token:
+            headers["x-meterline-admin-token"] = self.token
+        request = urllib.request.Request(self.url + path, data=body, method=method, headers=headers)
         try:
-            message = orjson.loads(e.read())["error"]
-        except Exception:  # noqa: BLE001
-            message = f"HTTP {e.code}"
-        raise _Refused(message) from None
-    except urllib.error.URLError as e:
-        if isinstance(e.reason, ConnectionRefusedError):
-            raise e.reason from None
-        raise
+            with urllib.request.urlopen(request, timeout=120) as resp:
+                payload = resp.read()
+        except urllib.error.HTTPError as e:
+            try:
+                message = orjson.loads(e.read())["error"]
+            except Exception:  # noqa: BLE001 - not one of our error bodies
+                raise _Failed(f"{self.url} does not answer as a meterline sidecar (HTTP {e.code} on {path})") from None
+            raise _Failed(message if e.code != 401 else f"{message.split(':')[0]} (the config's admin_token, "
+                          "or METERLINE_ADMIN_TOKEN)") from None
+        except urllib.error.URLError as e:
+            if isinstance(e.reason, ConnectionRefusedError):
+                return None
+            reason = getattr(e.reason, "strerror", None) or e.reason
+            raise _Failed(f"cannot reach {self.url}: {reason}") from None
+        except (http.client.HTTPException, ConnectionError, ValueError) as e:
+            raise _Failed(f"{self.url} does not answer as a meterline sidecar ({type(e).__name__})") from None
+        except TimeoutError:
+            raise _Failed(f"{self.url} did not answer in time") from None
+        try:
+            return orjson.loads(payload)
+        except orjson.JSONDecodeError:
+            raise _Failed(f"{self.url} does not answer as a meterline sidecar (no JSON from {path})") from None
+
+
+def _base_url(given: str | None, cfg: config_mod.Config) -> str:
+    """--url, else METERLINE_URL, else the config's listen address; HOST:PORT gets http://."""
+    url = (given or os.environ.get("METERLINE_URL") or f"http://{_connect_host(cfg.host)}:{cfg.port}").strip()
+    if "://" not in url:
+        url = "http://" + url
+    parts = urllib.parse.urlsplit(url)
+    if parts.scheme not in ("http", "https") or not parts.netloc:
+        raise _Failed(f"not a sidecar URL: {url!r} (expected HOST:PORT or http://HOST:PORT)")
+    return url.rstrip("/")
+
+
+def _through_sidecar(client: _Client, db: str | None) -> bool:
+    """Whether to ask the sidecar: yes when one answers and (with --db) its ledger is that file."""
+    health = client.call("GET", "/_meterline/healthz")
+    if health is None:
+        return False
+    try:
+        owned = health["ledger"]["path"]
+    except (TypeError, KeyError):
+        raise _Failed(f"{client.url} does not answer as a meterline sidecar") from None
+    if db is None:
+        return True
+    try:
+        return os.path.samefile(owned, db)
+    except OSError:
+        return os.path.abspath(owned) == os.path.abspath(db)
+
+
+def _sql_via_sidecar(client: _Client, doc: dict[str, Any]) -> sql.Result | None:
+    payload = client.call("POST", "/_meterline/sql", orjson.dumps(doc), "application/json")
+    if payload is None:
+        return None
+    try:
+        return sql.Result(payload["columns"], [tuple(r) for r in payload["rows"]], payload.get("truncated", False))
+    except (TypeError, KeyError):
+        raise _Failed(f"{client.url} does not answer as a meterline sidecar") from None
 
 
 def _connect_host(host: str) -> str:

@@ -77,10 +77,12 @@ class Config:
     jaeger_ui_url: str | None = None  # telemetry.jaeger_ui_url: where the dashboard links traces
     # Host header values served besides loopback names (see sidecar/hostcheck.py); set by parse()
     allowed_hosts: frozenset[str] = frozenset()
+    sql_timeout_s: float = 30.0  # sql.timeout_s: a query running longer is interrupted
+    sql_max_concurrent: int = 4  # sql.max_concurrent: queries at once (each on a thread of its own); 503 past it
 
 
 _TOP_KEYS = {"listen", "app", "ledger", "upstreams", "prices", "budgets", "alerts", "telemetry", "timeouts",
-             "admin_token", "default_max_output_tokens", "allowed_hosts"}
+             "admin_token", "default_max_output_tokens", "allowed_hosts", "sql"}
 
 
 def load(path: str | os.PathLike[str] | None) -> Config:
@@ -153,6 +155,18 @@ def parse(doc: Any) -> Config:
     if not all(isinstance(h, str) and h.strip() for h in hosts):
         raise ConfigError("config key 'allowed_hosts': expected a list of host names, e.g. [meterline.internal]")
     cfg.allowed_hosts = allowed_hosts(cfg.host, hosts)
+    sql_doc = _map(doc, "sql")
+    if set(sql_doc) - {"timeout_s", "max_concurrent"}:
+        raise ConfigError(f"unknown config key 'sql.{sorted(set(sql_doc) - {'timeout_s', 'max_concurrent'})[0]}' "
+                          "(known: max_concurrent, timeout_s)")
+    timeout = sql_doc.get("timeout_s", cfg.sql_timeout_s)
+    if isinstance(timeout, bool) or not isinstance(timeout, (int, float)) or not 0 < timeout < float("inf"):
+        raise ConfigError(f"config key 'sql.timeout_s': expected a positive number of seconds, got {timeout!r}")
+    cfg.sql_timeout_s = float(timeout)
+    most = sql_doc.get("max_concurrent", cfg.sql_max_concurrent)
+    if isinstance(most, bool) or not isinstance(most, int) or not 0 < most <= 64:
+        raise ConfigError(f"config key 'sql.max_concurrent': expected a whole number from 1 to 64, got {most!r}")
+    cfg.sql_max_concurrent = most
     cfg.admin_token = _str(doc, "admin_token") or os.environ.get("METERLINE_ADMIN_TOKEN") or None
     if "default_max_output_tokens" in doc:
         value = doc["default_max_output_tokens"]

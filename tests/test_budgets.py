@@ -84,7 +84,8 @@ def budgets(sc: Sidecar) -> list[dict[str, Any]]:
 def api(sc: Sidecar, method: str, path: str, body: Any = None, token: str | None = None) -> tuple[int, Any]:
     req = urllib.request.Request(f"{sc.url}/_meterline/budgets{path}", method=method,
                                  data=orjson.dumps(body) if body is not None else None,
-                                 headers={"authorization": f"Bearer {token}"} if token else {})
+                                 headers={"content-type": "application/json",
+                                          **({"authorization": f"Bearer {token}"} if token else {})})
     try:
         with urllib.request.urlopen(req, timeout=10) as r:
             return r.status, orjson.loads(r.read())

@@ -10,9 +10,10 @@ import http.client
 import re
 import threading
 import time
+import urllib.parse
 import urllib.request
 from datetime import datetime, timedelta, timezone
-from decimal import ROUND_HALF_UP, Decimal
+from decimal import ROUND_DOWN, ROUND_HALF_UP, Decimal
 from pathlib import Path
 from collections.abc import Iterator
 from typing import Any
@@ -470,3 +471,124 @@ def test_beyond_loopback_the_page_asks_for_the_admin_token(browser: Any, fake: F
             context.close()
     finally:
         process.stop()
+
+
+def test_with_a_token_on_loopback_the_page_takes_it_from_its_url(browser: Any, fake: FakeProvider,
+                                                                 tmp_path: Path) -> None:
+    process = InProcessSidecar(tmp_path, {"upstreams": {"openai": {"base_url": fake.base_url}},
+                                          "admin_token": "t0ken/with+odd=chars",
+                                          "budgets": [{"name": "day-cap", "window": "day", "limit_usd": 5}]})
+    process.start()  # on loopback: the token is needed all the same
+    try:
+        _openai(process, {"x-meterline-app": "local"}).chat.completions.create(model="gpt-4o-mini", messages=MESSAGES)
+        token = "t0ken/with+odd=chars"
+        context = browser.new_context(viewport={"width": 1280, "height": 800})
+        try:
+            pg = context.new_page()
+            errors: list[str] = []
+            pg.on("pageerror", lambda e: errors.append(str(e)))
+            sent: list[str | None] = []
+            pg.on("request", lambda r: sent.append(r.headers.get("x-meterline-admin-token"))
+                  if "/_meterline/sql" in r.url or r.url.endswith("/_meterline/budgets") else None)
+            # without it: nothing shown, and the page says how to open it
+            pg.goto(f"{process.url}/_meterline/")
+            pg.wait_for_selector("#token-form", state="visible")
+            assert "/_meterline/#token=" in _text(pg, "#token-help")
+            assert _attr(pg, "[data-kpi=calls_today]", "data-value") is None
+            # with it in the fragment: read, kept for the tab only, and gone from the URL
+            sent.clear()
+            pg.goto("about:blank")  # then a full load of the page, as from a bookmark
+            pg.goto(f"{process.url}/_meterline/#token={urllib.parse.quote(token, safe='')}&range=900")
+            _wait(lambda: pg.evaluate("() => document.querySelector('[data-kpi=calls_today]').dataset.value") == "1",
+                  "the page's figures", timeout=20)
+            _loaded(pg)
+            assert "token" not in pg.url and "range=900" in pg.url
+            assert pg.evaluate("() => sessionStorage.getItem('meterline-admin-token')") == token
+            assert pg.evaluate("() => localStorage.length") == 0
+            assert pg.locator('.budget[data-rule="day-cap"]').count() == 1  # GET budgets carried it too
+            assert sent and all(h == token for h in sent)
+            assert _attr(pg, "#status", "data-state") == "live"
+            assert pg.locator("#token-form").is_hidden()
+            assert errors == []
+        finally:
+            context.close()
+    finally:
+        process.stop()
+
+
+def test_an_unpriced_model_is_never_shown_as_zero(page: Any, sidecar: InProcessSidecar,
+                                                  traffic: list[dict[str, Any]]) -> None:
+    _openai(sidecar, {"x-meterline-app": "house", "x-meterline-tags": "team=house"}).chat.completions.create(
+        model="house-model-7b", messages=MESSAGES)
+    (row,) = sidecar.rows("app = 'house'")
+    assert row["cost_usd"] is None and row["price_source"] == "unpriced"
+    model = row["response_model"] or row["request_model"]
+    page.goto(f"{sidecar.url}/_meterline/#range=3600&metric=cost&by=model")
+    page.wait_for_selector(f'#spend-legend [data-series="{model}"]')
+    _loaded(page)
+    assert _text(page, f'#spend-legend [data-series="{model}"] b') == "unpriced"
+    priced = next(r for r in traffic if r["provider"] == "openai" and r["cost_usd"])
+    priced_model = priced["response_model"] or priced["request_model"]
+    assert _text(page, f'#spend-legend [data-series="{priced_model}"] b').startswith("$")  # priced ones: money
+    tokens_row = page.locator(f'#tokens-table tr[data-model="{model}"] td').last
+    assert tokens_row.text_content() == "unpriced" and tokens_row.get_attribute("data-cost") == ""
+    cell = page.locator(f'#calls-table tr[data-call-id="{row["call_id"]}"] td[data-cost]')
+    assert cell.text_content() == "–" and cell.get_attribute("title") == "not priced"
+    # only unpriced calls in view: the spend is not $0.00 either
+    page.goto(f"{sidecar.url}/_meterline/#range=3600&app=house")
+    page.wait_for_function("() => document.querySelector('[data-kpi=calls_today]').dataset.value === '1'")
+    _loaded(page)
+    for name in ("spend_today", "spend_week", "spend_month"):
+        assert _text(page, f"[data-kpi={name}]") == "unpriced", name
+    assert _attr(page, "[data-kpi=unpriced_today]", "data-value") == "1"
+    shown = " ".join(page.locator(sel).inner_text() for sel in ("#kpi-today", "#spend-card", "#tokens-card"))
+    assert not re.search(r"\$0\.00(?!\d)", shown), shown
+    assert page.problems == []
+
+
+def _pct_label(text: str, util: float) -> float:
+    if text == "<0.1%":
+        assert 0 < util < 0.001
+        return util * 100
+    return float(text.rstrip("%"))
+
+
+def test_budget_badges_agree_with_utilization(page: Any, sidecar: InProcessSidecar,
+                                              traffic: list[dict[str, Any]]) -> None:
+    spent = sum((Decimal(r["cost_usd"]) for r in sidecar.sql("SELECT * FROM calls WHERE tags['team'] = 'a'")
+                 if r["cost_usd"] is not None and r["outcome"] != "blocked"), Decimal(0))
+    assert spent > 0
+    shares = {"u-0004": Decimal("0.0004"), "u-0290": Decimal("0.29"), "u-0799": Decimal("0.7999"),
+              "u-0800": Decimal("0.8"), "u-0996": Decimal("0.996"), "u-1200": Decimal("1.2")}
+    for name, share in shares.items():
+        rule = {"name": name, "match": {"tags": {"team": "a"}}, "window": "day", "action": "alert",
+                "limit_usd": str((spent / share).quantize(Decimal("0.000000000001"), rounding=ROUND_DOWN))}
+        req = urllib.request.Request(f"{sidecar.url}/_meterline/budgets/{name}", data=orjson.dumps(rule), method="PUT",
+                                     headers={"Content-Type": "application/json"})
+        with urllib.request.urlopen(req, timeout=10) as r:
+            assert r.status == 200
+    try:
+        with urllib.request.urlopen(f"{sidecar.url}/_meterline/budgets", timeout=10) as r:
+            status = {b["rule"]: b for b in orjson.loads(r.read())["budgets"]}
+        page.goto(f"{sidecar.url}/_meterline/")
+        page.wait_for_selector('.budget[data-rule="u-1200"]')
+        _loaded(page)
+        seen = {}
+        for name in shares:
+            util = status[name]["utilization"]
+            node = page.locator(f'.budget[data-rule="{name}"]')
+            label = node.locator(".util").text_content()
+            bar = node.locator(".bar").get_attribute("class").split()
+            shown = _pct_label(label, util)
+            seen[name] = (label, bar)
+            # the label is never rounded up past what is used, and never reads 0% above zero
+            assert shown <= util * 100 + 1e-6 and shown > 0, (name, util, label)
+            assert (shown >= 100) == (util >= 1) == ("full" in bar), (name, util, label, bar)
+            assert (80 <= shown < 100) == (0.8 <= util < 1) == ("warn" in bar), (name, util, label, bar)
+        assert seen["u-0004"][0] == "<0.1%" and seen["u-0996"][0] == "99%" and seen["u-0290"][0] == "29%"
+        assert seen["u-0800"][0] == "80%" and seen["u-0799"][0] == "79%" and seen["u-1200"][0] == "120%"
+        assert page.problems == []
+    finally:
+        for name in shares:
+            urllib.request.urlopen(urllib.request.Request(f"{sidecar.url}/_meterline/budgets/{name}",
+                                                          method="DELETE"), timeout=10).close()

@@ -74,6 +74,17 @@
     const x = num(v);
     return x === null ? "–" : (x * 100).toFixed(digits) + "%";
   }
+  // A budget's share used, never rounded up: the label reaches 80% when the bar turns amber and 100%
+  // only when the limit is reached (bar red); above zero it never reads 0%.
+  function utilText(v) {
+    const x = num(v);
+    if (x === null || Number.isNaN(x)) return "–";
+    if (x <= 0) return "0%";
+    const p = x * 100 + 1e-9; // 0.29 * 100 is 28.999999999999996 in binary floating point
+    if (p < 0.1) return "<0.1%";
+    return p < 10 ? (Math.floor(p * 10) / 10).toFixed(1) + "%" : Math.floor(p) + "%";
+  }
+  const utilClass = (x) => (x >= 1 ? "full" : x >= 0.8 ? "warn" : "");
   function duration(seconds) {
     if (seconds === null || seconds === undefined) return "never resets";
     const s = Math.max(0, Math.round(seconds));
@@ -93,28 +104,58 @@
   const FETCH_TIMEOUT_MS = 20000; // a request that hangs must not stop the polling
   const TOKEN_KEY = "meterline-admin-token";
 
-  // Beyond loopback the sidecar answers SQL only with its admin token: asked for once, kept for the tab.
+  // When the sidecar has an admin token, every request but the page's own files needs it. The page is
+  // opened as /_meterline/#token=TOKEN (or asks for it): kept in sessionStorage for this tab only,
+  // never in localStorage, and taken out of the URL as soon as it is read.
   function tokenHeaders() {
     const token = sessionStorage.getItem(TOKEN_KEY);
     return token ? { "x-meterline-admin-token": token } : {};
   }
+  function takeTokenFromUrl() {
+    const p = new URLSearchParams(location.hash.slice(1));
+    if (!p.has("token")) return;
+    const token = p.get("token");
+    if (token) sessionStorage.setItem(TOKEN_KEY, token);
+    p.delete("token");
+    const rest = p.toString();
+    history.replaceState(null, "", location.pathname + location.search + (rest ? "#" + rest : ""));
+  }
+  function needToken(sentWith) {
+    // an answer to a request sent before a new token was entered says nothing about the new one
+    if ((sessionStorage.getItem(TOKEN_KEY) || "") !== sentWith) return new Error("the admin token changed: reloading");
+    const had = Boolean(sentWith);
+    $("#token-form").hidden = false;
+    $("#token-help").textContent = had
+      ? "The admin token this tab has is wrong. Open the page as /_meterline/#token=TOKEN, or enter the token:"
+      : "This sidecar has an admin token. Open the page as /_meterline/#token=TOKEN, or enter the token:";
+    return new Error(had ? "the admin token is wrong: open /_meterline/#token=TOKEN"
+                         : "the sidecar needs its admin token: open /_meterline/#token=TOKEN");
+  }
 
   async function sql(query) {
+    const sentWith = sessionStorage.getItem(TOKEN_KEY) || "";
     const resp = await fetch("sql", { method: "POST", headers: { "content-type": "text/plain", ...tokenHeaders() },
                                       body: query, signal: AbortSignal.timeout(FETCH_TIMEOUT_MS) });
     let doc = null;
     try { doc = await resp.json(); } catch (e) { /* not JSON */ }
-    if (resp.status === 401) {
-      $("#token-form").hidden = false;
-      throw new Error("the sidecar needs its admin token to read the ledger");
-    }
+    if (resp.status === 401) throw needToken(sentWith);
     if (!resp.ok) throw new Error((doc && doc.error) || `HTTP ${resp.status}`);
     return doc.rows.map((row) => Object.fromEntries(doc.columns.map((c, i) => [c, row[i]])));
   }
   async function getJSON(path) {
-    const resp = await fetch(path, { headers: { accept: "application/json" }, signal: AbortSignal.timeout(FETCH_TIMEOUT_MS) });
+    const sentWith = sessionStorage.getItem(TOKEN_KEY) || "";
+    const resp = await fetch(path, { headers: { accept: "application/json", ...tokenHeaders() },
+                                     signal: AbortSignal.timeout(FETCH_TIMEOUT_MS) });
+    if (resp.status === 401) throw needToken(sentWith);
     if (!resp.ok) throw new Error(`${path}: HTTP ${resp.status}`);
     return resp.json();
+  }
+  async function loadConfig() {
+    try {
+      state.cfg = { ...state.cfg, ...(await getJSON("dashboard/config")) };
+    } catch (e) {
+      console.warn("meterline: no dashboard config, using defaults", e.message || e);
+    }
   }
 
   // --- filters and the state in the URL ------------------------------------------------------
@@ -144,6 +185,7 @@
   }
 
   function readHash() {
+    takeTokenFromUrl();
     const p = new URLSearchParams(location.hash.slice(1));
     const range = Number(p.get("range"));
     if (RANGES.includes(range)) state.range = range;
@@ -221,6 +263,11 @@
              count(*) FILTER (WHERE started_at >= d AND outcome = 'blocked') AS blocked_today,
              count(*) FILTER (WHERE started_at >= d AND outcome NOT IN ('ok', 'blocked')) AS errors_today,
              count(*) FILTER (WHERE started_at >= d AND price_source = 'unpriced') AS unpriced_today,
+             count(cost_usd) FILTER (WHERE started_at >= d) AS priced_today,
+             count(cost_usd) FILTER (WHERE started_at >= w) AS priced_week,
+             count(*) FILTER (WHERE started_at >= w AND price_source = 'unpriced') AS unpriced_week,
+             count(cost_usd) FILTER (WHERE started_at >= m) AS priced_month,
+             count(*) FILTER (WHERE started_at >= m AND price_source = 'unpriced') AS unpriced_month,
              coalesce(sum(cost_usd) FILTER (WHERE started_at >= w), 0) AS spend_week,
              count(*) FILTER (WHERE started_at >= w) AS calls_week,
              coalesce(sum(cost_usd) FILTER (WHERE started_at >= m), 0) AS spend_month,
@@ -232,8 +279,11 @@
       const name = node.dataset.kpi, v = k[name];
       node.dataset.value = v === null ? "" : String(v);
       if (name.startsWith("spend_")) {
-        node.textContent = money(v);
-        node.title = `$${v} exactly (sum of cost_usd)`;
+        // a sum over no priced call is not $0.00 when the calls it covers have no known price
+        const span = name.slice(6), priced = num(k["priced_" + span]), unpriced = num(k["unpriced_" + span]);
+        node.textContent = priced === 0 && unpriced > 0 ? "unpriced" : money(v);
+        node.classList.toggle("unpriced", priced === 0 && unpriced > 0);
+        node.title = `$${v} exactly (sum of cost_usd)` + (unpriced > 0 ? `; ${unpriced} unpriced calls not included` : "");
       } else if (name.startsWith("tokens_")) {
         node.textContent = compact(v);
       } else {
@@ -254,20 +304,24 @@
     // per bucket and series: the value, and the running total up the stack (both summed in SQL)
     const rows = await sql(`
       WITH f AS (SELECT epoch(time_bucket(INTERVAL '${bucket} seconds', started_at)) AS t,
-                        coalesce(${groupExpr()}, '(none)') AS k, cost_usd, input_tokens, output_tokens
+                        coalesce(${groupExpr()}, '(none)') AS k, cost_usd, input_tokens, output_tokens,
+                        price_source = 'unpriced' AS unpriced
                  FROM calls WHERE ${where()}),
            top AS (SELECT k, row_number() OVER (ORDER BY ${metric} DESC NULLS LAST, k) AS rank
                    FROM f GROUP BY k ORDER BY rank LIMIT ${MAX_SERIES}),
            g AS (SELECT f.t, coalesce(top.k, 'other') AS series, coalesce(top.rank, ${MAX_SERIES + 1}) AS rank,
-                        f.cost_usd, f.input_tokens, f.output_tokens
+                        f.cost_usd, f.input_tokens, f.output_tokens, f.unpriced
                  FROM f LEFT JOIN top ON f.k = top.k),
-           per AS (SELECT t, series, rank, coalesce(${metric}, 0) AS v FROM g GROUP BY t, series, rank),
-           grid AS (SELECT ts.t, s.series, s.rank, coalesce(per.v, 0) AS v
+           per AS (SELECT t, series, rank, coalesce(${metric}, 0) AS v, count(cost_usd) AS priced,
+                          count(*) FILTER (WHERE unpriced) AS unpriced
+                   FROM g GROUP BY t, series, rank),
+           grid AS (SELECT ts.t, s.series, s.rank, coalesce(per.v, 0) AS v, coalesce(per.priced, 0) AS priced,
+                           coalesce(per.unpriced, 0) AS unpriced
                     FROM (SELECT DISTINCT t FROM per) ts CROSS JOIN (SELECT DISTINCT series, rank FROM per) s
                     LEFT JOIN per ON per.t = ts.t AND per.series = s.series)
-      SELECT t, series, rank, v, sum(v) OVER (PARTITION BY t ORDER BY rank) AS cum FROM grid
+      SELECT t, series, rank, v, sum(v) OVER (PARTITION BY t ORDER BY rank) AS cum, priced, unpriced FROM grid
       UNION ALL
-      SELECT NULL, series, rank, sum(v), NULL FROM per GROUP BY series, rank
+      SELECT NULL, series, rank, sum(v), NULL, sum(priced), sum(unpriced) FROM per GROUP BY series, rank
       ORDER BY t NULLS FIRST, rank`);
     if (gen !== state.gen) return;
     drawSeries(rows, bucket);
@@ -285,9 +339,12 @@
 
   function drawSeries(rows, bucket) {
     const box = $("#spend-chart");
-    const totals = new Map(), ranks = new Map(), points = [];
+    const totals = new Map(), ranks = new Map(), totalUnpriced = new Map(), points = [];
     for (const r of rows) {
-      if (r.t === null) { totals.set(r.series, r.v); ranks.set(r.series, r.rank); } else points.push(r);
+      if (r.t === null) {
+        totals.set(r.series, r.v); ranks.set(r.series, r.rank);
+        totalUnpriced.set(r.series, num(r.priced) === 0 && num(r.unpriced) > 0);
+      } else points.push(r);
     }
     $("#spend-empty").hidden = totals.size > 0;
     box.hidden = totals.size === 0;
@@ -305,9 +362,11 @@
     const idx = new Map(keys.map((k, i) => [k, i]));
     const own = keys.map(() => new Array(xs.length).fill(0));
     const cum = keys.map(() => new Array(xs.length).fill(0));
+    const unpricedAt = keys.map(() => new Array(xs.length).fill(false)); // calls there, none of them priced
     for (const p of points) {
       own[idx.get(p.series)][at.get(p.t)] = num(p.v);
       cum[idx.get(p.series)][at.get(p.t)] = num(p.cum);
+      unpricedAt[idx.get(p.series)][at.get(p.t)] = num(p.priced) === 0 && num(p.unpriced) > 0;
     }
     // drawn top of the stack first, so each lower bar covers the part of the one above that is not its own
     const drawn = keys.slice().reverse();
@@ -321,7 +380,8 @@
     } else {
       state.chart.setData(data);
     }
-    state.legend = keys.map((k) => ({ key: k, total: totals.get(k), own: own[idx.get(k)], slot: drawn.indexOf(k) + 1 }));
+    state.legend = keys.map((k) => ({ key: k, total: totals.get(k), own: own[idx.get(k)], slot: drawn.indexOf(k) + 1,
+                                      unpriced: totalUnpriced.get(k), unpricedAt: unpricedAt[idx.get(k)] }));
     renderLegend(null);
   }
 
@@ -370,9 +430,13 @@
     if (!legend || !state.chart) return;
     const u = state.chart;
     const hovering = idx !== null && idx !== undefined && idx >= 0;
-    const items = state.legend.map((item) => el("span", { class: "legend-item", "data-series": item.key },
-      el("i", { style: { background: colorOf(item.key) } }), item.key + " ",
-      el("b", { text: metricText(hovering ? item.own[idx] : item.total) })));
+    const items = state.legend.map((item) => {
+      const unpriced = state.metric === "cost" && (hovering ? item.unpricedAt[idx] : item.unpriced);
+      return el("span", { class: "legend-item", "data-series": item.key },
+        el("i", { style: { background: colorOf(item.key) } }), item.key + " ",
+        el("b", { class: unpriced ? "unpriced" : null, title: unpriced ? "no known price: cost_usd is NULL" : null,
+                  text: unpriced ? "unpriced" : metricText(hovering ? item.own[idx] : item.total) }));
+    });
     let when = "in range";
     if (hovering) {
       const top = state.legend.length ? u.data[1][idx] : 0; // the top of the stack: the bucket's total
@@ -393,13 +457,13 @@
 
   function budgetRow(r) {
     const util = Number(r.utilization) || 0;
-    const node = el("div", { class: "budget", "data-rule": r.rule, "data-key": r.key || "" });
+    const node = el("div", { class: "budget", "data-rule": r.rule, "data-key": r.key || "", "data-utilization": String(util) });
     node.append(el("div", { class: "budget-head" },
       el("span", { class: "budget-name", text: r.rule }),
       r.key ? el("span", { class: "budget-key", text: `${r.per}=${r.key}` }) : null,
       el("span", { class: "badge", text: r.window }),
       el("span", { class: "badge " + r.action, text: r.action })));
-    const bar = el("div", { class: "bar" + (util >= 1 ? " full" : util >= 0.8 ? " warn" : ""), title: `${pct(util, 1)} used` });
+    const bar = el("div", { class: ("bar " + utilClass(util)).trim(), title: `${utilText(util)} used` });
     const spentW = Math.min(util, 1) * 100;
     let reservedW = 0;
     if (r.limit_usd !== null && num(r.limit_usd) > 0 && num(r.reserved_usd) > 0) {
@@ -414,9 +478,16 @@
       `${money(r.spent_usd)} of ${money(r.limit_usd)}`));
     if (r.limit_tokens !== null) parts.push(el("span", { class: "spent" }, `${compact(r.spent_tokens)} of ${compact(r.limit_tokens)} tokens`));
     if (r.limit_requests !== null) parts.push(el("span", { class: "spent" }, `${int(r.requests)} of ${int(r.limit_requests)} requests`));
-    parts.push(el("span", { class: "util", text: pct(util, util < 0.1 && util > 0 ? 1 : 0) }));
+    parts.push(el("span", { class: ("util " + utilClass(util)).trim(), text: utilText(util) }));
     if (num(r.reserved_usd) > 0) parts.push(el("span", { text: `+${money(r.reserved_usd)} in flight` }));
-    const fired = (r.alerts_fired || []).map((t) => el("span", { class: "chip" + (num(t) >= 1 ? " hit" : ""), title: "alert fired in this window", text: pct(t) }));
+    // a threshold alert fired this window; one above what is spent now (a refused call's reservation
+    // would have passed it) is told apart from one the spend reached
+    const fired = (r.alerts_fired || []).map((t) => {
+      const reached = util >= num(t);
+      return el("span", { class: "chip" + (reached ? (num(t) >= 1 ? " hit" : "") : " ahead"),
+                          title: reached ? "alert fired in this window" : `alert fired in this window by a refused call; spend is at ${utilText(util)}`,
+                          text: pct(t) });
+    });
     parts.push(...fired);
     parts.push(el("span", { class: "reset", text: duration(r.seconds_to_reset) }));
     node.append(el("div", { class: "budget-foot" }, ...parts));
@@ -463,7 +534,7 @@
              CAST(sum(f.input_tokens * r.full_rate - f.input_cost_usd)
                   FILTER (WHERE f.cache_read_tokens > 0 AND r.full_rate IS NOT NULL) AS DECIMAL(38, 6)) AS saved_usd,
              count(*) FILTER (WHERE f.cache_read_tokens > 0 AND r.full_rate IS NULL) AS unestimated,
-             sum(f.cost_usd) AS cost_usd
+             sum(f.cost_usd) AS cost_usd, count(f.cost_usd) AS priced
       FROM f LEFT JOIN rate r ON r.provider = f.provider AND r.model = f.model
       GROUP BY GROUPING SETS ((f.provider, f.model), ())
       ORDER BY total_row DESC, tokens DESC LIMIT 13`);
@@ -486,7 +557,9 @@
       el("td", { class: "num", text: pct(r.cached_share, 1) }),
       el("td", { class: "num", title: num(r.unestimated) > 0 ? "no uncached calls of this model to estimate its full input rate" : "",
                  text: r.saved_usd === null ? "–" : money(r.saved_usd) }),
-      el("td", { class: "num", text: money(r.cost_usd) }))));
+      el("td", { class: "num", "data-cost": r.cost_usd === null ? "" : r.cost_usd,
+                 title: num(r.priced) < num(r.calls) ? `${int(num(r.calls) - num(r.priced))} calls without a known price` : null,
+                 text: r.cost_usd === null ? "unpriced" : money(r.cost_usd) }))));
   }
 
   function mixBar(r) {
@@ -607,7 +680,9 @@
       state.polls += 1;
       const results = await Promise.allSettled(jobs);
       const failed = results.filter((r) => r.status === "rejected");
-      if (failed.length) {
+      if (gen !== state.gen) {
+        // drawn for an older view (or token): the newer refresh sets the status
+      } else if (failed.length) {
         setStatus("error", `${failed[0].reason.message || failed[0].reason}`.slice(0, 140));
         if (failed.length < results.length) console.warn("meterline: some panels failed", failed.map((f) => f.reason));
       } else {
@@ -646,12 +721,16 @@
       sessionStorage.setItem(TOKEN_KEY, $("#token").value);
       $("#token").value = "";
       $("#token-form").hidden = true;
-      changed();
+      loadConfig().then(changed);
     });
     $("#detail-close").addEventListener("click", closeDetail);
     document.addEventListener("keydown", (e) => { if (e.key === "Escape") closeDetail(); });
     document.addEventListener("visibilitychange", () => { if (!document.hidden) refresh(); });
-    window.addEventListener("hashchange", () => { readHash(); changed(); });
+    window.addEventListener("hashchange", () => {
+      const token = new URLSearchParams(location.hash.slice(1)).has("token"); // pasted into this tab's URL
+      readHash();
+      if (token) { $("#token-form").hidden = true; loadConfig().then(changed); } else changed();
+    });
   }
 
   async function start() {
@@ -659,11 +738,7 @@
     readHash();
     wire();
     syncControls();
-    try {
-      state.cfg = { ...state.cfg, ...(await getJSON("dashboard/config")) };
-    } catch (e) {
-      console.warn("meterline: no dashboard config, using defaults", e);
-    }
+    await loadConfig();
     await refresh(true);
     const every = Math.min(5, Math.max(2, Number(state.cfg.poll_s) || POLL_DEFAULT_S)) * 1000;
     state.timer = setInterval(() => refresh(false), every);

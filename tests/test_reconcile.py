@@ -297,3 +297,21 @@ def test_config_errors_name_the_key():
     scope = cfg.scope("openai", environ={})
     assert scope.admin_key == "s3cret" and scope.base_url == "https://api.openai.com"
     assert scope.filters == {"project_ids": ["proj_1"]} and "s3cret" not in repr(scope)
+
+
+def test_with_a_sidecar_running_the_ledger_is_read_through_it_and_the_run_not_stored(tmp_path, api, start_sidecar):
+    calls = openai_calls()
+    workdir = tmp_path / "sc"
+    workdir.mkdir()
+    make_ledger(workdir / "ledger.duckdb", "openai", calls)
+    api.events += [openai_event(c) for c in calls]
+    sidecar = start_sidecar(workdir=workdir)  # owns the ledger file from now on
+
+    out = reconcile(tmp_path, "openai", *WINDOW, "--base-url", api.base_url, "--url", sidecar.url, "--format", "json")
+    assert out.returncode == 0, out.stderr
+    doc = json.loads(out.stdout)
+    assert Decimal(doc["ledger_usd"]) == Decimal(doc["provider_usd"]) == sum(c.usd for c in calls)
+    assert doc["stored"].startswith("not stored: a sidecar owns the ledger")
+    assert "not stored" in out.stderr
+    tables = {r["table_name"] for r in sidecar.sql("SELECT table_name FROM information_schema.tables")}
+    assert "calls" in tables and "reconciliations" not in tables

@@ -64,6 +64,9 @@ def fetch(scope: ProviderScope, since: datetime, until: datetime, bucket: str, t
             return fetcher(client, scope, since, until, bucket)
     except AdminApiError as e:
         raise AdminApiError(_scrub(str(e), scope.admin_key)) from None
+    except (KeyError, TypeError, ValueError, ArithmeticError) as e:  # a page not in the documented shape
+        reason = _scrub(f"{type(e).__name__}: {e}", scope.admin_key)[:200]
+        raise AdminApiError(f"{scope.provider} admin API sent a report of an unexpected shape ({reason})") from None
     except httpx2.TimeoutException:
         raise AdminApiError(f"{scope.provider} admin API at {scope.base_url} did not answer within {timeout_s:g}s") from None
     except httpx2.HTTPError as e:

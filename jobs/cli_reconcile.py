@@ -71,6 +71,13 @@ def _load(path: str | None) -> tuple[Any, reconcile_config.ReconcileConfig]:
 
 def run(args: argparse.Namespace, cfg: Any = None) -> int:
     try:
+        return _run(args, cfg)
+    except Exception as e:  # noqa: BLE001 - cron must see 2 (could not compare), never 1 (drift), for a bug
+        return _fail(f"reconcile failed: {type(e).__name__}: {' '.join(str(e).split())[:300]}")
+
+
+def _run(args: argparse.Namespace, cfg: Any) -> int:
+    try:
         sidecar_cfg, rc = _load(args.config)
     except reconcile_config.ReconcileConfigError as e:
         return _fail(str(e))

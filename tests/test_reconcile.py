@@ -315,3 +315,33 @@ def test_with_a_sidecar_running_the_ledger_is_read_through_it_and_the_run_not_st
     assert "not stored" in out.stderr
     tables = {r["table_name"] for r in sidecar.sql("SELECT table_name FROM information_schema.tables")}
     assert "calls" in tables and "reconciliations" not in tables
+
+
+def test_a_report_not_in_the_documented_shape_is_one_line_and_exit_2(tmp_path):
+    from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+    import threading
+
+    class Odd(BaseHTTPRequestHandler):
+        def do_GET(self) -> None:  # noqa: N802
+            body = b'{"object": "page", "data": [{"results": [{"input_tokens": 5}]}], "has_more": false}'
+            self.send_response(200)
+            self.send_header("content-length", str(len(body)))
+            self.end_headers()
+            self.wfile.write(body)
+
+        def log_message(self, *args: Any) -> None:
+            pass
+
+    server = ThreadingHTTPServer(("127.0.0.1", 0), Odd)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        db = tmp_path / "ledger.duckdb"
+        make_ledger(db, "openai", [])
+        out = reconcile(tmp_path, "openai", *WINDOW, "--base-url", f"http://127.0.0.1:{server.server_address[1]}",
+                        "--db", str(db))
+    finally:
+        server.shutdown()
+        server.server_close()
+    assert out.returncode == 2 and out.stdout == ""
+    assert out.stderr.strip().splitlines() == [
+        "meterline: openai admin API sent a report of an unexpected shape (KeyError: 'start_time')"]

@@ -43,8 +43,8 @@ class Call:
     extra: dict[str, Any] = field(default_factory=dict)
 
     @property
-    def usd(self) -> Decimal:
-        return self.usd_in + self.usd_out
+    def usd(self) -> Decimal | None:
+        return None if self.usd_in is None else self.usd_in + self.usd_out
 
 
 def make_ledger(path: Path, provider: str, calls: list[Call]) -> None:
@@ -345,3 +345,21 @@ def test_a_report_not_in_the_documented_shape_is_one_line_and_exit_2(tmp_path):
     assert out.returncode == 2 and out.stdout == ""
     assert out.stderr.strip().splitlines() == [
         "meterline: openai admin API sent a report of an unexpected shape (KeyError: 'start_time')"]
+
+
+def test_anthropic_drift_unpriced_extra_and_not_at_provider(tmp_path, api):
+    h = timedelta(hours=1)
+    sonnet = Call(DAY0 + h, "claude-sonnet-4-20250514", 100, 20, Decimal("0.0003"), Decimal("0.0003"))
+    haiku = Call(DAY0 + 2 * h, "claude-haiku-4-5-20251001", 300, 90, Decimal("0.0003"), Decimal("0.00045"))
+    retried = Call(DAY0 + 3 * h, "claude-haiku-4-5-20251001", 300, 90, Decimal("0.0003"), Decimal("0.00045"))
+    late = Call(DAY0 + 50 * h, "claude-opus-4-1-20250805", 10, 10, Decimal("0.00015"), Decimal("0.00075"))
+    api.events += [anthropic_event(c) for c in (sonnet, haiku)]
+    db = tmp_path / "ledger.duckdb"
+    # the ledger: sonnet with no known price, haiku counted twice, and an opus call the reports lack
+    unpriced = Call(sonnet.at, sonnet.model, sonnet.uncached, sonnet.output, None, None)  # type: ignore[arg-type]
+    make_ledger(db, "anthropic", [unpriced, haiku, retried, late])
+    out = reconcile(tmp_path, "anthropic", *WINDOW, "--base-url", api.base_url, "--db", str(db), "--format", "json")
+    assert out.returncode == 1, out.stderr
+    causes = {r["model"]: r["cause"] for r in json.loads(out.stdout)["rows"]}
+    assert causes == {"claude-sonnet-4-20250514": "unpriced", "claude-haiku-4-5-20251001": "extra_calls",
+                      "claude-opus-4-1-20250805": "not_at_provider"}

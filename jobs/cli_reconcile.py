@@ -12,11 +12,7 @@ from decimal import Decimal, InvalidOperation
 from pathlib import Path
 from typing import Any
 
-import yaml
-
-from ledger import sql
-
-from . import admin_api, reconcile, reconcile_config
+from . import reconcile_config  # the rest is imported when the command runs: other commands start fast
 
 DEFAULT_CONFIG = "meterline.yaml"
 
@@ -47,6 +43,8 @@ def _fail(message: str) -> int:
 
 def _load(path: str | None) -> tuple[Any, reconcile_config.ReconcileConfig]:
     """The sidecar's config and our `reconcile:` key, from one YAML file (sidecar/config.py does not know the key yet)."""
+    import yaml
+
     from sidecar import config as config_mod
 
     doc: Any = {}
@@ -77,6 +75,10 @@ def run(args: argparse.Namespace, cfg: Any = None) -> int:
 
 
 def _run(args: argparse.Namespace, cfg: Any) -> int:
+    from ledger import sql
+
+    from . import admin_api, reconcile
+
     try:
         sidecar_cfg, rc = _load(args.config)
     except reconcile_config.ReconcileConfigError as e:
@@ -125,8 +127,10 @@ def _run(args: argparse.Namespace, cfg: Any) -> int:
     return 1 if run_.over else 0
 
 
-def _ledger(args: argparse.Namespace, cfg: Any, query: str) -> tuple[sql.Result, str | None]:
-    """The ledger's aggregate: from the file given by --db, else through a running sidecar, else its file."""
+def _ledger(args: argparse.Namespace, cfg: Any, query: str) -> tuple[Any, str | None]:
+    """The ledger's aggregate (a sql.Result): from the file given by --db, else through a running sidecar, else its file."""
+    from ledger import sql
+
     if not args.db:
         from sidecar.cli import _connect_host, _sql_via_sidecar  # late: sidecar.cli imports this module
 
@@ -145,11 +149,13 @@ def _ledger(args: argparse.Namespace, cfg: Any, query: str) -> tuple[sql.Result,
         con.close()
 
 
-def _store(db_path: str | None, run_: reconcile.Reconciliation) -> str:
+def _store(db_path: str | None, run_: Any) -> str:
     """Appends the run to the ledger file; a running sidecar owns the file (storing through it comes later)."""
     if db_path is None:
         return "not stored: a sidecar owns the ledger (storing runs through the sidecar comes later)"
     import duckdb
+
+    from . import reconcile
 
     try:
         con = duckdb.connect(str(db_path))

@@ -16,6 +16,7 @@ from typing import Any
 
 import orjson
 
+from jobs import cli_reconcile
 from ledger import sql
 
 from . import config as config_mod
@@ -73,7 +74,10 @@ def main(argv: list[str] | None = None) -> int:
     d.add_argument("--fast", action="store_true", help=argparse.SUPPRESS)  # shorter fake latencies, for tests
     d.add_argument("--log-level", default=os.environ.get("METERLINE_LOG_LEVEL", "WARNING"))
 
+    cli_reconcile.add_parser(sub)
     args = parser.parse_args(argv)
+    if args.command == "reconcile":  # reads the config itself: it knows the `reconcile:` key
+        return cli_reconcile.run(args)
     if args.command == "demo":  # the demo brings its own config: a meterline.yaml here is not read
         return _demo(args)
     try:

@@ -1,0 +1,1 @@
+"""The whole bill: checks the ledger against the providers' own usage and cost reports (reconciliation)."""

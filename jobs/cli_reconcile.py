@@ -5,11 +5,8 @@ Exit status: 0 within tolerance, 1 when any drift passes it, 2 when the comparis
 from __future__ import annotations
 
 import argparse
-import os
 import sys
-import urllib.error
 from decimal import Decimal, InvalidOperation
-from pathlib import Path
 from typing import Any
 
 from . import reconcile_config  # the rest is imported when the command runs: other commands start fast
@@ -41,33 +38,8 @@ def _fail(message: str) -> int:
     return 2
 
 
-def _load(path: str | None) -> tuple[Any, reconcile_config.ReconcileConfig]:
-    """The sidecar's config and our `reconcile:` key, from one YAML file (sidecar/config.py does not know the key yet)."""
-    import yaml
-
-    from sidecar import config as config_mod
-
-    doc: Any = {}
-    if path is None and os.path.exists(DEFAULT_CONFIG):
-        path = DEFAULT_CONFIG
-    if path is not None:
-        try:
-            doc = yaml.safe_load(Path(path).read_text()) or {}
-        except OSError as e:
-            raise reconcile_config.ReconcileConfigError(f"cannot read config file {path}: {e.strerror}") from None
-        except yaml.YAMLError as e:
-            raise reconcile_config.ReconcileConfigError(f"config file {path} is not valid YAML: {e}") from None
-    if not isinstance(doc, dict):
-        raise reconcile_config.ReconcileConfigError("config must be a mapping of keys to values")
-    rest = {k: v for k, v in doc.items() if k != "reconcile"}
-    try:
-        cfg = config_mod.parse(rest)
-    except config_mod.ConfigError as e:
-        raise reconcile_config.ReconcileConfigError(str(e)) from None
-    return cfg, reconcile_config.parse(doc.get("reconcile"))
-
-
-def run(args: argparse.Namespace, cfg: Any = None) -> int:
+def run(args: argparse.Namespace, cfg: Any) -> int:
+    """`cfg` is the sidecar's Config, its `reconcile:` key parsed by jobs.reconcile_config."""
     try:
         return _run(args, cfg)
     except Exception as e:  # noqa: BLE001 - cron must see 2 (could not compare), never 1 (drift), for a bug
@@ -79,12 +51,7 @@ def _run(args: argparse.Namespace, cfg: Any) -> int:
 
     from . import admin_api, reconcile
 
-    try:
-        sidecar_cfg, rc = _load(args.config)
-    except reconcile_config.ReconcileConfigError as e:
-        return _fail(str(e))
-    cfg = cfg or sidecar_cfg
-    scope = rc.scope(args.provider)
+    scope = cfg.reconcile.scope(args.provider)
     if args.base_url:
         scope.base_url = args.base_url.rstrip("/")
     if not scope.admin_key:
@@ -131,16 +98,18 @@ def _ledger(args: argparse.Namespace, cfg: Any, query: str) -> tuple[Any, str | 
     """The ledger's aggregate (a sql.Result): from the file given by --db, else through a running sidecar, else its file."""
     from ledger import sql
 
-    if not args.db:
-        from sidecar.cli import _connect_host, _sql_via_sidecar  # late: sidecar.cli imports this module
+    # late: sidecar.cli imports this module. The same lookup as `meterline sql`: --url, METERLINE_URL,
+    # the config's listen address; through the sidecar when it owns the ledger (--db) or none is named
+    from sidecar.cli import _base_url, _Client, _Failed, _sql_via_sidecar, _through_sidecar
 
-        url = args.url or f"http://{_connect_host(cfg.host)}:{cfg.port}"
-        try:
-            return _sql_via_sidecar(url, query, cfg.admin_token), None
-        except ConnectionRefusedError:
-            pass
-        except urllib.error.URLError as e:
-            raise RuntimeError(f"sidecar at {url}: {e.reason}") from None
+    try:
+        client = _Client(_base_url(args.url, cfg), cfg.admin_token)
+        if _through_sidecar(client, args.db):
+            result = _sql_via_sidecar(client, {"query": query, "max_rows": sql.MAX_EXPORT_ROWS})
+            if result is not None:
+                return result, None
+    except _Failed as e:
+        raise RuntimeError(str(e)) from None
     path = args.db or cfg.ledger_path
     con = sql.open_file(path)
     try:

@@ -76,8 +76,6 @@ def main(argv: list[str] | None = None) -> int:
 
     cli_reconcile.add_parser(sub)
     args = parser.parse_args(argv)
-    if args.command == "reconcile":  # reads the config itself: it knows the `reconcile:` key
-        return cli_reconcile.run(args)
     if args.command == "demo":  # the demo brings its own config: a meterline.yaml here is not read
         return _demo(args)
     try:
@@ -89,6 +87,8 @@ def main(argv: list[str] | None = None) -> int:
         return _serve(args, cfg)
     if args.command == "budgets":
         return _budgets(args, cfg)
+    if args.command == "reconcile":
+        return cli_reconcile.run(args, cfg)
     return _sql(args, cfg)
 
 

@@ -19,6 +19,8 @@ from ledger.money import MAX_AMOUNT_TEXT, non_negative_amount
 from ledger.pricing import PriceRule
 from ledger.writer import DEFAULT_MEMORY_LIMIT, DEFAULT_THREADS
 
+from jobs.reconcile_config import ReconcileConfig, ReconcileConfigError, parse as parse_reconcile
+
 from .hostcheck import allowed_hosts
 from .upstream import Origin, origin_of
 
@@ -77,12 +79,13 @@ class Config:
     jaeger_ui_url: str | None = None  # telemetry.jaeger_ui_url: where the dashboard links traces
     # Host header values served besides loopback names (see sidecar/hostcheck.py); set by parse()
     allowed_hosts: frozenset[str] = frozenset()
+    reconcile: ReconcileConfig = field(default_factory=ReconcileConfig)  # `meterline reconcile`'s admin APIs
     sql_timeout_s: float = 30.0  # sql.timeout_s: a query running longer is interrupted
     sql_max_concurrent: int = 4  # sql.max_concurrent: queries at once (each on a thread of its own); 503 past it
 
 
 _TOP_KEYS = {"listen", "app", "ledger", "upstreams", "prices", "budgets", "alerts", "telemetry", "timeouts",
-             "admin_token", "default_max_output_tokens", "allowed_hosts", "sql"}
+             "admin_token", "default_max_output_tokens", "allowed_hosts", "reconcile", "sql"}
 
 
 def load(path: str | os.PathLike[str] | None) -> Config:
@@ -151,6 +154,10 @@ def parse(doc: Any) -> Config:
     names = [r.name for r in cfg.budgets]
     if len(set(names)) != len(names):
         raise ConfigError(f"config key 'budgets': two rules are named {max(names, key=names.count)!r}")
+    try:
+        cfg.reconcile = parse_reconcile(doc.get("reconcile"))
+    except ReconcileConfigError as e:
+        raise ConfigError(str(e)) from None
     hosts = _list(doc, "allowed_hosts")
     if not all(isinstance(h, str) and h.strip() for h in hosts):
         raise ConfigError("config key 'allowed_hosts': expected a list of host names, e.g. [meterline.internal]")

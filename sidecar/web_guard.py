@@ -6,7 +6,8 @@ its own domain read the answers. So, on the aiohttp application (which serves /_
 connections the front hands over):
 
 - a `Host` that sidecar/hostcheck.py does not allow gets 421 (DNS rebinding), on every route but
-  healthz (which probes may reach by a pod IP, and which reveals nothing of the ledger);
+  healthz (which probes may reach by a pod IP, and which reveals nothing of the ledger); proxied
+  calls on these connections get theirs from proxy.handle, in the provider-style error shape;
 - under /_meterline/, a mutation (any method but GET/HEAD/OPTIONS; SQL is a POST too: a query can
   burn a core) with a foreign `Origin` or a `Sec-Fetch-Site` of `cross-site`/`same-site` gets 403;
 - when an admin token is set, every /_meterline/ endpoint but healthz and the dashboard's own files
@@ -78,11 +79,12 @@ async def guard(request: web.Request, handler: Handler) -> web.StreamResponse:
     path = request.path
     if path == HEALTHZ:
         return await handler(request)
+    if path != PREFIX and not path.startswith(f"{PREFIX}/"):
+        # a proxied call: proxy.handle checks its Host and answers 421 in the provider-style error shape
+        return await handler(request)
     cfg = request.app[proxy.RUNTIME].config
     if not host_ok(request.headers.get("host"), cfg.allowed_hosts):
         return _error(421, "this sidecar does not serve that Host (add it to allowed_hosts in the config)")
-    if path != PREFIX and not path.startswith(f"{PREFIX}/"):
-        return await handler(request)  # a proxied call: the app's own business
     if request.method not in SAFE_METHODS:
         why = cross_site(request)
         if why is not None:

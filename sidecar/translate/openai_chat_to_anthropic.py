@@ -33,7 +33,7 @@ STOP_REASONS = {
 }
 
 # Request fields with no Anthropic equivalent whose loss leaves the answer's meaning intact:
-# named in x-meterline-dropped.
+# named in x-meterline-dropped (as is any field not in _HANDLED). Listed for the docs' table.
 _DROP = ("seed", "logprobs", "top_logprobs", "frequency_penalty", "presence_penalty",
          "logit_bias", "store", "metadata", "service_tier", "prompt_cache_key",
          "safety_identifier", "verbosity", "prediction")
@@ -454,14 +454,17 @@ class StreamTranslator:
     def feed(self, chunk: bytes) -> bytes:
         if self._done:
             return b""
-        self._buf += chunk
+        buf = self._buf + chunk if self._buf else chunk
         out = []
+        start = 0
         while not self._done:
-            end = self._buf.find(b"\n")
+            end = buf.find(b"\n", start)
             if end < 0:
                 break
-            line = self._buf[:end].rstrip(b"\r")
-            self._buf = self._buf[end + 1:]
+            line = buf[start:end]
+            start = end + 1
+            if line.endswith(b"\r"):
+                line = line[:-1]
             if line.startswith(b"data:"):
                 self._data.append(line[6:] if line[5:6] == b" " else line[5:])
             elif not line and self._data:
@@ -472,8 +475,8 @@ class StreamTranslator:
                     continue  # not JSON: metering counts it from the upstream bytes
                 if isinstance(ev, dict):
                     out.append(self._event(ev))
-        if self._done:
-            self._buf = b""
+        # Only the unfinished line is kept between feeds.
+        self._buf = b"" if self._done else buf[start:]
         return b"".join(out)
 
     def finish(self) -> bytes:

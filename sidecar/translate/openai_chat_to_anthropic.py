@@ -360,7 +360,7 @@ def error(status: int, doc: Any) -> tuple[int, dict]:
 
 class StreamTranslator:
     """One per streamed call: Anthropic SSE bytes in (split anywhere), OpenAI chunk SSE bytes out.
-    Keeps only the unfinished line, ids, the current block and the latest usage between feeds."""
+    Keeps only the unfinished line, ids, the open tool blocks and the latest usage between feeds."""
 
     def __init__(self, created: int, include_usage: bool) -> None:
         self.created = created
@@ -371,7 +371,7 @@ class StreamTranslator:
         self._model = None
         self._usage: dict = {}
         self._tools = 0          # tool_use blocks seen so far (their OpenAI index)
-        self._block = None       # ("text"|"thinking"|"other", None) or ("tool", index, fragments seen)
+        self._open: dict = {}    # open tool_use blocks: Anthropic block index -> [OpenAI index, fragments seen]
         self._finished = False   # a finish_reason chunk was sent
         self._done = False       # message_stop or error: nothing more is translated
 
@@ -406,12 +406,11 @@ class StreamTranslator:
                 index = self._tools
                 self._tools += 1
                 initial = block.get("input")
-                self._block = ["tool", index, bool(initial)]
+                self._open[ev.get("index")] = [index, bool(initial)]
                 return self._chunk({"tool_calls": [{
                     "index": index, "id": block.get("id"), "type": "function",
                     "function": {"name": block.get("name"),
                                  "arguments": json.dumps(initial, ensure_ascii=False) if initial else ""}}]})
-            self._block = [btype, None, False]
             if btype == "text" and block.get("text"):
                 return self._chunk({"content": block["text"]})
             return b""
@@ -420,25 +419,26 @@ class StreamTranslator:
             dtype = delta.get("type")
             if dtype == "text_delta":
                 return self._chunk({"content": delta.get("text", "")})
-            if dtype == "input_json_delta" and self._block and self._block[0] == "tool":
+            tool = self._open.get(ev.get("index"))
+            if dtype == "input_json_delta" and tool is not None:
                 fragment = delta.get("partial_json", "")
                 if not fragment:
                     return b""
-                self._block[2] = True
-                return self._chunk({"tool_calls": [{"index": self._block[1], "function": {"arguments": fragment}}]})
+                tool[1] = True
+                return self._chunk({"tool_calls": [{"index": tool[0], "function": {"arguments": fragment}}]})
             if dtype == "thinking_delta":
                 return self._chunk({"reasoning_content": delta.get("thinking", "")})
             return b""  # signature_delta, citations_delta: no OpenAI chunk field
         if kind == "content_block_stop":
-            block, self._block = self._block, None
-            if block and block[0] == "tool" and not block[2]:
+            tool = self._open.pop(ev.get("index"), None)
+            if tool is not None and not tool[1]:
                 # A tool with no input fragments still has arguments: "{}", never "".
-                return self._chunk({"tool_calls": [{"index": block[1], "function": {"arguments": "{}"}}]})
+                return self._chunk({"tool_calls": [{"index": tool[0], "function": {"arguments": "{}"}}]})
             return b""
         if kind == "message_delta":
             self._merge_usage(ev.get("usage"))
             reason = (ev.get("delta") or {}).get("stop_reason")
-            if reason is not None:
+            if reason is not None and not self._finished:  # one finish chunk per stream
                 self._finished = True
                 return self._chunk({}, finish_reason(reason))
             return b""

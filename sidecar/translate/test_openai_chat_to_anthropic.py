@@ -259,3 +259,26 @@ def test_error_status(anthropic_type, status, want_status) -> None:
 def test_error_not_in_anthropic_shape_keeps_its_text() -> None:
     got, body = t.error(502, "<html>bad gateway</html>")
     assert got == 502 and body["error"]["message"] == "<html>bad gateway</html>"
+
+
+def test_interleaved_tool_blocks_keep_their_own_index_and_one_finish_chunk() -> None:
+    ev = [
+        {"type": "message_start", "message": {"id": "msg_x", "model": "m", "usage": {"input_tokens": 1, "output_tokens": 1}}},
+        {"type": "content_block_start", "index": 0, "content_block": {"type": "tool_use", "id": "a", "name": "f", "input": {}}},
+        {"type": "content_block_start", "index": 1, "content_block": {"type": "tool_use", "id": "b", "name": "g", "input": {}}},
+        {"type": "content_block_delta", "index": 1, "delta": {"type": "input_json_delta", "partial_json": '{"y":'}},
+        {"type": "content_block_delta", "index": 0, "delta": {"type": "input_json_delta", "partial_json": '{"x":1}'}},
+        {"type": "content_block_delta", "index": 1, "delta": {"type": "input_json_delta", "partial_json": "2}"}},
+        {"type": "content_block_stop", "index": 0}, {"type": "content_block_stop", "index": 1},
+        {"type": "message_delta", "delta": {"stop_reason": "tool_use"}, "usage": {"output_tokens": 5}},
+        {"type": "message_delta", "delta": {"stop_reason": "tool_use"}, "usage": {"output_tokens": 6}},
+        {"type": "message_stop"}]
+    raw = "".join(f"event: {e['type']}\ndata: {json.dumps(e)}\n\n" for e in ev).encode()
+    state = ChatCompletionStreamState()
+    for chunk in sdk_stream(translate_stream(raw, [5] * 400, True)):
+        state.handle_chunk(chunk)
+    final = state.get_final_completion()
+    assert [(c.id, json.loads(c.function.arguments)) for c in final.choices[0].message.tool_calls] == [
+        ("a", {"x": 1}), ("b", {"y": 2})]
+    assert final.choices[0].finish_reason == "tool_calls"
+    assert final.usage.completion_tokens == 6

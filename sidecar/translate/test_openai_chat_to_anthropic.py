@@ -282,3 +282,24 @@ def test_interleaved_tool_blocks_keep_their_own_index_and_one_finish_chunk() -> 
         ("a", {"x": 1}), ("b", {"y": 2})]
     assert final.choices[0].finish_reason == "tool_calls"
     assert final.usage.completion_tokens == 6
+
+
+@pytest.mark.parametrize("case", [c for c in CASES if c != "error"])
+def test_sdk_assembled_stream_agrees_with_the_json_translation(case: str) -> None:
+    # The stream and the JSON reply of each case carry the same answer; the openai SDK's
+    # accumulation of the translated stream must equal the translated JSON.
+    state = ChatCompletionStreamState()
+    for chunk in sdk_stream((GOLDEN / f"{case}.expected.sse").read_bytes()):
+        state.handle_chunk(chunk)
+    # The snapshot, not get_final_completion(): the SDK's parse helper raises on "length" and
+    # "content_filter" by design (LengthFinishReasonError, ContentFilterFinishReasonError).
+    final = state.current_completion_snapshot
+    want = t.response(load(case, "upstream.json"), CREATED)
+    got, expect = final.choices[0], want["choices"][0]
+    assert got.finish_reason == expect["finish_reason"]
+    assert (got.message.content or None) == expect["message"]["content"]
+    assert [(c.id, c.function.name, json.loads(c.function.arguments)) for c in got.message.tool_calls or []] == [
+        (c["id"], c["function"]["name"], json.loads(c["function"]["arguments"]))
+        for c in expect["message"].get("tool_calls", [])]
+    if include_usage(case):
+        assert final.usage.model_dump(exclude_none=True) == want["usage"]

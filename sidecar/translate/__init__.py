@@ -1,0 +1,1 @@
+"""Translators between client API formats and upstream API formats, one module per pair."""

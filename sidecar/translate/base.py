@@ -1,0 +1,32 @@
+"""Small types shared by the translators: refusals, dropped-field lists, stop-reason tables."""
+
+from __future__ import annotations
+
+from typing import Mapping
+
+
+class TranslateError(Exception):
+    """A request that must be refused (usually 400): dropping the field would change the answer."""
+
+    def __init__(self, status: int, message: str) -> None:
+        super().__init__(message)
+        self.status = status
+        self.message = message
+
+
+# Names of request fields a translator could not carry over; joined into `x-meterline-dropped`.
+Dropped = list[str]
+
+
+def dropped_header(dropped: Dropped) -> str:
+    """The `x-meterline-dropped` header value: field names in order, once each."""
+    return ",".join(dict.fromkeys(dropped))
+
+
+def map_stop(table: Mapping[str, str], reason: str | None, unknown: str = "error") -> str | None:
+    """Look a stop reason up in an explicit table. An unknown reason never becomes a clean
+    `stop` (envoyproxy/ai-gateway#2118): it maps to `unknown` so the client sees something is off.
+    None (no reason yet) stays None."""
+    if reason is None:
+        return None
+    return table.get(reason, unknown)

@@ -20,7 +20,6 @@ from ledger.writer import LedgerWriter
 from . import admin, dashboard, proxy, server
 from .config import Config
 from .guard import Guard
-from .reply import closing, timed_out
 from .runtime import Runtime
 from .upstream import Pool
 
@@ -31,7 +30,7 @@ SWITCH_INTERVAL_S = 0.0005  # how long a thread may keep the GIL when another wa
 
 def build(config: Config) -> web.Application:
     """The application; the ledger opens (and the journal replays) when it starts up."""
-    app = web.Application(client_max_size=server.MAX_BODY, middlewares=[_admin_body_cap])
+    app = web.Application(client_max_size=server.MAX_BODY)
     writer = LedgerWriter(config.ledger_path, memory_limit=config.ledger_memory_limit, threads=config.ledger_threads)
     pricer = Pricer(config.prices, config.default_max_output_tokens)
     alerts = AlertDispatcher(config.alerts, persist=lambda crossing, call_id: _persist_alert(writer, crossing, call_id))
@@ -50,30 +49,6 @@ def build(config: Config) -> web.Application:
     app.router.add_route("*", "/{upstream}/{tail:.*}", proxy.handle)
     app.cleanup_ctx.append(_lifecycle)
     return app
-
-
-@web.middleware
-async def _admin_body_cap(request: web.Request, handler):
-    """/_meterline/ requests on connections aiohttp serves get the front's cap (server.MAX_ADMIN_BODY):
-    refused from Content-Length before a byte of body is read, and a chunked body is cut there."""
-    if not request.path.startswith("/_meterline/"):
-        return await handler(request)
-    length = request.content_length
-    if length is None or length <= server.MAX_ADMIN_BODY:
-        if not request.body_exists:
-            return await handler(request)
-        request = request.clone(client_max_size=server.MAX_ADMIN_BODY)
-        # read here, whole within body_idle_s (at most 1 MiB; the handler's read() gets it): a stalled body ends the connection
-        idle_s = request.app[proxy.RUNTIME].config.body_idle_timeout_s
-        try:
-            await asyncio.wait_for(request.read(), idle_s)
-        except asyncio.TimeoutError:
-            return await timed_out(request, idle_s)
-        except web.HTTPRequestEntityTooLarge:
-            pass  # a chunked body past the cap, found as it was read
-        else:
-            return await handler(request)
-    return await closing(request, 413, "request body too large", "meterline_too_large")
 
 
 async def _lifecycle(app: web.Application):

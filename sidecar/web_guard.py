@@ -1,10 +1,12 @@
-"""Request guarding for the sidecar's aiohttp application: Host allow-list, cross-site refusals and the admin token.
+"""Request guarding for the sidecar's aiohttp application: body cap, Host allow-list, cross-site refusals and the admin token.
 
 A web page open in the user's browser can send requests to the sidecar: "simple" cross-origin
 requests (no-cors, text/plain bodies) reach it without a preflight, and DNS rebinding lets a page on
 its own domain read the answers. So, on the aiohttp application (which serves /_meterline/ and the
 connections the front hands over):
 
+- a /_meterline/ body past the front's cap (server.MAX_ADMIN_BODY) is refused from its
+  Content-Length before it is read, as the front refuses it on the connections it serves;
 - a `Host` that sidecar/hostcheck.py does not allow gets 421 (DNS rebinding), on every route but
   healthz (which probes may reach by a pod IP, and which reveals nothing of the ledger); proxied
   calls on these connections get theirs from proxy.handle, in the provider-style error shape;
@@ -15,6 +17,7 @@ connections the front hands over):
 """
 from __future__ import annotations
 
+import asyncio
 import hmac
 from collections.abc import Awaitable, Callable
 from urllib.parse import urlsplit
@@ -22,8 +25,9 @@ from urllib.parse import urlsplit
 import orjson
 from aiohttp import web
 
-from . import proxy
+from . import proxy, server
 from .hostcheck import host_ok
+from .reply import closing, timed_out
 
 PREFIX = "/_meterline"
 HEALTHZ = f"{PREFIX}/healthz"
@@ -35,11 +39,35 @@ Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 
 
 def install(app: web.Application) -> None:
-    """Adds the middleware to the application (once)."""
+    """Adds the two middlewares to the application (once)."""
     if app.get(_INSTALLED):
         return
     app[_INSTALLED] = True
-    app.middlewares.append(guard)
+    app.middlewares.extend((body_cap, guard))  # the body cap first: a refusal reads no body
+
+
+@web.middleware
+async def body_cap(request: web.Request, handler: Handler) -> web.StreamResponse:
+    """/_meterline/ requests on connections aiohttp serves get the front's cap (server.MAX_ADMIN_BODY):
+    refused from Content-Length before a byte of body is read, and a chunked body is cut there."""
+    if not request.path.startswith(f"{PREFIX}/"):
+        return await handler(request)
+    length = request.content_length
+    if length is None or length <= server.MAX_ADMIN_BODY:
+        if not request.body_exists:
+            return await handler(request)
+        request = request.clone(client_max_size=server.MAX_ADMIN_BODY)
+        # read here, whole within body_idle_s (at most 1 MiB; the handler's read() gets it): a stalled body ends the connection
+        idle_s = request.app[proxy.RUNTIME].config.body_idle_timeout_s
+        try:
+            await asyncio.wait_for(request.read(), idle_s)
+        except asyncio.TimeoutError:
+            return await timed_out(request, idle_s)
+        except web.HTTPRequestEntityTooLarge:
+            pass  # a chunked body past the cap, found as it was read
+        else:
+            return await handler(request)
+    return await closing(request, 413, "request body too large", "meterline_too_large")
 
 
 def is_open(path: str) -> bool:

@@ -64,6 +64,22 @@ def answer_then_close(wire: Wire) -> Response:
     return resp
 
 
+def flood(wire: Wire, piece: bytes, times: int) -> tuple[int, Response | None]:
+    """Sends `piece` up to `times` times, until the sidecar stops reading (it refuses or closes),
+    then reads its answer. Returns the bytes sent and the answer, None if it only closed."""
+    sent = 0
+    try:
+        for _ in range(times):
+            wire.send(piece)
+            sent += len(piece)
+    except (BrokenPipeError, ConnectionResetError):
+        pass
+    try:
+        return sent, wire.response()
+    except (EOFError, ConnectionResetError):
+        return sent, None
+
+
 def error_type(resp: Response) -> str:
     assert (resp.header("content-type") or "").startswith("application/json"), resp.headers
     return resp.json()["error"]["type"]
@@ -159,22 +175,12 @@ def test_chunked_body_to_an_admin_route_is_cut_at_its_cap(e2e: E2E, handed_over:
     pid = e2e.sidecar.proc.pid
     before = rss_kib(pid)
     piece = b"%x\r\n%s\r\n" % (64 * 1024, b"x" * 64 * 1024)
-    sent = 0
     with Wire(e2e.sidecar.url) as wire:
         if handed_over:
             wire.send(healthz())
             assert wire.response("GET").status == 200
         wire.send(b"POST /_meterline/sql HTTP/1.1\r\nHost: 127.0.0.1\r\nTransfer-Encoding: chunked\r\n\r\n")
-        try:
-            for _ in range(64 * 16):  # up to 64 MiB, but the sidecar stops reading long before
-                wire.send(piece)
-                sent += len(piece)
-        except (BrokenPipeError, ConnectionResetError):
-            pass
-        try:
-            resp = wire.response()
-        except (EOFError, ConnectionResetError):
-            resp = None
+        sent, resp = flood(wire, piece, 64 * 16)  # up to 64 MiB, but the sidecar stops reading long before
     assert sent < 16 * 1024 * 1024, f"{sent} bytes of an admin body were read"
     if resp is not None:
         assert resp.status == 413 and error_type(resp) == "meterline_too_large"
@@ -195,19 +201,9 @@ def test_proxied_call_over_the_body_cap_is_refused_from_the_head(e2e: E2E) -> No
 def test_header_value_without_end_is_a_431(e2e: E2E) -> None:
     pid = e2e.sidecar.proc.pid
     before = rss_kib(pid)
-    sent = 0
     with Wire(e2e.sidecar.url) as wire:
         wire.send(f"POST {CHAT_PATH} HTTP/1.1\r\nHost: 127.0.0.1\r\nX-Endless: ".encode())
-        try:
-            for _ in range(1024):  # up to 64 MiB of one header value
-                wire.send(b"a" * 65536)
-                sent += 65536
-        except (BrokenPipeError, ConnectionResetError):
-            pass
-        try:
-            resp = wire.response()
-        except (EOFError, ConnectionResetError):
-            resp = None
+        sent, resp = flood(wire, b"a" * 65536, 1024)  # up to 64 MiB of one header value
     assert sent < 8 * 1024 * 1024, f"{sent} bytes of one request head were read"
     if resp is not None:
         assert resp.status == 431 and error_type(resp) == "meterline_too_large"

@@ -1,10 +1,13 @@
-"""The crash journal: every call is appended to a local file before its response ends, and replayed after a crash.
+"""The journal: the forwarder appends every call to local files; the sinks process reads them into the ledger.
 
 A call writes two lines: when it starts, a provisional record with outcome `interrupted`; when
-it ends, the final record. The last line of a call wins, so after a kill a call that never ended
-is recorded as interrupted, and one that ended is recorded exactly as it ended. Lines go to
-numbered segment files; a segment is deleted once every call it mentions has ended and its
-final record is committed to DuckDB. Replay is idempotent: the ledger keeps one row per call_id.
+it ends, the final record (with what telemetry and alerts need beyond the row: CallExtras). The
+last line of a call wins, so a call whose forwarder died before it ended is recorded as
+interrupted, and one that ended is recorded exactly as it ended. Lines go to numbered segment
+files in the forwarder's own directory (`<ledger>.journal/w<k>/`); the sinks process tails them
+(sinks/tail.py) and deletes a segment once every call in it is in the ledger. The forwarder never
+deletes: it only appends, and holds `lock` in its directory while it lives, so the sinks process
+can tell a live forwarder's calls in flight from a dead one's.
 
 Appends are plain `write(2)`s on the event loop (a few microseconds, no fsync): they survive the
 process being killed, not the machine losing power. A final record is written at once, before the
@@ -14,14 +17,19 @@ turn (`defer`), so the calls that start together share one write.
 An append never fails a call. Lines the disk refuses (full, I/O error) stay in memory, up to
 MAX_UNWRITTEN_BYTES, and are written on a later append once one line goes through again; after a
 partial write the next write starts with a newline, so the torn fragment stays a line of its own
-(which replay quarantines) and is never glued onto a whole one. Failures are counted for healthz
-and logged at most once per LOG_INTERVAL_S. A line replay cannot read or turn into a record is
-kept in `rejected_lines` (the writer stores them in the ledger's `rejected` table).
+(which the reader quarantines) and is never glued onto a whole one. Failures are counted for
+healthz and logged at most once per LOG_INTERVAL_S.
+
+Line format: a segment's first line is a header naming the fields and the writing process's
+incarnation; a provisional line is the record's fields as a JSON array; a final line has one more
+element, its CallExtras as an object (or null). `recover` reads a directory whole: the single-
+process layout of earlier versions (segments directly in `<ledger>.journal/`) is replayed with it.
 """
 from __future__ import annotations
 
 import dataclasses
 import errno
+import fcntl
 import logging
 import operator
 import os
@@ -36,7 +44,7 @@ from typing import Any
 import orjson
 
 from . import validate
-from .records import CallRecord
+from .records import CallExtras, CallRecord
 
 log = logging.getLogger("meterline.journal")
 
@@ -47,6 +55,8 @@ _ROW = operator.attrgetter(*_FIELDS)
 # A segment's first line names the fields; every other line is one record as a JSON array in that
 # order: a third of the cost of encoding the dataclass by name, on the event loop, twice a call.
 _HEADER = orjson.dumps({"meterline_journal": 2, "fields": _FIELDS}, option=orjson.OPT_APPEND_NEWLINE)
+_EXTRAS = tuple(f.name for f in dataclasses.fields(CallExtras))
+LOCK_FILE = "lock"
 MAX_UNWRITTEN_BYTES = 64 * 1024 * 1024  # lines kept in memory while the disk refuses them
 LOG_INTERVAL_S = 60.0  # a full disk logs once per interval, not once per call
 
@@ -55,19 +65,52 @@ def encode(record: CallRecord) -> bytes:
     return orjson.dumps(_ROW(record), default=_default, option=orjson.OPT_APPEND_NEWLINE)
 
 
+def encode_final(record: CallRecord, extras: CallExtras | None) -> bytes:
+    """A final line: the record's fields and then its extras (orjson writes the dataclass as an object)."""
+    return orjson.dumps((*_ROW(record), extras), default=_default, option=orjson.OPT_APPEND_NEWLINE)
+
+
+def header(incarnation: str) -> bytes:
+    return orjson.dumps({"meterline_journal": 3, "fields": _FIELDS, "incarnation": incarnation},
+                        option=orjson.OPT_APPEND_NEWLINE)
+
+
 def _default(value: Any) -> Any:
     if isinstance(value, Decimal):
         return str(value)
     raise TypeError(type(value).__name__)
 
 
+@dataclasses.dataclass(frozen=True, slots=True)
+class Header:
+    fields: tuple[str, ...]
+    incarnation: str | None  # None: written by a version before incarnations
+
+
+@dataclasses.dataclass(slots=True)
+class Line:
+    record: CallRecord
+    final: bool  # False: the provisional line a call writes as it starts
+    extras: CallExtras | None = None
+
+
 def decode(line: bytes, fields: tuple[str, ...] = _FIELDS) -> CallRecord | tuple[str, ...]:
-    """A record, or (for a segment's header line) the field names its records use. Lines written
-    before the header existed are objects keyed by field name, and still read. Every value is
-    checked (`validate.full`): a bad one becomes NULL and an anomaly; a line that cannot be a
-    record at all raises ValueError."""
+    """A record, or (for a segment's header line) the field names its records use."""
+    got = read_line(line, fields)
+    return got.fields if isinstance(got, Header) else got.record
+
+
+def read_line(line: bytes, fields: tuple[str, ...] = _FIELDS) -> Line | Header:
+    """One journal line. Lines written before the header existed are objects keyed by field name,
+    and still read. Every value is checked (`validate.full`): a bad one becomes NULL and an
+    anomaly; a line that cannot be a record at all raises ValueError."""
     doc = orjson.loads(line)
+    extras: CallExtras | None = None
+    final = True  # lines of earlier versions: the last line of a call wins, whatever it is
     if isinstance(doc, list):
+        final = len(doc) > len(fields)
+        if final:
+            extras = _extras(doc[len(fields)])
         doc = dict(zip(fields, doc))
     elif not isinstance(doc, dict):
         raise ValueError(f"a JSON {type(doc).__name__}, not a record")
@@ -75,7 +118,8 @@ def decode(line: bytes, fields: tuple[str, ...] = _FIELDS) -> CallRecord | tuple
         names = doc.get("fields")
         if not isinstance(names, list) or not all(type(n) is str for n in names):
             raise ValueError("a header line without its field names")
-        return tuple(names)
+        incarnation = doc.get("incarnation")
+        return Header(tuple(names), incarnation if type(incarnation) is str else None)
     for name in _DATETIMES:
         value = doc.get(name)
         if value and type(value) is str:
@@ -90,20 +134,32 @@ def decode(line: bytes, fields: tuple[str, ...] = _FIELDS) -> CallRecord | tuple
                 doc[name] = Decimal(value)
             except ArithmeticError:
                 pass
-    return validate.full(CallRecord(**{name: doc.get(name) for name in _FIELDS}))
+    return Line(validate.full(CallRecord(**{name: doc.get(name) for name in _FIELDS})), final, extras)
+
+
+def _extras(doc: Any) -> CallExtras | None:
+    """A final line's extras; what does not read as extras is dropped (the row matters, not its span)."""
+    if not isinstance(doc, dict):
+        return None
+    try:
+        extras = CallExtras(**{k: v for k, v in doc.items() if k in _EXTRAS})
+        extras.events = [(name, datetime.fromisoformat(at), attrs) for name, at, attrs in extras.events or ()]
+    except (TypeError, ValueError):
+        return None
+    return extras
 
 
 class Journal:
-    """Segmented append-only journal. `begin`/`end` run on the event loop; `committed` on the writer."""
+    """Segmented append-only journal of one forwarder. `begin`/`end` run on the event loop."""
 
     def __init__(self, directory: str | os.PathLike[str], segment_bytes: int = 4 * 1024 * 1024) -> None:
         self.dir = Path(directory)
         self.segment_bytes = segment_bytes
         self.lock = threading.Lock()
-        self.outstanding: dict[int, int] = {}  # segment -> begun-but-not-ended calls + uncommitted records
-        self.first_live = 1  # segments below it were recovered at start-up (see `open`)
+        self.incarnation = os.urandom(8).hex()  # this process's: the reader tells its lines from a dead one's
         self.segment = 0
         self.fd = -1
+        self.lock_fd = -1
         self.size = 0
         self.buffer: list[bytes] = []  # provisional lines not yet written
         # schedules a function for the end of the event loop's turn (loop.call_soon); None: write at once
@@ -114,48 +170,47 @@ class Journal:
         self.torn = False  # the file ends inside a line: the next write starts with a newline
         self.append_failures = 0  # writes the disk refused (counted for healthz)
         self.lost = 0  # lines dropped because more than MAX_UNWRITTEN_BYTES were waiting
-        self.rejected_lines: list[tuple[bytes, str]] = []  # (line, reason) that replay could not use
+        self.rejected_lines: list[tuple[bytes, str]] = []  # (line, reason) that `recover` could not use
         self._logged_at = -LOG_INTERVAL_S
 
     # --- start-up ------------------------------------------------------------------------------
 
     def recover(self) -> list[CallRecord]:
-        """Every call the journal still holds (last line per call wins), oldest segment first."""
+        """Every call the directory holds (last line per call wins), oldest segment first."""
         self.dir.mkdir(parents=True, exist_ok=True, mode=0o700)
         latest: dict[str, CallRecord] = {}
-        for path in self._segments():
+        for path in segments(self.dir):
             fields = _FIELDS
             with open(path, "rb") as f:
                 for n, line in enumerate(f, 1):
                     if not line.endswith(b"\n"):
                         break  # a torn last write: that line never completed
                     try:
-                        record = decode(line, fields)
+                        got = read_line(line, fields)
                     except (ValueError, TypeError, KeyError, ArithmeticError) as e:
                         # a torn fragment (full disk) or a line edited by hand: kept aside, not replayed
                         log.warning("journal %s line %d is unusable (%s); quarantined", path.name, n, e)
                         self.rejected_lines.append((line.rstrip(b"\n"), f"{path.name} line {n}: {e}"))
                         continue
-                    if isinstance(record, tuple):
-                        fields = record
+                    if isinstance(got, Header):
+                        fields = got.fields
                     else:
-                        latest[record.call_id] = record
+                        latest[got.record.call_id] = got.record
         return list(latest.values())
 
-    def open(self) -> None:
-        """Starts a new segment after the ones recovered (which `discard_recovered` removes)."""
-        existing = self._segments()
-        self.first_live = int(existing[-1].stem) + 1 if existing else 1
-        self._rotate(self.first_live)
-
     def discard_recovered(self) -> None:
-        """Called once the recovered calls are safely in the ledger."""
-        for path in self._segments():
-            if int(path.stem) < self.first_live:
-                path.unlink(missing_ok=True)
+        """Called once what `recover` read is safely in the ledger."""
+        for path in segments(self.dir):
+            path.unlink(missing_ok=True)
 
-    def _segments(self) -> list[Path]:
-        return sorted(p for p in self.dir.glob("*.jsonl") if p.stem.isdigit())
+    def open(self) -> None:
+        """Takes the directory's lock (held while this process lives) and starts a new segment after
+        the ones there: numbers only grow, as the reader keeps the newest segment of a directory."""
+        self.dir.mkdir(parents=True, exist_ok=True, mode=0o700)
+        self.lock_fd = os.open(self.dir / LOCK_FILE, os.O_RDWR | os.O_CREAT, 0o600)
+        fcntl.flock(self.lock_fd, fcntl.LOCK_EX)  # a forwarder still dying in this slot lets go as it exits
+        existing = segments(self.dir)
+        self._rotate(int(existing[-1].stem) + 1 if existing else 1)
 
     # --- the request path ----------------------------------------------------------------------
 
@@ -167,57 +222,44 @@ class Journal:
                 self._rotate(self.segment + 1)
             self.buffer.append(line)
             self.size += len(line)
-            self.outstanding[self.segment] += 1
             if self.defer is None:
                 self._flush()
             elif len(self.buffer) == 1:
                 self.defer(self.flush)
             return self.segment
 
-    def end(self, record: CallRecord, begun_in: int | None, lazily: bool = False) -> int:
+    def end(self, record: CallRecord, begun_in: int | None, lazily: bool = False,
+            extras: CallExtras | None = None) -> int:
         """Writes the final record (and any queued provisional ones) now, or with `lazily` at the
         end of the loop's turn, when the caller holds back the response's last bytes until `flush`.
-        Returns the segment to pass to `committed`."""
-        line = encode(record)
+        A call that began in an older segment is written at once: its lines stay in order on disk."""
+        line = encode_final(record, extras)
         with self.lock:
             if self.size >= self.segment_bytes:
                 self._rotate(self.segment + 1)
             self.buffer.append(line)
             self.size += len(line)
             if not lazily or self.defer is None or (begun_in is not None and begun_in != self.segment):
-                # (the provisional line's segment may be deleted below: the final line must be on disk first)
                 self._flush()
             elif len(self.buffer) == 1:
                 self.defer(self.flush)
-            segment = self.segment
-            self.outstanding[segment] += 1
-            if begun_in is not None:
-                self._release(begun_in)
-            return segment
+            return self.segment
 
     def flush(self) -> None:
         with self.lock:
             self._flush()
 
-    # --- the writer ----------------------------------------------------------------------------
-
-    def committed(self, segments: list[int]) -> None:
-        """The final records written to these segments are now in DuckDB."""
-        with self.lock:
-            for segment in segments:
-                self._release(segment)
-
     def close(self) -> None:
-        """At a clean shutdown: segments whose calls are all committed are not needed again."""
+        """At shutdown: writes what waits, closes the segment and lets go of the directory."""
         with self.lock:
             if self.fd >= 0:
                 self._flush()
                 os.close(self.fd)
                 self.fd = -1
             self.closed = True
-            for segment, left in list(self.outstanding.items()):
-                if left == 0:
-                    self._delete(segment)
+            if self.lock_fd >= 0:
+                os.close(self.lock_fd)  # releases the flock
+                self.lock_fd = -1
 
     # --- internals (lock held) -----------------------------------------------------------------
 
@@ -305,31 +347,17 @@ class Journal:
             self._flush()  # queued lines belong to the segment they were counted in
             os.close(self.fd)
             self.fd = -1
-        previous = self.segment
         self.segment, self.size = segment, len(_HEADER)
-        self.outstanding[segment] = 0
         self.torn = False  # a new file starts on a new line
         # lines the disk refused go to the new segment, after its header
-        lines = [_HEADER, *self.unwritten]
+        lines = [header(self.incarnation), *self.unwritten]
         self.unwritten, self.unwritten_bytes = [], 0
         if self._reopen():
             done = self._write(lines)
             lines = lines[done:]
         self._keep(lines)
-        if previous in self.outstanding and self.outstanding[previous] == 0:
-            self._delete(previous)
 
-    def _release(self, segment: int) -> None:
-        left = self.outstanding[segment] - 1
-        self.outstanding[segment] = left
-        # while lines wait in memory, a final record may be among them: keep the segment holding
-        # its provisional line (close() or the next rotation deletes it)
-        if left == 0 and segment != self.segment and not self.unwritten:
-            self._delete(segment)
 
-    def _delete(self, segment: int) -> None:
-        del self.outstanding[segment]
-        try:
-            os.unlink(self._path(segment))
-        except OSError:
-            log.warning("could not delete journal segment %d", segment, exc_info=True)
+def segments(directory: Path) -> list[Path]:
+    """A directory's segment files, oldest first."""
+    return sorted(p for p in directory.glob("*.jsonl") if p.stem.isdigit())

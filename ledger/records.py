@@ -123,7 +123,7 @@ class CallRecord:
 
 @dataclass(slots=True)
 class CallExtras:
-    """What telemetry needs of a call beyond its ledger row; passed to sinks, never stored."""
+    """What telemetry and alerts need of a call beyond its ledger row: journaled with it, never stored in the ledger."""
 
     parent_span_id: str | None = None  # the app's span (from traceparent), parent of the call's span
     sampled: bool = True  # the app's trace flags, when it sent a traceparent
@@ -137,3 +137,7 @@ class CallExtras:
     output_messages: str | None = None
     attributes: dict[str, str | int | float | bool] = field(default_factory=dict)  # e.g. meterline.budget.*
     events: list[tuple[str, datetime, dict[str, str | int | float | bool]]] = field(default_factory=list)
+    # budget thresholds the call crossed (ledger.budgets.crossing_note), for the sinks process to alert
+    alerts: list[dict[str, Any]] = field(default_factory=list)
+    # (rule, split key or None, utilization as text) of each budget the call settled: the gauge
+    utilization: list[tuple[str, str | None, str]] = field(default_factory=list)

@@ -85,7 +85,12 @@ class LedgerWriter:
         self.path = Path(db_path)
         self.duckdb_config = {**_DUCKDB_SETTINGS, "memory_limit": memory_limit, "threads": threads}
         self.flush_interval_s = flush_interval_s
+        # the single-process layout of earlier versions: segments directly in `<ledger>.journal/`,
+        # replayed once at `open`; the forwarders' own directories are read by sinks/tail.py
         self.journal = journal or Journal(journal_dir(self.path))
+        # called on the writer thread with the tokens (`submit`'s second argument) of the records
+        # just committed or quarantined: the journal tail frees their segments
+        self.on_committed: Callable[[list[Any]], None] | None = None
         self.queue: queue.SimpleQueue[Any] = queue.SimpleQueue()
         self.con: duckdb.DuckDBPyConnection | None = None
         self.thread: threading.Thread | None = None
@@ -112,9 +117,8 @@ class LedgerWriter:
         budget_store.create(self.con)
         self.salt = self._salt()
         recovered = self.journal.recover()
-        self.journal.open()
         replayed = self._replay(recovered) if recovered else 0
-        self._quarantine_lines(self.journal.rejected_lines)
+        self.quarantine_lines(self.journal.rejected_lines)
         self.journal.rejected_lines = []
         self.journal.discard_recovered()
         for path in (self.path, Path(f"{self.path}.wal"), salt_path(self.path), *self.journal.dir.glob("*.jsonl")):
@@ -169,9 +173,30 @@ class LedgerWriter:
         self.thread = threading.Thread(target=self._run, name="meterline-ledger", daemon=True)
         self.thread.start()
 
-    def submit(self, record: CallRecord, segment: int | None, extras: CallExtras | None = None) -> None:
+    def submit(self, record: CallRecord, token: Any, extras: CallExtras | None = None) -> None:
+        """Queues a record (any thread); `token` comes back through `on_committed` once it is written."""
         self.submitted += 1
-        self.queue.put((record, segment, extras))
+        self.queue.put((record, token, extras))
+
+    def catch_up(self, items: list[Item]) -> int:
+        """Writes the records of `items` the ledger does not have yet (read again from the journals
+        after a restart), hands those to the sinks, and settles every token. Before `start`.
+        Returns how many were new."""
+        cur = self.con.cursor()
+        try:
+            ids = [r.call_id for r, _, _ in items]
+            have = {row[0] for row in cur.execute(
+                "SELECT call_id FROM calls WHERE call_id IN (SELECT unnest(?::VARCHAR[]))", [ids]).fetchall()}
+            fresh = [item for item in items if item[0].call_id not in have]
+            count, left = self._isolate(cur, fresh, "journal", new_only=False)
+        finally:
+            cur.close()
+        if left:  # not the records' fault (e.g. a full disk): start-up fails and the journals stay
+            raise RuntimeError(f"journal replay could not write {len(left)} records; see the log above")
+        self._fan_out(fresh)
+        if self.on_committed is not None:
+            self.on_committed([t for _, t, _ in items if t is not None])
+        return count
 
     @property
     def pending(self) -> int:
@@ -322,7 +347,8 @@ class LedgerWriter:
 
     def _settled(self, items: list[Item], written: bool) -> None:
         """Written or quarantined: the journal need not keep them."""
-        self.journal.committed([s for _, s, _ in items if s is not None])
+        if self.on_committed is not None:
+            self.on_committed([t for _, t, _ in items if t is not None])
         if written:
             self.written += len(items)
             newest = max((r.ended_at or r.started_at) for r, _, _ in items)
@@ -335,10 +361,13 @@ class LedgerWriter:
         log.error("ledger: a %s record was refused (%s); kept in the `rejected` table", source, reason)
         cur.execute("INSERT INTO rejected VALUES (current_timestamp, ?, ?, ?)", [source, reason, data])
 
-    def _quarantine_lines(self, lines: list[tuple[bytes, str]]) -> None:
+    def quarantine_lines(self, lines: list[tuple[bytes, str]]) -> None:
+        """Journal lines that are not records, kept in `rejected` (any thread)."""
         if lines:
             self.rejected_at_start += len(lines)
-            self.con.executemany("INSERT INTO rejected VALUES (current_timestamp, 'journal', ?, ?)",
+            cur = self.con.cursor()
+            try:
+                cur.executemany("INSERT INTO rejected VALUES (current_timestamp, 'journal', ?, ?)",
                                  [[reason, line.decode("utf-8", "replace")] for line, reason in lines])
 
 

@@ -1,0 +1,203 @@
+"""The sinks process's work: journals into DuckDB, telemetry and alerts; SQL, metrics and budget storage for the forwarders.
+
+Threads: the tail thread polls the forwarders' journals every POLL_S and hands finished calls to
+the ledger writer's thread, which commits them in batches and passes each batch to telemetry and
+to `consume` here (alerts and the budget gauge). The event loop answers the forwarders' requests
+(sinks/rpc.py) and delivers webhooks. Nothing here is on a call's path: a forwarder only appends
+to its journal; when this process is down, calls flow and its records wait on disk.
+"""
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import threading
+import time
+from datetime import datetime
+from decimal import Decimal
+from typing import Any
+
+from exporters.alerts import AlertDispatcher
+from exporters.telemetry import Telemetry
+from ledger import budget_store, sql
+from ledger.budgets import CrossingNote
+from ledger.records import CallExtras, CallRecord
+from ledger.writer import LedgerWriter, journal_dir
+from sidecar.config import Config
+
+from .queries import Busy, Queries
+from .tail import JournalTail
+
+log = logging.getLogger("meterline.sinks")
+
+POLL_S = 0.05  # how often the journals are looked at: a call's row lands within this plus the writer's batching
+# what a forwarder may ask the ledger for, by name (ledger/budget_store.py): nothing else is callable
+DB_FUNCTIONS = {f.__name__: f for f in (budget_store.api_rules, budget_store.history, budget_store.recent_outputs,
+                                        budget_store.save_rule, budget_store.delete_rule, budget_store.save_topup)}
+
+
+class Sinks:
+    def __init__(self, config: Config) -> None:
+        self.config = config
+        self.writer = LedgerWriter(config.ledger_path, memory_limit=config.ledger_memory_limit,
+                                   threads=config.ledger_threads)
+        self.tail = JournalTail(journal_dir(config.ledger_path))
+        self.writer.on_committed = self.tail.committed
+        self.telemetry = Telemetry(config.telemetry, os.environ, config.app)
+        self.alerts = AlertDispatcher(config.alerts, persist=self._persist_alert)
+        self.queries = Queries(config.sql_max_concurrent, config.sql_timeout_s)
+        self.loop: asyncio.AbstractEventLoop | None = None
+        self.started_at = time.time()
+        self._polling = threading.Lock()  # the tail thread and `sync` take turns reading the journals
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+        self.writer.sinks.append(self.telemetry)
+        self.writer.sinks.append(self)
+        self.telemetry.register_gauge("meterline.ledger.pending", "{record}",
+                                      "Call records not yet committed to the ledger", lambda: self.writer.pending)
+        self.telemetry.register_gauge("meterline.ledger.write_lag", "s", "From a call's end to its row being committed",
+                                      lambda: self.writer.last_lag_s)
+
+    # --- life ----------------------------------------------------------------------------------
+
+    def open(self) -> int:
+        """Opens the ledger and writes what the journals hold that it lacks (a thread, not the loop)."""
+        self.writer.open()
+        self.telemetry.start()
+        caught = 0
+        while True:  # until the journals are read to their end (the second pass resolves dead calls)
+            items = self.tail.poll()
+            self._quarantine_lines()
+            if not items:
+                break
+            caught += self.writer.catch_up(items)
+        if caught:
+            log.info("wrote %d calls from the journals", caught)
+        return caught
+
+    def start(self, loop: asyncio.AbstractEventLoop) -> None:
+        self.loop = loop
+        self.alerts.start()
+        self.writer.start()
+        self._thread = threading.Thread(target=self._tail_loop, name="meterline-tail", daemon=True)
+        self._thread.start()
+
+    async def stop(self) -> None:
+        """Reads the journals one last time, commits, flushes telemetry, closes the ledger."""
+        loop = asyncio.get_running_loop()
+        self._stop.set()
+        self.queries.close()
+        if self._thread is not None:
+            await loop.run_in_executor(None, self._thread.join, 10.0)
+        await loop.run_in_executor(None, self._poll_once)
+        await self.alerts.stop()
+        await loop.run_in_executor(None, self.writer.stop)
+        await loop.run_in_executor(None, self.telemetry.shutdown, 5.0)
+
+    def _tail_loop(self) -> None:
+        while not self._stop.wait(POLL_S):
+            try:
+                self._poll_once()
+            except Exception:  # noqa: BLE001 - a bad pass is logged; the next one tries again
+                log.exception("reading the journals failed")
+                time.sleep(1.0)
+
+    def _poll_once(self) -> int:
+        with self._polling:
+            items = self.tail.poll()
+            for record, token, extras in items:
+                self.writer.submit(record, token, extras)
+            self._quarantine_lines()
+            return self.writer.submitted
+
+    def _quarantine_lines(self) -> None:
+        if self.tail.rejected_lines:
+            lines, self.tail.rejected_lines = self.tail.rejected_lines, []
+            self.writer.quarantine_lines(lines)
+
+    # --- a sink of the writer: alerts and the budget gauge ---------------------------------------
+
+    def consume(self, batch: list[tuple[CallRecord, CallExtras | None]]) -> None:
+        loop = self.loop
+        for record, extras in batch:
+            if extras is None:
+                continue
+            for rule, key, value in extras.utilization:
+                self.telemetry.set_budget_utilization(rule, key, Decimal(value))
+            for doc in extras.alerts:
+                try:
+                    note = CrossingNote.from_json(doc)
+                except ValueError as e:
+                    log.warning("a budget alert of call %s is unreadable (%s)", record.call_id, e)
+                    continue
+                if loop is not None:
+                    loop.call_soon_threadsafe(self.alerts.fire, note, record.call_id)
+
+    def _persist_alert(self, note: CrossingNote, call_id: str | None) -> None:
+        cur = self.writer.cursor()
+        try:
+            budget_store.save_alert(cur, note, call_id)
+        finally:
+            cur.close()
+
+    # --- what the forwarders ask ----------------------------------------------------------------
+
+    async def handle(self, op: str, args: tuple[Any, ...]) -> Any:
+        loop = asyncio.get_running_loop()
+        if op == "health":
+            return self.health()
+        if op == "metrics":
+            return await loop.run_in_executor(None, self.telemetry.prometheus)
+        if op == "sql":
+            query, max_rows = args
+            con = self.writer.con
+            if con is None:
+                raise RuntimeError("ledger not open")
+            try:
+                return ("ok", sql.to_json(await self.queries.run(con, query, max_rows)))
+            except Busy as e:
+                return ("busy", str(e))
+            except sql.QueryRefused as e:
+                return ("refused", str(e))
+            except sql.QueryInterrupted as e:
+                return ("interrupted", str(e))
+            except Exception as e:  # noqa: BLE001 - a bad query is the caller's error, shown as DuckDB says it
+                return ("error", str(e))
+        if op == "db":
+            name, *rest = args
+            fn = DB_FUNCTIONS.get(name)
+            if fn is None:
+                raise ValueError(f"no ledger function {name!r}")
+            return await loop.run_in_executor(None, self._db, fn, rest)
+        if op == "sync":
+            return await loop.run_in_executor(None, self._sync, float(args[0]) if args else 10.0)
+        if op == "ping":
+            return os.getpid()
+        raise ValueError(f"unknown request {op!r}")
+
+    def _db(self, fn: Any, args: list[Any]) -> Any:
+        cur = self.writer.cursor()
+        try:
+            return fn(cur, *args)
+        finally:
+            cur.close()
+
+    def _sync(self, timeout: float) -> bool:
+        """Waits until everything the journals hold now is committed (the asker flushed its journal)."""
+        target = self._poll_once()
+        return self.writer.wait_written(target, timeout)
+
+    def health(self) -> dict[str, Any]:
+        w = self.writer
+        return {
+            "pid": os.getpid(),
+            "ledger": {"path": str(w.path), "written": w.written, "pending": w.pending,
+                       "write_failures": w.failures, "last_lag_s": round(w.last_lag_s, 4),
+                       "failing": w.failing, "rejected": w.rejected + w.rejected_at_start},
+            "backlog_bytes": self.tail.backlog_bytes,
+            "open_calls": self.tail.open_calls,
+            "interrupted": self.tail.interrupted,
+            "telemetry": self.telemetry.stats(),
+            "alerts": {"fired": self.alerts.stats.fired, "delivered": self.alerts.stats.delivered,
+                       "failed": self.alerts.stats.failed, "dropped": self.alerts.stats.dropped},
+        }

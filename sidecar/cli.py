@@ -326,6 +326,8 @@ class _Client:
         if resp.status_code >= 300:
             try:
                 message = orjson.loads(resp.content)["error"]
+                if not isinstance(message, str):  # e.g. an OpenAI-compatible server's {"error": {...}}
+                    raise TypeError(message)
             except Exception:  # noqa: BLE001 - not one of our error bodies
                 raise _Failed(f"{self.url} does not answer as a meterline sidecar (HTTP {resp.status_code} on "
                               f"{path})") from None

@@ -211,3 +211,32 @@ def test_a_remote_sidecar_is_reached_through_the_environments_proxy(env_proxy: A
     done = cli("sql", "SELECT 1", "--url", "http://meterline.example:8720", cwd=tmp_path, env=env_proxy.env())
     one_line_error(done, "http://meterline.example:8720", "does not answer as a meterline sidecar", "HTTP 502")
     assert env_proxy.requests == ["http://meterline.example:8720/_meterline/healthz"]
+
+
+class _OpenAiShaped(http.server.BaseHTTPRequestHandler):
+    """An OpenAI-compatible server (the provider, or another proxy) where the sidecar was expected:
+    its error bodies have an `error` object, not the sidecar's `error` string."""
+
+    def do_GET(self) -> None:  # noqa: N802
+        body = orjson.dumps({"error": {"message": "Incorrect API key provided", "type": "invalid_request_error"}})
+        self.send_response(401)
+        self.send_header("Content-Type", "application/json")
+        self.send_header("Content-Length", str(len(body)))
+        self.end_headers()
+        self.wfile.write(body)
+
+    def log_message(self, *args: Any) -> None:
+        pass
+
+
+def test_an_openai_compatible_server_is_not_taken_for_a_sidecar(tmp_path: Path) -> None:
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), _OpenAiShaped)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        url = f"127.0.0.1:{server.server_address[1]}"
+        for args in (["sql", "SELECT 1"], ["budgets"]):
+            one_line_error(cli(*args, "--url", url, cwd=tmp_path), url, "does not answer as a meterline sidecar",
+                           "HTTP 401")
+    finally:
+        server.shutdown()
+        server.server_close()

@@ -127,7 +127,7 @@ class AlertDispatcher:
 
     def start(self) -> None:
         """On the event loop that will deliver. The client is made here, before calls are served:
-        building its TLS context takes 30-70 ms, once (and not at all without webhooks)."""
+        building its TLS context takes 45-75 ms here, once (and not at all without webhooks)."""
         if self.settings.webhooks:
             self.client = http_client.async_client(self.settings.timeout_s)
         self.task = asyncio.get_running_loop().create_task(self._run(), name="meterline-alerts")

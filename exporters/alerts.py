@@ -1,4 +1,11 @@
-"""Budget alerts delivered off the request path: the log, webhooks (generic JSON or Slack) with retries, and a persist hook."""
+"""Budget alerts delivered off the request path: the log, webhooks (generic JSON or Slack) with retries, and a persist hook.
+
+Self-contained, so it runs in whichever process has the event loop for it: its own httpx2 client
+(exporters/http_client.py), made in start() and closed in stop(). Crossings arrive as live
+ledger.budgets.Crossing objects or as CrossingNote (plain data, e.g. read back from the journal);
+either way a note is taken when fire() is called, and the log line, the webhooks and persist all
+use that one snapshot.
+"""
 from __future__ import annotations
 
 import asyncio
@@ -8,10 +15,12 @@ from dataclasses import dataclass, field
 from typing import Any
 from urllib.parse import urlsplit
 
-import aiohttp
+import httpx2
 import orjson
 
-from ledger.budgets import Crossing, exact
+from ledger.budgets import Crossing, CrossingNote, exact
+
+from . import http_client
 
 log = logging.getLogger("meterline.alerts")
 
@@ -78,18 +87,18 @@ def parse_settings(doc: dict[str, Any]) -> AlertSettings:
     return settings
 
 
-def payload(crossing: Crossing, call_id: str | None) -> dict[str, Any]:
-    a = crossing.account
-    rule = a.rule
+def payload(crossing: CrossingNote | Crossing, call_id: str | None) -> dict[str, Any]:
+    """The generic webhook's JSON body."""
+    n = crossing if isinstance(crossing, CrossingNote) else CrossingNote.of(crossing)
     return {
         "type": "meterline.budget_alert",
-        "rule": rule.name, "per": rule.per, "key": a.key if rule.per else None,
-        "window": rule.window, "window_start": a.start.isoformat(),
-        "threshold": float(crossing.threshold), "utilization": round(float(crossing.utilization), 6),
-        "spent_usd": exact(a.spent.usd), "limit_usd": None if a.limit_usd is None else exact(a.limit_usd),
-        "spent_tokens": a.spent.tokens, "limit_tokens": rule.limit_tokens,
-        "requests": a.spent.requests, "limit_requests": rule.limit_requests,
-        "action": rule.action, "at": crossing.at.isoformat(), "call_id": call_id,
+        "rule": n.rule, "per": n.per, "key": n.key if n.per else None,
+        "window": n.window, "window_start": n.window_start.isoformat(),
+        "threshold": float(n.threshold), "utilization": round(float(n.utilization), 6),
+        "spent_usd": exact(n.spent_usd), "limit_usd": None if n.limit_usd is None else exact(n.limit_usd),
+        "spent_tokens": n.spent_tokens, "limit_tokens": n.limit_tokens,
+        "requests": n.requests, "limit_requests": n.limit_requests,
+        "action": n.action, "at": n.at.isoformat(), "call_id": call_id,
     }
 
 
@@ -106,17 +115,21 @@ def render(body: dict[str, Any], fmt: str) -> bytes:
 class AlertDispatcher:
     """Takes crossings on the event loop without waiting; a background task logs, persists and delivers."""
 
-    def __init__(self, settings: AlertSettings, persist: Callable[[Crossing, str | None], None] | None = None) -> None:
+    def __init__(self, settings: AlertSettings,
+                 persist: Callable[[CrossingNote, str | None], None] | None = None) -> None:
         self.settings = settings
-        self.persist = persist
+        self.persist = persist  # called on a thread of the default executor
         self.stats = AlertStats()
-        self.queue: asyncio.Queue[tuple[Crossing, str | None]] = asyncio.Queue(MAX_QUEUE)
+        self.queue: asyncio.Queue[tuple[CrossingNote, str | None]] = asyncio.Queue(MAX_QUEUE)
         self.task: asyncio.Task[None] | None = None
         self.deliveries: set[asyncio.Task[None]] = set()
-        self.session: aiohttp.ClientSession | None = None
+        self.client: httpx2.AsyncClient | None = None
 
-    def start(self, session: aiohttp.ClientSession) -> None:
-        self.session = session
+    def start(self) -> None:
+        """On the event loop that will deliver. The client is made here, before calls are served:
+        building its TLS context takes 45-75 ms here, once (and not at all without webhooks)."""
+        if self.settings.webhooks:
+            self.client = http_client.async_client(self.settings.timeout_s)
         self.task = asyncio.get_running_loop().create_task(self._run(), name="meterline-alerts")
 
     async def stop(self) -> None:
@@ -127,27 +140,32 @@ class AlertDispatcher:
                     await task
                 except asyncio.CancelledError:
                     pass
+        self.task = None
+        if self.client is not None:
+            await self.client.aclose()
+            self.client = None
 
-    def fire(self, crossing: Crossing, call_id: str | None) -> None:
+    def fire(self, crossing: Crossing | CrossingNote, call_id: str | None) -> None:
+        # the numbers as they are now: later spend in the same window must not change what this alert says
+        note = crossing if isinstance(crossing, CrossingNote) else CrossingNote.of(crossing)
         self.stats.fired += 1
-        a = crossing.account
-        log.warning("budget alert: %s reached %s of its limit: %s", a.describe(), f"{crossing.threshold:.0%}",
-                    a.spend_text())
+        log.warning("budget alert: %s reached %s of its limit: %s", note.describe(), f"{note.threshold:.0%}",
+                    note.spend_text)
         try:
-            self.queue.put_nowait((crossing, call_id))
+            self.queue.put_nowait((note, call_id))
         except asyncio.QueueFull:
             self.stats.dropped += 1
 
     async def _run(self) -> None:
         loop = asyncio.get_running_loop()
         while True:
-            crossing, call_id = await self.queue.get()
+            note, call_id = await self.queue.get()
             if self.persist is not None:
                 try:
-                    await loop.run_in_executor(None, self.persist, crossing, call_id)
+                    await loop.run_in_executor(None, self.persist, note, call_id)
                 except Exception:  # noqa: BLE001 - the alert is still delivered
                     log.exception("could not record the alert in the ledger")
-            body = payload(crossing, call_id)
+            body = payload(note, call_id)
             # each webhook on its own task: one slow receiver does not hold up the others
             for hook in self.settings.webhooks:
                 task = loop.create_task(self._deliver(hook, render(body, hook.format)))
@@ -155,19 +173,21 @@ class AlertDispatcher:
                 task.add_done_callback(self.deliveries.discard)
 
     async def _deliver(self, hook: Webhook, data: bytes) -> None:
-        assert self.session is not None
+        assert self.client is not None
         delay = self.settings.backoff_s
-        timeout = aiohttp.ClientTimeout(total=self.settings.timeout_s)
         for attempt in range(1, self.settings.attempts + 1):
             try:
-                async with self.session.post(hook.url, data=data, timeout=timeout,
-                                             headers={"content-type": "application/json"}) as resp:
-                    await resp.read()
-                    if resp.status < 300:
-                        self.stats.delivered += 1
-                        return
-                    problem = f"HTTP {resp.status}"
-            except (aiohttp.ClientError, asyncio.TimeoutError, OSError) as e:
+                # timeout_s bounds the whole attempt (httpx2's own timeout bounds each read or write)
+                async with asyncio.timeout(self.settings.timeout_s):
+                    # the status is all that counts: the receiver's body is never read, so none is held
+                    async with self.client.stream("POST", hook.url, content=data,
+                                                  headers={"content-type": "application/json"}) as resp:
+                        status = resp.status_code
+                if status < 300:
+                    self.stats.delivered += 1
+                    return
+                problem = f"HTTP {status}"
+            except (httpx2.HTTPError, httpx2.InvalidURL, TimeoutError, OSError) as e:
                 problem = type(e).__name__
             if attempt < self.settings.attempts:
                 await asyncio.sleep(delay)

@@ -14,6 +14,8 @@ from typing import Any, Iterator
 
 import httpx2
 
+from exporters import http_client
+
 from .reconcile_config import ProviderScope
 
 # OpenAI usage endpoints and the ledger operations each one covers (images and audio report no
@@ -80,6 +82,7 @@ def _client(scope: ProviderScope, timeout_s: float) -> httpx2.Client:
     else:
         headers = {"x-api-key": scope.admin_key, "anthropic-version": ANTHROPIC_VERSION}
     return httpx2.Client(base_url=scope.base_url, headers=headers, follow_redirects=False,
+                         mounts=http_client.LOOPBACK_DIRECT,  # as every meterline client: no env proxy to loopback
                          timeout=httpx2.Timeout(timeout_s, connect=min(timeout_s, 10.0)))
 
 

@@ -12,7 +12,7 @@ from typing import Any
 
 import orjson
 
-from .budgets import Budgets, CallAttrs, Crossing, Rule, RuleError, Tally, parse_rule
+from .budgets import Budgets, CallAttrs, Crossing, CrossingNote, Rule, RuleError, Tally, parse_rule
 
 CREATE = [
     """CREATE TABLE IF NOT EXISTS budget_rules (
@@ -65,12 +65,11 @@ def save_topup(con: Any, rule: str, key: str, amount: Decimal, at: datetime) -> 
     con.execute("INSERT INTO budget_topups VALUES (?, ?, ?, ?)", [at, rule, key, amount])
 
 
-def save_alert(con: Any, crossing: Crossing, call_id: str | None) -> None:
-    a = crossing.account
+def save_alert(con: Any, crossing: Crossing | CrossingNote, call_id: str | None) -> None:
+    n = crossing if isinstance(crossing, CrossingNote) else CrossingNote.of(crossing)
     con.execute("INSERT INTO alerts VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
-                [crossing.at, a.rule.name, a.key or None, a.start, crossing.threshold,
-                 crossing.utilization.quantize(Decimal("0.000001")), a.spent.usd, a.limit_usd, a.rule.action,
-                 call_id])
+                [n.at, n.rule, n.key or None, n.window_start, n.threshold,
+                 n.utilization.quantize(Decimal("0.000001")), n.spent_usd, n.limit_usd, n.action, call_id])
 
 
 @dataclass(slots=True)

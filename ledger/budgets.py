@@ -9,11 +9,13 @@ from __future__ import annotations
 import fnmatch
 import math
 from collections.abc import Callable, Iterable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 from datetime import datetime, timedelta, timezone
 from decimal import Decimal
 from typing import Any
 from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
+
+import orjson
 
 from .money import non_negative_amount
 
@@ -337,8 +339,12 @@ class Account:
 
     def describe(self) -> str:
         """"budget 'x' (day window)", "budget 'x' for user 'alice' (day window)"."""
-        who = f" for {self.rule.per} {self.key!r}" if self.rule.per else ""
-        return f"budget {self.rule.name!r}{who} ({self.rule.window} window)"
+        return _describe(self.rule.name, self.rule.per, self.key, self.rule.window)
+
+
+def _describe(rule: str, per: str | None, key: str, window: str) -> str:
+    who = f" for {per} {key!r}" if per else ""
+    return f"budget {rule!r}{who} ({window} window)"
 
 
 @dataclass(slots=True)
@@ -394,6 +400,114 @@ class Crossing:
     threshold: Decimal
     utilization: Decimal
     at: datetime
+
+
+@dataclass(frozen=True, slots=True)
+class CrossingNote:
+    """A crossing as plain data, its account's numbers taken when it fired: what an alert says and
+    what the ledger's alerts row holds. It crosses process boundaries as JSON (to_json/from_json)."""
+
+    rule: str
+    per: str | None
+    key: str  # "" when the rule has no split key
+    window: str
+    window_start: datetime
+    threshold: Decimal
+    utilization: Decimal
+    at: datetime
+    spent_usd: Decimal
+    limit_usd: Decimal | None  # with top-ups
+    spent_tokens: int
+    limit_tokens: int | None
+    requests: int
+    limit_requests: int | None
+    action: str
+    spend_text: str  # Account.spend_text() then, for the log line
+
+    @classmethod
+    def of(cls, crossing: Crossing) -> CrossingNote:
+        a = crossing.account
+        r = a.rule
+        return cls(rule=r.name, per=r.per, key=a.key, window=r.window, window_start=a.start,
+                   threshold=crossing.threshold, utilization=crossing.utilization, at=crossing.at,
+                   spent_usd=a.spent.usd, limit_usd=a.limit_usd, spent_tokens=a.spent.tokens,
+                   limit_tokens=r.limit_tokens, requests=a.spent.requests, limit_requests=r.limit_requests,
+                   action=r.action, spend_text=a.spend_text())
+
+    def describe(self) -> str:
+        return _describe(self.rule, self.per, self.key, self.window)
+
+    def to_json(self) -> dict[str, Any]:
+        """JSON-ready: amounts and fractions as exact decimal text, times as ISO 8601 with their offset."""
+        doc: dict[str, Any] = {}
+        for f in fields(self):
+            value = getattr(self, f.name)
+            doc[f.name] = (str(value) if isinstance(value, Decimal)
+                         else value.isoformat() if isinstance(value, datetime) else value)
+        return doc
+
+    @classmethod
+    def from_json(cls, doc: dict[str, Any] | str | bytes) -> CrossingNote:
+        """The inverse of to_json (a mapping, or its JSON text); ValueError names a missing or bad key."""
+        if isinstance(doc, (str, bytes)):
+            try:
+                doc = orjson.loads(doc)
+            except orjson.JSONDecodeError as e:
+                raise ValueError(f"crossing note: not JSON ({e})") from None
+        if not isinstance(doc, dict):
+            raise ValueError("crossing note: expected a JSON object")
+        values: dict[str, Any] = {}
+        for name, (parse, optional) in _NOTE_FIELDS.items():
+            if name not in doc:
+                raise ValueError(f"crossing note: {name!r} is missing")
+            value = doc[name]
+            if value is None and optional:
+                values[name] = None
+                continue
+            try:
+                values[name] = parse(value)
+            except (TypeError, ValueError, ArithmeticError):
+                raise ValueError(f"crossing note: {name!r} is not valid: {value!r}") from None
+        return cls(**values)
+
+
+def _note_text(v: Any) -> str:
+    if not isinstance(v, str):
+        raise TypeError(v)
+    return v
+
+
+def _note_int(v: Any) -> int:
+    if isinstance(v, bool) or not isinstance(v, int):
+        raise TypeError(v)
+    return v
+
+
+def _note_decimal(v: Any) -> Decimal:
+    if not isinstance(v, str):  # written as text: a float here would not be exact
+        raise TypeError(v)
+    d = Decimal(v)
+    if not d.is_finite():
+        raise ValueError(v)
+    return d
+
+
+def _note_time(v: Any) -> datetime:
+    t = datetime.fromisoformat(_note_text(v))
+    if t.tzinfo is None:
+        raise ValueError(v)
+    return t
+
+
+# each field: how it is read back, and whether it may be null
+_NOTE_FIELDS: dict[str, tuple[Callable[[Any], Any], bool]] = {
+    "rule": (_note_text, False), "per": (_note_text, True), "key": (_note_text, False),
+    "window": (_note_text, False), "window_start": (_note_time, False), "threshold": (_note_decimal, False),
+    "utilization": (_note_decimal, False), "at": (_note_time, False), "spent_usd": (_note_decimal, False),
+    "limit_usd": (_note_decimal, True), "spent_tokens": (_note_int, False), "limit_tokens": (_note_int, True),
+    "requests": (_note_int, False), "limit_requests": (_note_int, True), "action": (_note_text, False),
+    "spend_text": (_note_text, False),
+}
 
 
 class Budgets:

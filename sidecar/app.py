@@ -7,13 +7,12 @@ import logging
 import os
 import sys
 
-import aiohttp
 from aiohttp import web
 
 from exporters.alerts import AlertDispatcher
 from exporters.telemetry import Telemetry
 from ledger import budget_store
-from ledger.budgets import Crossing
+from ledger.budgets import CrossingNote
 from ledger.pricing import Pricer
 from ledger.writer import LedgerWriter
 
@@ -64,10 +63,7 @@ async def _lifecycle(app: web.Application):
     rt.telemetry.start()
     await rt.guard.start()
     rt.pool = Pool(rt.config.connect_timeout_s, rt.config.read_timeout_s)
-    timeout = aiohttp.ClientTimeout(total=None, connect=rt.config.connect_timeout_s,
-                                    sock_read=rt.config.read_timeout_s)
-    rt.session = aiohttp.ClientSession(timeout=timeout, cookie_jar=aiohttp.DummyCookieJar())
-    rt.guard.alerts.start(rt.session)
+    rt.guard.alerts.start()  # webhooks on its own httpx2 client
     # what start-up loaded (the price catalogue, DuckDB's and Arrow's modules) lives as long as the
     # process: moved out of the collector's sight, a full collection walks only what calls create
     # (75 ms pauses at 1 connection before, by gc.callbacks)
@@ -88,13 +84,12 @@ async def _lifecycle(app: web.Application):
     gc.set_threshold(*thresholds)
     gc.unfreeze()  # shutting down: let what start-up made be collected (DuckDB's objects among them)
     await rt.guard.alerts.stop()
-    await rt.session.close()
     rt.pool.close()
     await loop.run_in_executor(None, rt.writer.stop)
     await loop.run_in_executor(None, rt.telemetry.shutdown, 5.0)
 
 
-def _persist_alert(writer: LedgerWriter, crossing: Crossing, call_id: str | None) -> None:
+def _persist_alert(writer: LedgerWriter, crossing: CrossingNote, call_id: str | None) -> None:
     cur = writer.cursor()
     try:
         budget_store.save_alert(cur, crossing, call_id)

@@ -4,18 +4,17 @@ from __future__ import annotations
 import argparse
 import asyncio
 import errno
-import http.client
 import logging
 import os
 import signal
 import sys
-import urllib.error
 import urllib.parse
-import urllib.request
 from typing import Any
 
+import httpx2
 import orjson
 
+from exporters import http_client
 from jobs import cli_reconcile
 from ledger import sql
 
@@ -23,6 +22,7 @@ from . import config as config_mod
 from .hostcheck import allowed_hosts
 
 DEFAULT_CONFIG = "meterline.yaml"
+CALL_TIMEOUT_S = 120.0  # a large SQL export through the sidecar may take a while
 URL_HELP = ("sidecar URL or HOST:PORT (default: $METERLINE_URL, else the config's listen address)")
 DB_HELP = ("ledger file: read through the sidecar when it is the one the sidecar owns, else opened directly "
            "(also used when no sidecar answers)")
@@ -293,11 +293,12 @@ class _Failed(Exception):
 
 
 class _Client:
-    """The sidecar's admin API over urllib: None when nothing listens, _Failed for anything else wrong."""
+    """The sidecar's admin API over httpx2: None when nothing listens, _Failed for anything else wrong."""
 
     def __init__(self, url: str, token: str | None) -> None:
         self.url = url
         self.token = token
+        self._http: httpx2.Client | None = None  # made on the first call; reused by the next one
 
     def call(self, method: str, path: str, body: bytes | None = None, content_type: str | None = None) -> Any:
         headers = {"accept": "application/json"}
@@ -305,30 +306,47 @@ class _Client:
             headers["content-type"] = content_type
         if self.token:
             headers["x-meterline-admin-token"] = self.token
-        request = urllib.request.Request(self.url + path, data=body, method=method, headers=headers)
         try:
-            with urllib.request.urlopen(request, timeout=120) as resp:
-                payload = resp.read()
-        except urllib.error.HTTPError as e:
-            try:
-                message = orjson.loads(e.read())["error"]
-            except Exception:  # noqa: BLE001 - not one of our error bodies
-                raise _Failed(f"{self.url} does not answer as a meterline sidecar (HTTP {e.code} on {path})") from None
-            raise _Failed(message if e.code != 401 else f"{message.split(':')[0]} (the config's admin_token, "
-                          "or METERLINE_ADMIN_TOKEN)") from None
-        except urllib.error.URLError as e:
-            if isinstance(e.reason, ConnectionRefusedError):
-                return None
-            reason = getattr(e.reason, "strerror", None) or e.reason
-            raise _Failed(f"cannot reach {self.url}: {reason}") from None
-        except (http.client.HTTPException, ConnectionError, ValueError) as e:
-            raise _Failed(f"{self.url} does not answer as a meterline sidecar ({type(e).__name__})") from None
-        except TimeoutError:
+            if self._http is None:
+                self._http = http_client.client(CALL_TIMEOUT_S)
+            resp = self._http.request(method, self.url + path, content=body, headers=headers)
+        except httpx2.TimeoutException:
             raise _Failed(f"{self.url} did not answer in time") from None
+        except httpx2.ConnectError as e:
+            cause = _os_error(e)
+            if isinstance(cause, ConnectionRefusedError):
+                return None
+            reason = getattr(cause, "strerror", None) or str(e) or type(e).__name__
+            raise _Failed(f"cannot reach {self.url}: {reason}") from None
+        except httpx2.InvalidURL as e:
+            raise _Failed(f"not a sidecar URL: {self.url!r} ({e})") from None
+        except httpx2.HTTPError as e:  # a reply that is not HTTP, a connection dropped mid-answer
+            raise _Failed(f"{self.url} does not answer as a meterline sidecar ({type(e).__name__})") from None
+        # a sidecar never redirects: a 3xx (not followed, so the admin token goes nowhere else) is not one
+        if resp.status_code >= 300:
+            try:
+                message = orjson.loads(resp.content)["error"]
+                if not isinstance(message, str):  # e.g. an OpenAI-compatible server's {"error": {...}}
+                    raise TypeError(message)
+            except Exception:  # noqa: BLE001 - not one of our error bodies
+                raise _Failed(f"{self.url} does not answer as a meterline sidecar (HTTP {resp.status_code} on "
+                              f"{path})") from None
+            raise _Failed(message if resp.status_code != 401 else f"{message.split(':')[0]} (the config's "
+                          "admin_token, or METERLINE_ADMIN_TOKEN)") from None
         try:
-            return orjson.loads(payload)
+            return orjson.loads(resp.content)
         except orjson.JSONDecodeError:
             raise _Failed(f"{self.url} does not answer as a meterline sidecar (no JSON from {path})") from None
+
+
+def _os_error(e: BaseException) -> OSError | None:
+    """The socket error under httpx2's exception (it chains httpcore2's, which chains the OSError)."""
+    seen: BaseException | None = e
+    while seen is not None:
+        if isinstance(seen, OSError):
+            return seen
+        seen = seen.__cause__ or seen.__context__
+    return None
 
 
 def _base_url(given: str | None, cfg: config_mod.Config) -> str:

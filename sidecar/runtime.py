@@ -6,8 +6,6 @@ import logging
 from dataclasses import dataclass, field
 from types import ModuleType
 
-import aiohttp
-
 from exporters.telemetry import Telemetry
 from ledger.pricing import Pricer
 from ledger.writer import LedgerWriter
@@ -28,7 +26,6 @@ class Runtime:
     writer: LedgerWriter
     pricer: Pricer
     guard: Guard
-    session: aiohttp.ClientSession | None = None  # webhooks only
     pool: Pool | None = None  # forwarded calls
     anomalies: collections.Counter[str] = field(default_factory=collections.Counter)
     in_flight: int = 0

@@ -183,3 +183,60 @@ def test_exports_from_the_file_hold_every_row(tmp_path: Path) -> None:
                cwd=tmp_path)
     assert done.returncode == 0 and done.stderr == "", done.stderr
     assert len(done.stdout.strip().splitlines()) == MAX_ROWS + 124
+
+
+@pytest.fixture
+def env_proxy() -> Iterator[Any]:
+    from tests.fakes.env_proxy import RecordingProxy
+
+    proxy = RecordingProxy().start()
+    yield proxy
+    proxy.close()
+
+
+def test_a_proxy_in_the_environment_does_not_capture_calls_to_a_local_sidecar(sidecar: Sidecar, env_proxy: Any,
+                                                                               tmp_path: Path) -> None:
+    env = env_proxy.env()  # what a container or CI runner often sets, with no NO_PROXY
+    for url in (f"127.0.0.1:{sidecar.port}", f"localhost:{sidecar.port}"):
+        done = cli("sql", "SELECT 'direct' AS v", "--format", "json", "--url", url, cwd=tmp_path, env=env)
+        assert done.returncode == 0, (url, done.stderr)
+        assert orjson.loads(done.stdout) == [{"v": "direct"}]
+        done = cli("budgets", "--format", "json", "--url", url, cwd=tmp_path, env=env)
+        assert done.returncode == 0 and "cli-cap" in done.stdout, (url, done.stderr)
+    assert env_proxy.requests == []
+
+
+def test_a_remote_sidecar_is_reached_through_the_environments_proxy(env_proxy: Any, tmp_path: Path) -> None:
+    # not loopback: the environment's proxy applies, as it does for any other HTTP client there
+    done = cli("sql", "SELECT 1", "--url", "http://meterline.example:8720", cwd=tmp_path, env=env_proxy.env())
+    one_line_error(done, "http://meterline.example:8720", "does not answer as a meterline sidecar", "HTTP 502")
+    assert env_proxy.requests == ["http://meterline.example:8720/_meterline/healthz"]
+
+
+class _OpenAiShaped(http.server.BaseHTTPRequestHandler):
+    """An OpenAI-compatible server (the provider, or another proxy) where the sidecar was expected:
+    its error bodies have an `error` object, not the sidecar's `error` string."""
+
+    def do_GET(self) -> None:  # noqa: N802
+        body = orjson.dumps({"error": {"message": "Incorrect API key provided", "type": "invalid_request_error"}})
+        self.send_response(401)
+        self.send_header("Content-Type", "application/json")
+        self.send_header("Content-Length", str(len(body)))
+        self.end_headers()
+        self.wfile.write(body)
+
+    def log_message(self, *args: Any) -> None:
+        pass
+
+
+def test_an_openai_compatible_server_is_not_taken_for_a_sidecar(tmp_path: Path) -> None:
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), _OpenAiShaped)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        url = f"127.0.0.1:{server.server_address[1]}"
+        for args in (["sql", "SELECT 1"], ["budgets"]):
+            one_line_error(cli(*args, "--url", url, cwd=tmp_path), url, "does not answer as a meterline sidecar",
+                           "HTTP 401")
+    finally:
+        server.shutdown()
+        server.server_close()

@@ -21,6 +21,7 @@ import queue
 import threading
 import time
 from pathlib import Path
+from collections.abc import Callable
 from typing import Any, Protocol
 
 import duckdb
@@ -59,6 +60,11 @@ def journal_dir(db_path: str | Path) -> Path:
 
 def salt_path(db_path: str | Path) -> Path:
     return Path(f"{db_path}.salt")
+
+
+def read_salt(db_path: str | Path) -> bytes:
+    """The fingerprint salt a forwarder needs; the sinks process made it when it opened the ledger."""
+    return bytes.fromhex(salt_path(db_path).read_text().strip())
 
 
 # what DuckDB raises for values it will not store (rather than for a disk or lock problem)
@@ -368,7 +374,9 @@ class LedgerWriter:
             cur = self.con.cursor()
             try:
                 cur.executemany("INSERT INTO rejected VALUES (current_timestamp, 'journal', ?, ?)",
-                                 [[reason, line.decode("utf-8", "replace")] for line, reason in lines])
+                                [[reason, line.decode("utf-8", "replace")] for line, reason in lines])
+            finally:
+                cur.close()
 
 
 def _record_json(record: CallRecord) -> str:

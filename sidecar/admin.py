@@ -1,9 +1,11 @@
-"""The sidecar's own endpoints under /_meterline/: health, read-only SQL, and the budget API."""
+"""The sidecar's own endpoints under /_meterline/: health, read-only SQL, metrics and the budget API.
+
+SQL, metrics and most of health are answered by the sinks process (over sinks/link.py); the budget
+API by this forwarder's guard.
+"""
 from __future__ import annotations
 
-import asyncio
 import ipaddress
-from concurrent.futures import Future, ThreadPoolExecutor
 from decimal import Decimal, InvalidOperation
 
 import orjson
@@ -11,18 +13,18 @@ from aiohttp import web
 
 from ledger import sql
 from ledger.budgets import RuleError, parse_rule
+from sinks import rpc
 
 from . import proxy, web_guard
 
 PREFIX = "/_meterline"
+HEALTH_WAIT_S = 2.0  # healthz answers within this even when the sinks process hangs
 MAX_SQL_BYTES = 64 * 1024
 
 
 def add_routes(app: web.Application) -> None:
     """The admin routes, and the guard every request to the application passes (sidecar/web_guard.py)."""
     web_guard.install(app)
-    app.on_startup.append(_start_queries)
-    app.on_shutdown.append(_stop_queries)  # before aiohttp waits for handlers: a running query ends now
     app.router.add_get(f"{PREFIX}/healthz", healthz)
     app.router.add_post(f"{PREFIX}/sql", run_sql)
     app.router.add_get(f"{PREFIX}/metrics", metrics)
@@ -34,30 +36,48 @@ def add_routes(app: web.Application) -> None:
 
 
 async def healthz(request: web.Request) -> web.Response:
-    """"ok", or "degraded" while ledger writes or journal appends fail, or once records were lost or
-    quarantined (in `rejected`) since start-up; the counts say which."""
+    """"ok", or "degraded" while ledger writes or journal appends fail, once records were lost or
+    quarantined (in `rejected`) since start-up, or while the sinks process does not answer (calls
+    still flow: their records wait in the journal, `sinks.backlog_bytes`); the counts say which."""
     rt = request.app[proxy.RUNTIME]
-    w = rt.writer
-    j = w.journal
-    rejected = w.rejected + w.rejected_at_start
-    degraded = w.failing or rejected or j.unwritten or j.lost
+    j = rt.journal
+    try:
+        sinks = await rt.link.call("health", timeout=HEALTH_WAIT_S)
+    except (rpc.Unavailable, rpc.Failed) as e:
+        sinks = None
+        problem = str(e)
+    journal = {"append_failures": j.append_failures, "unwritten": len(j.unwritten), "lost": j.lost}
+    if sinks is None:
+        ledger = {"path": str(rt.config.ledger_path), "reachable": False, "error": problem}
+        degraded = True
+        telemetry = None
+        sinks_part = {"up": False, "error": problem}
+    else:
+        ledger = {**sinks["ledger"], "reachable": True}
+        degraded = ledger["failing"] or ledger["rejected"]
+        telemetry = sinks["telemetry"]
+        sinks_part = {"up": True, "pid": sinks["pid"], "backlog_bytes": sinks["backlog_bytes"],
+                      "open_calls": sinks["open_calls"], "interrupted": sinks["interrupted"]}
+    degraded = degraded or j.unwritten or j.lost
     body = {
         "status": "degraded" if degraded else "ok",
         "in_flight": rt.in_flight,
-        "ledger": {"path": str(w.path), "written": w.written, "pending": w.pending,
-                   "write_failures": w.failures, "last_lag_s": round(w.last_lag_s, 4),
-                   "failing": w.failing, "rejected": rejected},
-        "journal": {"append_failures": j.append_failures, "unwritten": len(j.unwritten), "lost": j.lost},
+        "ledger": ledger,
+        "journal": journal,
+        "sinks": sinks_part,
         "anomalies": dict(rt.anomalies),
-        "telemetry": rt.telemetry.stats() if rt.telemetry is not None else None,
+        "telemetry": telemetry,
     }
     return _json(body)
 
 
 async def metrics(request: web.Request) -> web.Response:
-    """Prometheus text exposition, rendered on a worker thread (it costs milliseconds at many series)."""
+    """Prometheus text exposition, from the sinks process's telemetry (the calls it has read)."""
     rt = request.app[proxy.RUNTIME]
-    body, content_type = await asyncio.get_running_loop().run_in_executor(None, rt.telemetry.prometheus)
+    try:
+        body, content_type = await rt.link.call("metrics")
+    except (rpc.Unavailable, rpc.Failed) as e:
+        return _error(503, f"metrics are unavailable: {e}")
     return web.Response(body=body, headers={"content-type": content_type})
 
 
@@ -92,98 +112,17 @@ async def run_sql(request: web.Request) -> web.Response:
     except (TypeError, ValueError):
         return _error(400, f"max_rows must be a positive whole number (at most {sql.MAX_EXPORT_ROWS})")
     rt = request.app[proxy.RUNTIME]
-    con = rt.writer.con
-    if con is None:
-        return _error(503, "ledger not open")
     try:
-        result = await request.app[_QUERIES].run(con, query, min(rows_wanted, sql.MAX_EXPORT_ROWS))
-    except _Busy as e:
-        return _error(503, str(e))
-    except sql.QueryRefused as e:
-        return _error(403, f"refused: {e}")
-    except sql.QueryInterrupted as e:
-        return _error(400, f"query interrupted: {e}")
-    except Exception as e:  # noqa: BLE001 - a bad query is the caller's error, shown as DuckDB says it
-        return _error(400, str(e))
-    return web.Response(body=sql.to_json(result), content_type="application/json")
-
-
-class _Busy(Exception):
-    pass
-
-
-class Queries:
-    """The SQL endpoint's queries: a bounded pool of threads of their own (the loop's default executor
-    stays free for the rest), each query with a timer that interrupts it. Up to QUEUED_PER_THREAD
-    queries per thread wait their turn (the dashboard sends 7 at once); past that, 503."""
-
-    QUEUED_PER_THREAD = 8
-    REPEAT_S = 0.2
-
-    def __init__(self, max_concurrent: int, timeout_s: float) -> None:
-        self.max_concurrent = max_concurrent
-        self.max_admitted = max_concurrent * self.QUEUED_PER_THREAD
-        self.timeout_s = timeout_s
-        self.executor = ThreadPoolExecutor(max_concurrent, thread_name_prefix="meterline-sql")
-        self.running: dict[sql.Handle, Future] = {}  # admitted, until their thread is done with them
-        self.closed = False
-
-    async def run(self, con: object, query: str, max_rows: int) -> sql.Result:
-        if self.closed:
-            raise _Busy("the sidecar is shutting down")
-        if len(self.running) >= self.max_admitted:
-            raise _Busy(f"{len(self.running)} queries are running or waiting ({self.max_concurrent} at a time, "
-                        "sql.max_concurrent): try again shortly")
-        loop = asyncio.get_running_loop()
-        handle = sql.Handle()
-        future = self.executor.submit(sql.run, con, query, max_rows, handle)
-        self.running[handle] = future
-        future.add_done_callback(lambda _: self._done(loop, handle))
-        timer = loop.call_later(self.timeout_s, self._stop, handle,
-                                f"it ran longer than {self.timeout_s:g} s (sql.timeout_s)")
-        try:
-            return await asyncio.wrap_future(future)
-        except asyncio.CancelledError:  # the client went away (aiohttp cancels its handler)
-            self._stop(handle, "the client went away")
-            raise
-        finally:
-            timer.cancel()
-
-    def _stop(self, handle: sql.Handle, reason: str) -> None:
-        """Interrupts the query, again every REPEAT_S until its thread is done with it: DuckDB clears an
-        interrupt that lands between two statements (the read-only BEGIN and the query) when the next starts."""
-        future = self.running.get(handle)
-        if future is None or future.done():
-            return
-        handle.interrupt(reason)
-        asyncio.get_running_loop().call_later(self.REPEAT_S, self._stop, handle, reason)
-
-    def _done(self, loop: asyncio.AbstractEventLoop, handle: sql.Handle) -> None:
-        try:
-            loop.call_soon_threadsafe(self.running.pop, handle, None)
-        except RuntimeError:  # the loop is closed: nothing left to count
-            pass
-
-    def close(self) -> None:
-        """Interrupts every running query; the threads end as soon as DuckDB notices (milliseconds)."""
-        self.closed = True
-        for handle in list(self.running):
-            self._stop(handle, "the sidecar is shutting down")
-        self.executor.shutdown(wait=False, cancel_futures=True)
-
-
-_QUERIES = web.AppKey("sql_queries", Queries)
-
-
-async def _start_queries(app: web.Application) -> None:
-    cfg = app[proxy.RUNTIME].config
-    app[_QUERIES] = Queries(cfg.sql_max_concurrent, cfg.sql_timeout_s)
-
-
-async def _stop_queries(app: web.Application) -> None:
-    queries = app.get(_QUERIES)
-    if queries is not None:
-        queries.close()
+        # the sinks process times the query out itself (sql.timeout_s); a client that goes away
+        # cancels this handler, which closes the connection, which interrupts the query there
+        kind, answer = await rt.link.call("sql", query, min(rows_wanted, sql.MAX_EXPORT_ROWS), timeout=None)
+    except (rpc.Unavailable, rpc.Failed) as e:
+        return _error(503, f"the ledger is unavailable: {e}")
+    if kind == "ok":
+        return web.Response(body=answer, content_type="application/json")
+    status = {"busy": 503, "refused": 403, "interrupted": 400}.get(kind, 400)
+    prefix = {"refused": "refused: ", "interrupted": "query interrupted: "}.get(kind, "")
+    return _error(status, prefix + answer)
 
 
 def _error(status: int, message: str) -> web.Response:
@@ -193,10 +132,13 @@ def _error(status: int, message: str) -> web.Response:
 # --- budgets ---------------------------------------------------------------------------------
 
 async def list_budgets(request: web.Request) -> web.Response:
+    """The rules with their spend; alerts as the sinks process delivered them (null counts while it is down)."""
     rt = request.app[proxy.RUNTIME]
-    return _json({"budgets": rt.guard.status(), "refused": rt.guard.refused,
-                  "alerts": {"fired": rt.guard.alerts.stats.fired, "delivered": rt.guard.alerts.stats.delivered,
-                             "failed": rt.guard.alerts.stats.failed, "dropped": rt.guard.alerts.stats.dropped}})
+    try:
+        alerts = (await rt.link.call("health", timeout=HEALTH_WAIT_S))["alerts"]
+    except (rpc.Unavailable, rpc.Failed):
+        alerts = {"fired": rt.guard.alerts_fired, "delivered": None, "failed": None, "dropped": None}
+    return _json({"budgets": rt.guard.status(), "refused": rt.guard.refused, "alerts": alerts})
 
 
 async def create_budget(request: web.Request) -> web.Response:

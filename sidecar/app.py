@@ -1,20 +1,31 @@
-"""Assembles the sidecar: the aiohttp application, its routes, and the start-up and shutdown of its parts."""
+"""Assembles a forwarder: the aiohttp application, its routes, and the start-up and shutdown of its parts.
+
+A forwarder takes calls and journals them; the sinks process (sinks/) turns the journal into the
+ledger, telemetry and alerts, and answers the forwarder's questions over a local socket. `serve`
+runs a forwarder under the supervisor (sidecar/supervisor.py). Without a sinks socket given,
+`build` runs a sinks service inside the forwarder's process, on its loop: the same code, for the
+demo and for tests that drive the application in-process.
+"""
 from __future__ import annotations
 
 import asyncio
 import gc
 import logging
 import os
+import shutil
+import socket
 import sys
+import tempfile
+from pathlib import Path
 
 from aiohttp import web
 
-from exporters.alerts import AlertDispatcher
-from exporters.telemetry import Telemetry
-from ledger import budget_store
-from ledger.budgets import CrossingNote
+from exporters.settings import load_settings, tracing_enabled
+from ledger.journal import Journal
 from ledger.pricing import Pricer
-from ledger.writer import LedgerWriter
+from ledger.writer import journal_dir, read_salt
+from sinks import rpc
+from sinks.link import Link
 
 from . import admin, dashboard, proxy, server
 from .config import Config
@@ -25,23 +36,29 @@ from .upstream import Pool
 log = logging.getLogger("meterline")
 GC_THRESHOLD = 10_000  # allocations between young-generation collections (Python's default: 700)
 SWITCH_INTERVAL_S = 0.0005  # how long a thread may keep the GIL when another wants it (default 5 ms)
+EMBEDDED_SINKS = web.AppKey("embedded_sinks", object)
 
 
-def build(config: Config) -> web.Application:
-    """The application; the ledger opens (and the journal replays) when it starts up."""
+def worker_dir(config: Config, worker: int) -> Path:
+    """A forwarder's journal directory: one per worker slot, read by the sinks process."""
+    return journal_dir(config.ledger_path) / f"w{worker}"
+
+
+def build(config: Config, worker: int = 0, sinks_socket: str | None = None) -> web.Application:
+    """The forwarder's application; its journal opens and its budgets load when it starts up."""
     app = web.Application(client_max_size=server.MAX_BODY)
-    writer = LedgerWriter(config.ledger_path, memory_limit=config.ledger_memory_limit, threads=config.ledger_threads)
+    if sinks_socket is None:
+        private = tempfile.mkdtemp(prefix="meterline-")  # mode 0700: the socket is this user's alone
+        sinks_socket = os.path.join(private, "sinks.sock")
+        app[EMBEDDED_SINKS] = private
+    settings = load_settings(config.telemetry, os.environ, config.app)
+    journal = Journal(worker_dir(config, worker))
+    link = Link(sinks_socket)
     pricer = Pricer(config.prices, config.default_max_output_tokens)
-    alerts = AlertDispatcher(config.alerts, persist=lambda crossing, call_id: _persist_alert(writer, crossing, call_id))
-    telemetry = Telemetry(config.telemetry, os.environ, config.app)
-    rt = Runtime(config=config, writer=writer, pricer=pricer,
-                 guard=Guard(config.budgets, pricer, writer, alerts, telemetry.set_budget_utilization),
-                 telemetry=telemetry, tracing=telemetry.tracing_enabled, capture_content=telemetry.capture_content)
-    writer.sinks.append(telemetry)
-    telemetry.register_gauge("meterline.ledger.pending", "{record}", "Call records not yet committed to the ledger",
-                             lambda: writer.pending)
-    telemetry.register_gauge("meterline.ledger.write_lag", "s", "From a call's end to its row being committed",
-                             lambda: writer.last_lag_s)
+    tracing = tracing_enabled(settings)
+    rt = Runtime(config=config, journal=journal, link=link, pricer=pricer,
+                 guard=Guard(config.budgets, pricer, link, journal.flush),
+                 tracing=tracing, capture_content=settings.capture_content and tracing)
     app[proxy.RUNTIME] = rt
     admin.add_routes(app)
     dashboard.add_routes(app)
@@ -53,17 +70,16 @@ def build(config: Config) -> web.Application:
 async def _lifecycle(app: web.Application):
     rt = app[proxy.RUNTIME]
     loop = asyncio.get_running_loop()
-    # DuckDB and the price catalogue load on a thread: start-up I/O stays off the loop too
-    replayed = await loop.run_in_executor(None, rt.writer.open)
+    embedded = None
+    if EMBEDDED_SINKS in app:
+        embedded = await _start_embedded(rt)
+    await rt.link.wait_ready()
+    rt.salt = await loop.run_in_executor(None, read_salt, rt.config.ledger_path)
+    await loop.run_in_executor(None, rt.journal.open)  # waits for the lock of a forwarder still exiting
+    rt.journal.defer = loop.call_soon
     await loop.run_in_executor(None, rt.pricer.warm)
-    if replayed:
-        log.info("recovered %d calls from the journal", replayed)
-    rt.writer.journal.defer = loop.call_soon
-    rt.writer.start()
-    rt.telemetry.start()
     await rt.guard.start()
     rt.pool = Pool(rt.config.connect_timeout_s, rt.config.read_timeout_s)
-    rt.guard.alerts.start()  # webhooks on its own httpx2 client
     # what start-up loaded (the price catalogue, DuckDB's and Arrow's modules) lives as long as the
     # process: moved out of the collector's sight, a full collection walks only what calls create
     # (75 ms pauses at 1 connection before, by gc.callbacks)
@@ -74,43 +90,52 @@ async def _lifecycle(app: web.Application):
     # every ~30 calls under load, walking every object in flight, and held the GIL while it did.
     thresholds = gc.get_threshold()
     gc.set_threshold(GC_THRESHOLD, *thresholds[1:])
-    # The ledger writer and the span exporter run Python on their threads in bursts; when the loop
-    # wants the GIL back it waits up to the switch interval each time (5 ms by default: p99 at one
-    # connection 11-14 ms; at 0.5 ms, 6.5-8 ms)
+    # Threads that run Python in bursts (the embedded sinks' writer and exporter; the executor's
+    # workers): when the loop wants the GIL back it waits up to the switch interval each time
+    # (5 ms by default: p99 at one connection 11-14 ms with the sinks in-process; at 0.5 ms, 6.5-8 ms)
     switch = sys.getswitchinterval()
     sys.setswitchinterval(SWITCH_INTERVAL_S)
     yield
     sys.setswitchinterval(switch)
     gc.set_threshold(*thresholds)
-    gc.unfreeze()  # shutting down: let what start-up made be collected (DuckDB's objects among them)
-    await rt.guard.alerts.stop()
+    gc.unfreeze()
     rt.pool.close()
-    await loop.run_in_executor(None, rt.writer.stop)
-    await loop.run_in_executor(None, rt.telemetry.shutdown, 5.0)
+    await loop.run_in_executor(None, rt.journal.close)
+    if embedded is not None:
+        sinks, listener = embedded
+        listener.close()
+        await sinks.stop()
+        shutil.rmtree(app[EMBEDDED_SINKS], ignore_errors=True)
 
 
-def _persist_alert(writer: LedgerWriter, crossing: CrossingNote, call_id: str | None) -> None:
-    cur = writer.cursor()
-    try:
-        budget_store.save_alert(cur, crossing, call_id)
-    finally:
-        cur.close()
+async def _start_embedded(rt: Runtime):  # -> (Sinks, server)
+    from sinks.service import Sinks  # DuckDB and the OpenTelemetry SDK load only where they are used
+
+    sinks = Sinks(rt.config)
+    await asyncio.get_running_loop().run_in_executor(None, sinks.open)
+    listener = await rpc.serve(rt.link.path, sinks.handle)
+    sinks.start(asyncio.get_running_loop())
+    return sinks, listener
 
 
-async def serve(config: Config) -> None:
-    """Runs until cancelled (SIGINT/SIGTERM handled by the caller)."""
-    app = build(config)
+async def serve(config: Config, worker: int = 0, sinks_socket: str | None = None,
+                sock: socket.socket | None = None) -> None:
+    """Runs a forwarder until cancelled (SIGINT/SIGTERM handled by the caller), on `sock` when the
+    supervisor gives one (it binds the port), else on config.host:config.port."""
+    app = build(config, worker, sinks_socket)
     runner = web.AppRunner(app, access_log=None, handler_cancellation=True)
     await runner.setup()
     assert runner.server is not None
     # the front takes proxied calls itself and hands every other connection to aiohttp's protocol
     try:
-        listener = await server.serve(app[proxy.RUNTIME], proxy.forward, runner.server, config.host, config.port)
-    except BaseException:  # e.g. the port is taken: close the ledger before the error is reported
+        listener = await server.serve(app[proxy.RUNTIME], proxy.forward, runner.server, config.host, config.port,
+                                      sock=sock)
+    except BaseException:  # e.g. the port is taken: close the journal before the error is reported
         await runner.cleanup()
         raise
-    log.info("meterline listening on http://%s:%d (ledger %s)", config.host, config.port, config.ledger_path)
-    print(f"meterline listening on http://{config.host}:{config.port}  ledger: {config.ledger_path}", flush=True)
+    if sinks_socket is None:  # under the supervisor, it says where it listens
+        log.info("meterline listening on http://%s:%d (ledger %s)", config.host, config.port, config.ledger_path)
+        print(f"meterline listening on http://{config.host}:{config.port}  ledger: {config.ledger_path}", flush=True)
     try:
         await asyncio.Event().wait()
     finally:

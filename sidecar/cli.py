@@ -39,6 +39,8 @@ def main(argv: list[str] | None = None) -> int:
     serve.add_argument("--host", help="address to bind (default 127.0.0.1; loopback keeps it private)")
     serve.add_argument("--port", type=int, help="port (default 8720)")
     serve.add_argument("--db", help="ledger file (default ./meterline.duckdb)")
+    serve.add_argument("--workers", type=int, help="forwarder processes on the one port (default 1, or the "
+                                                   "config's workers:); budgets need 1 until fleet.redis")
     serve.add_argument("--log-level", default=os.environ.get("METERLINE_LOG_LEVEL", "INFO"))
 
     q = sub.add_parser("sql", help="run read-only SQL on the ledger",
@@ -99,7 +101,8 @@ def _config_path(given: str | None) -> str | None:
 
 
 def _serve(args: argparse.Namespace, cfg: config_mod.Config) -> int:
-    logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    logging.basicConfig(level=args.log_level.upper(),
+                        format="%(asctime)s %(levelname)s %(processName)s %(name)s: %(message)s")
     if args.host:
         cfg.host = args.host
         cfg.allowed_hosts = allowed_hosts(cfg.host, cfg.allowed_hosts)  # the new listen address too
@@ -107,40 +110,22 @@ def _serve(args: argparse.Namespace, cfg: config_mod.Config) -> int:
         cfg.port = args.port
     if args.db:
         cfg.ledger_path = args.db
+    if args.workers is not None:
+        cfg.workers = args.workers
     try:
-        import uvloop  # optional: a faster event loop where installed
-    except ImportError:
-        uvloop = None
-    from .app import serve  # imported late: `meterline sql` should start fast
-
-    async def run() -> None:
-        task = asyncio.current_task()
-        loop = asyncio.get_running_loop()
-        for sig in (signal.SIGINT, signal.SIGTERM):
-            loop.add_signal_handler(sig, task.cancel)
-        try:
-            await serve(cfg)
-        except asyncio.CancelledError:
-            pass
+        config_mod.check_workers(cfg)
+    except config_mod.ConfigError as e:
+        print(f"meterline: {e}", file=sys.stderr)
+        return 2
+    from . import supervisor  # imported late: `meterline sql` should start fast
 
     try:
-        if uvloop is not None:
-            uvloop.run(run())
-        else:
-            asyncio.run(run())
+        return supervisor.run(cfg, cfg.workers)
     except OSError as e:
         reason = os.strerror(e.errno) if e.errno else str(e)
         hint = " (another process listens there: pick another --port)" if e.errno == errno.EADDRINUSE else ""
         print(f"meterline: cannot listen on {cfg.host}:{cfg.port}: {reason}{hint}", file=sys.stderr)
         return 1
-    except Exception as e:  # noqa: BLE001 - start-up failures get one line, not a traceback
-        if _is_lock_error(e):
-            print(f"meterline: the ledger {cfg.ledger_path} is in use by another process (another meterline serve?): "
-                  "stop it, or give this one its own --db", file=sys.stderr)
-        else:
-            print(f"meterline: cannot start: {_first_line(e)}", file=sys.stderr)
-        return 1
-    return 0
 
 
 def _is_lock_error(e: BaseException) -> bool:

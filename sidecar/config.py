@@ -82,10 +82,12 @@ class Config:
     reconcile: ReconcileConfig = field(default_factory=ReconcileConfig)  # `meterline reconcile`'s admin APIs
     sql_timeout_s: float = 30.0  # sql.timeout_s: a query running longer is interrupted
     sql_max_concurrent: int = 4  # sql.max_concurrent: queries at once (each on a thread of its own); 503 past it
+    workers: int = 1  # forwarder processes on the one port (`--workers`); see check_workers
 
 
 _TOP_KEYS = {"listen", "app", "ledger", "upstreams", "prices", "budgets", "alerts", "telemetry", "timeouts",
-             "admin_token", "default_max_output_tokens", "allowed_hosts", "reconcile", "sql"}
+             "admin_token", "default_max_output_tokens", "allowed_hosts", "reconcile", "sql", "workers"}
+MAX_WORKERS = 64
 
 
 def load(path: str | os.PathLike[str] | None) -> Config:
@@ -174,6 +176,9 @@ def parse(doc: Any) -> Config:
     if isinstance(most, bool) or not isinstance(most, int) or not 0 < most <= 64:
         raise ConfigError(f"config key 'sql.max_concurrent': expected a whole number from 1 to 64, got {most!r}")
     cfg.sql_max_concurrent = most
+    if "workers" in doc:
+        cfg.workers = doc["workers"]
+    check_workers(cfg, "workers")
     cfg.admin_token = _str(doc, "admin_token") or os.environ.get("METERLINE_ADMIN_TOKEN") or None
     if "default_max_output_tokens" in doc:
         value = doc["default_max_output_tokens"]
@@ -322,3 +327,17 @@ def _positive(doc: dict[str, Any], key: str, default: float) -> float:
     if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or value <= 0:
         raise ConfigError(f"config key 'timeouts.{key}': expected a positive number of seconds, got {value!r}")
     return float(value)
+
+
+def check_workers(cfg: Config, key: str = "--workers") -> None:
+    """Workers are whole numbers from 1 to MAX_WORKERS. More than one forwarder needs budget state
+    they share: until budgets live in Redis (`fleet.redis`), each would count only its own calls,
+    so budgets with more than one worker are refused rather than enforced wrongly."""
+    n = cfg.workers
+    if isinstance(n, bool) or not isinstance(n, int) or not 1 <= n <= MAX_WORKERS:
+        raise ConfigError(f"config key {key!r}: expected a whole number of forwarder processes from 1 to "
+                          f"{MAX_WORKERS}, got {n!r}")
+    if n > 1 and cfg.budgets:
+        raise ConfigError(f"config key {key!r}: {n} workers cannot share budgets yet (each forwarder would count "
+                          f"only its own calls, so rule {cfg.budgets[0].name!r} would let {n} times its limit "
+                          "through): run one worker, or remove the budgets")

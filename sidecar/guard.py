@@ -1,19 +1,22 @@
-"""The budget guard on the request path: admit or refuse a call before it leaves, settle it after, raise alerts."""
+"""The budget guard on the request path: admit or refuse a call before it leaves, settle it after, note alerts.
+
+The guard lives in the forwarder; what it keeps in the ledger (rules added through the API, top-ups,
+the spend of current windows) it reads and writes through the sinks process (`link`). Alerts and the
+utilization gauge ride on the call's journal line (CallExtras), and the sinks process delivers them.
+"""
 from __future__ import annotations
 
-import asyncio
 import logging
 from datetime import datetime, timedelta, timezone
 from decimal import Decimal
 from collections.abc import Callable
 from typing import Any
 
-from exporters.alerts import AlertDispatcher
 from ledger import budget_store
-from ledger.budgets import Budgets, CallAttrs, Crossing, Refusal, Reservation, Rule, Tally
+from ledger.budgets import Budgets, CallAttrs, Crossing, CrossingNote, Refusal, Reservation, Rule, Tally
 from ledger.pricing import FIRST_CALL_OUTPUT, MIN_LIKELY_OUTPUT, RECENT_CALLS, Pricer, RecentOutput
 from ledger.records import OK, CallExtras, CallInfo, CallRecord
-from ledger.writer import LedgerWriter
+from sinks.link import Link
 
 NO_RESERVATION = Reservation([])
 log = logging.getLogger("meterline.budgets")
@@ -21,41 +24,31 @@ RECENT_HISTORY = timedelta(days=7)  # how far back a restart looks for each mode
 
 
 class Guard:
-    def __init__(self, rules: list[Rule], pricer: Pricer, writer: LedgerWriter, alerts: AlertDispatcher,
-                 on_utilization: Callable[[str, str | None, Decimal], None] | None = None) -> None:
+    def __init__(self, rules: list[Rule], pricer: Pricer, link: Link, flush: Callable[[], None]) -> None:
         self.config_rules = {r.name: r for r in rules}
         self.budgets = Budgets(rules)
         self.pricer = pricer
-        self.writer = writer
-        self.alerts = alerts
+        self.link = link
+        self.flush = flush  # writes the journal's waiting lines, before asking the sinks process to catch up
+        self.alerts_fired = 0
         self.refused = 0
         self.recent = RecentOutput()  # what each (provider, model, app) answered lately: the estimate without max tokens
-        self.on_utilization = on_utilization  # feeds the meterline.budget.utilization gauge
         # rules whose history is being read: calls settled meanwhile are counted live, not from the ledger
         self._rebuilding: dict[str, set[str]] = {}
 
     async def start(self) -> None:
         """Adds the rules saved through the API and rebuilds every window's spend from the ledger."""
-        loop = asyncio.get_running_loop()
-        saved = await loop.run_in_executor(None, self._db, budget_store.api_rules)
+        saved = await self.link.db("api_rules")
         for rule in saved:
             if rule.name not in self.config_rules:  # the config file wins over an older API edit
                 self.budgets.put(rule)
         now = datetime.now(timezone.utc)
-        history = await loop.run_in_executor(None, self._db, budget_store.history, self.budgets.window_starts(now))
+        history = await self.link.db("history", self.budgets.window_starts(now))
         budget_store.apply(self.budgets, history)
         if self.budgets.rules:  # a restart keeps the estimates for calls without max tokens
-            recent = await loop.run_in_executor(None, self._db, budget_store.recent_outputs,
-                                                now - RECENT_HISTORY, RECENT_CALLS)
+            recent = await self.link.db("recent_outputs", now - RECENT_HISTORY, RECENT_CALLS)
             for key, tokens in recent:
                 self.recent.record(key, tokens)
-
-    def _db(self, fn: Any, *args: Any) -> Any:
-        cur = self.writer.cursor()
-        try:
-            return fn(cur, *args)
-        finally:
-            cur.close()
 
     # --- the request path ----------------------------------------------------------------------
 
@@ -125,8 +118,7 @@ class Guard:
         for acct in reservation.counted:  # counted live: a rebuild from the ledger leaves it out
             if acct.rule.name in self._rebuilding:
                 self._rebuilding[acct.rule.name].add(record.call_id)
-            if self.on_utilization is not None:
-                self.on_utilization(acct.rule.name, acct.key or None, acct.settled_utilization)
+            extras.utilization.append((acct.rule.name, acct.key or None, str(acct.settled_utilization)))
         self._alert(crossings, record.call_id, extras)
 
     def refused_call(self, refusal: Refusal, call_id: str, extras: CallExtras) -> None:
@@ -145,23 +137,22 @@ class Guard:
                 "meterline.budget.name": c.account.rule.name, "meterline.budget.key": c.account.key,
                 "meterline.budget.threshold": float(c.threshold),
                 "meterline.budget.utilization": float(c.utilization)}))
-            self.alerts.fire(c, call_id)
+            extras.alerts.append(CrossingNote.of(c).to_json())  # the sinks process logs and delivers it
+            self.alerts_fired += 1
 
     # --- the runtime API -----------------------------------------------------------------------
 
     async def put_rule(self, rule: Rule) -> None:
         """The rule holds from now on; its windows' earlier spend is read from the ledger. Calls that
         finish while it is read are counted live and left out of the read, so none counts twice."""
-        loop = asyncio.get_running_loop()
         now = datetime.now(timezone.utc)
-        await loop.run_in_executor(None, self._db, budget_store.save_rule, rule, now)
-        submitted = self.writer.submitted
+        await self.link.db("save_rule", rule, now)
         self.budgets.put(rule)
         live = self._rebuilding[rule.name] = set()
         try:
-            await loop.run_in_executor(None, self.writer.wait_written, submitted, 10.0)
-            history = await loop.run_in_executor(None, self._db, budget_store.history,
-                                                 self.budgets.window_starts(now, rule.name), live)
+            self.flush()
+            await self.link.sync()  # the calls journaled so far are in the ledger
+            history = await self.link.db("history", self.budgets.window_starts(now, rule.name), live)
         finally:
             del self._rebuilding[rule.name]
         budget_store.apply(self.budgets, history, rule.name)
@@ -169,14 +160,13 @@ class Guard:
     async def remove_rule(self, name: str) -> bool:
         if name not in self.budgets.rules:
             return False
-        await asyncio.get_running_loop().run_in_executor(None, self._db, budget_store.delete_rule, name)
+        await self.link.db("delete_rule", name)
         self.config_rules.pop(name, None)
         return self.budgets.remove(name)
 
     async def topup(self, name: str, key: str, amount: Decimal) -> dict[str, Any]:
         now = datetime.now(timezone.utc)
-        await asyncio.get_running_loop().run_in_executor(None, self._db, budget_store.save_topup, name, key,
-                                                         amount, now)
+        await self.link.db("save_topup", name, key, amount, now)
         self.budgets.topup(name, key, amount)
         return self.status(name)
 

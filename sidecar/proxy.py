@@ -122,7 +122,7 @@ async def forward(rt: Runtime, incoming: Incoming, reply: Reply, t0: float) -> N
         call_id=call_id, app=attribution.text(headers.get(attribution.APP_HEADER)) or rt.config.app,
         user_id=attribution.text(headers.get(attribution.USER_HEADER)) or info.user_id,
         tags=attribution.parse_tags(attribution.text(headers.get(attribution.TAGS_HEADER))),
-        key_fingerprint=attribution.fingerprint(attribution.api_key(headers, query), rt.writer.salt),
+        key_fingerprint=attribution.fingerprint(attribution.api_key(headers, query), rt.salt),
         trace_id=trace_id, span_id=span_id, request_bytes=len(raw),
     )
 
@@ -138,7 +138,7 @@ async def forward(rt: Runtime, incoming: Incoming, reply: Reply, t0: float) -> N
     if parent_span is not None or rt.tracing:
         # the upstream request is a child of the call's span, which is a child of the app's
         out_headers["traceparent"] = f"00-{trace_id}-{span_id}-{'01' if sampled else '00'}"
-    segment = rt.writer.journal.begin(_record(rt, call, record_base, provisional=True))
+    segment = rt.journal.begin(_record(rt, call, record_base, provisional=True))
 
     def conclude(lazily: bool = False) -> None:
         if call.concluded:
@@ -149,7 +149,7 @@ async def forward(rt: Runtime, incoming: Incoming, reply: Reply, t0: float) -> N
         record = _record(rt, call, record_base, provisional=False)
         rt.guard.settle(decision, record, extras)
         extras.output_messages = call.output_messages
-        rt.writer.submit(record, rt.writer.journal.end(record, segment, lazily), extras)
+        rt.journal.end(record, segment, lazily, extras)
         call.work += time.perf_counter() - t_end
 
     call.conclude = conclude
@@ -202,7 +202,7 @@ def _refuse(rt: Runtime, adapter: Any, call: _Call, base: dict[str, Any], extras
     call.outcome, call.status, call.error_type = records.BLOCKED, 429, "budget_exceeded"
     rt.guard.refused_call(refusal, base["call_id"], extras)
     record = _record(rt, call, base, provisional=False)
-    rt.writer.submit(record, rt.writer.journal.end(record, None), extras)
+    rt.journal.end(record, None, extras=extras)
     headers = {"x-should-retry": "false", "x-meterline-budget": rule}
     if refusal.retry_after is not None:
         headers["retry-after"] = str(refusal.retry_after)

@@ -1,4 +1,4 @@
-"""The running sidecar's shared objects, handed to every request handler."""
+"""The running forwarder's shared objects, handed to every request handler."""
 from __future__ import annotations
 
 import collections
@@ -6,9 +6,9 @@ import logging
 from dataclasses import dataclass, field
 from types import ModuleType
 
-from exporters.telemetry import Telemetry
+from ledger.journal import Journal
 from ledger.pricing import Pricer
-from ledger.writer import LedgerWriter
+from sinks.link import Link
 
 from .adapters import anthropic, gemini, openai
 from .config import Config
@@ -23,13 +23,14 @@ log = logging.getLogger("meterline.anomaly")
 @dataclass(slots=True)
 class Runtime:
     config: Config
-    writer: LedgerWriter
+    journal: Journal  # this forwarder's: every call's lines, read by the sinks process
+    link: Link  # to the sinks process: SQL, metrics, health, budget storage
     pricer: Pricer
     guard: Guard
+    salt: bytes = b""  # of API-key fingerprints (`<ledger>.salt`, made by the sinks process)
     pool: Pool | None = None  # forwarded calls
     anomalies: collections.Counter[str] = field(default_factory=collections.Counter)
     in_flight: int = 0
-    telemetry: Telemetry | None = None
     tracing: bool = False  # spans are exported, so upstream requests carry the call's span context
     capture_content: bool = False  # prompts and completions go on spans (opt-in)
 

@@ -13,6 +13,7 @@ from __future__ import annotations
 import asyncio
 import collections
 import logging
+import socket
 import time
 import weakref
 from collections.abc import Callable
@@ -533,7 +534,7 @@ class _Finals:
             front.loop.call_soon(self.run, front.rt)
 
     def run(self, rt: Runtime) -> None:
-        rt.writer.journal.flush()
+        rt.journal.flush()
         waiting, self.waiting = self.waiting, []
         for front, reply in waiting:
             transport = front.transport
@@ -546,13 +547,17 @@ _FINALS = _Finals()
 
 
 async def serve(rt: Runtime, forward: Callable[..., Any], aiohttp_protocol: Callable[[], asyncio.Protocol],
-                host: str, port: int) -> asyncio.AbstractServer:
-    """Listens on host:port with the front; `aiohttp_protocol` makes aiohttp's protocol for hand-overs."""
+                host: str, port: int, sock: socket.socket | None = None) -> asyncio.AbstractServer:
+    """Listens on host:port (or the listening `sock` given) with the front; `aiohttp_protocol` makes
+    aiohttp's protocol for hand-overs."""
     loop = asyncio.get_running_loop()
     prefixes = frozenset(f"/{name}/".encode() for name in rt.config.upstreams if name != "_meterline")
     hosts = _Hosts(rt.config.allowed_hosts)
-    listener = await loop.create_server(lambda: Front(rt, forward, aiohttp_protocol, prefixes, hosts), host, port,
-                                        reuse_address=True, backlog=1024)
+    make = lambda: Front(rt, forward, aiohttp_protocol, prefixes, hosts)  # noqa: E731
+    if sock is not None:
+        listener = await loop.create_server(make, sock=sock, backlog=1024)
+    else:
+        listener = await loop.create_server(make, host, port, reuse_address=True, backlog=1024)
     limits = _Limits(rt.config.head_timeout_s, rt.config.body_idle_timeout_s)
     loop.call_later(limits.every, _sweep, loop, listener, limits)
     return listener

@@ -167,6 +167,7 @@ class Journal:
         self.closed = False
         self.unwritten: list[bytes] = []  # lines the disk refused, oldest first; retried on the next flush
         self.unwritten_bytes = 0
+        self.copied = 0  # leading lines of `unwritten` already handed to the sinks process (`uncopied`)
         self.torn = False  # the file ends inside a line: the next write starts with a newline
         self.append_failures = 0  # writes the disk refused (counted for healthz)
         self.lost = 0  # lines dropped because more than MAX_UNWRITTEN_BYTES were waiting
@@ -249,6 +250,15 @@ class Journal:
         with self.lock:
             self._flush()
 
+    def uncopied(self) -> list[bytes]:
+        """Lines the disk refused that the sinks process has not been sent yet: while the journal's
+        disk is full, the forwarder sends copies over the socket so the ledger stays current. They
+        stay here too, for the disk once it has room (the sinks process skips them then)."""
+        with self.lock:
+            lines = self.unwritten[self.copied:]
+            self.copied = len(self.unwritten)
+            return lines
+
     def close(self) -> None:
         """At shutdown: writes what waits, closes the segment and lets go of the directory."""
         with self.lock:
@@ -272,7 +282,7 @@ class Journal:
             if (self.fd < 0 and not self._reopen()) or self._write(self.unwritten[:1]) == 0:
                 return
             lines = self.unwritten[1:]
-            self.unwritten, self.unwritten_bytes = [], 0
+            self.unwritten, self.unwritten_bytes, self.copied = [], 0, 0
             log.warning("journal appends work again; %d waiting lines written", len(lines) + 1)
         elif self.buffer and self.fd >= 0:
             lines, self.buffer = self.buffer, []
@@ -318,6 +328,7 @@ class Journal:
         self.unwritten_bytes += sum(map(len, lines))
         while self.unwritten_bytes > MAX_UNWRITTEN_BYTES and len(self.unwritten) > 1:
             self.unwritten_bytes -= len(self.unwritten.pop(0))
+            self.copied = max(0, self.copied - 1)
             self.lost += 1
 
     def _failed(self, error: OSError) -> None:
@@ -351,7 +362,7 @@ class Journal:
         self.torn = False  # a new file starts on a new line
         # lines the disk refused go to the new segment, after its header
         lines = [header(self.incarnation), *self.unwritten]
-        self.unwritten, self.unwritten_bytes = [], 0
+        self.unwritten, self.unwritten_bytes, self.copied = [], 0, 0
         if self._reopen():
             done = self._write(lines)
             lines = lines[done:]

@@ -36,6 +36,7 @@ from .upstream import Pool
 log = logging.getLogger("meterline")
 GC_THRESHOLD = 10_000  # allocations between young-generation collections (Python's default: 700)
 SWITCH_INTERVAL_S = 0.0005  # how long a thread may keep the GIL when another wants it (default 5 ms)
+FALLBACK_EVERY_S = 0.25  # how often lines the journal's disk refused are sent to the sinks process
 EMBEDDED_SINKS = web.AppKey("embedded_sinks", object)
 
 
@@ -80,6 +81,7 @@ async def _lifecycle(app: web.Application):
     await loop.run_in_executor(None, rt.pricer.warm)
     await rt.guard.start()
     rt.pool = Pool(rt.config.connect_timeout_s, rt.config.read_timeout_s)
+    sender = loop.create_task(_send_unwritten(rt), name="meterline-journal-fallback")
     # what start-up loaded (the price catalogue, DuckDB's and Arrow's modules) lives as long as the
     # process: moved out of the collector's sight, a full collection walks only what calls create
     # (75 ms pauses at 1 connection before, by gc.callbacks)
@@ -99,6 +101,7 @@ async def _lifecycle(app: web.Application):
     sys.setswitchinterval(switch)
     gc.set_threshold(*thresholds)
     gc.unfreeze()
+    sender.cancel()
     rt.pool.close()
     await loop.run_in_executor(None, rt.journal.close)
     if embedded is not None:
@@ -106,6 +109,20 @@ async def _lifecycle(app: web.Application):
         listener.close()
         await sinks.stop()
         shutil.rmtree(app[EMBEDDED_SINKS], ignore_errors=True)
+
+
+async def _send_unwritten(rt: Runtime) -> None:
+    """While the journal's disk refuses lines, copies of them go to the sinks process over the
+    socket, so the ledger keeps up (the journal writes them too once the disk has room)."""
+    while True:
+        await asyncio.sleep(FALLBACK_EVERY_S)
+        lines = rt.journal.uncopied()
+        if lines:
+            try:
+                await rt.link.call("lines", rt.journal.dir.name, lines)
+            except (rpc.Unavailable, rpc.Failed) as e:
+                rt.journal.copied = 0  # sent again next time (the sinks process skips what it has)
+                log.warning("could not send %d journal lines to the sinks process: %s", len(lines), e)
 
 
 async def _start_embedded(rt: Runtime):  # -> (Sinks, server)

@@ -39,6 +39,7 @@ class Token:
 
 
 Item = tuple[CallRecord, Token, CallExtras | None]
+SENT = -1  # the "segment" of lines that came over the socket: no file to delete
 
 
 class _Worker:
@@ -52,6 +53,9 @@ class _Worker:
         self.open: dict[str, tuple[CallRecord, int, str | None]] = {}  # call_id -> provisional, segment, incarnation
         self.held: collections.Counter[int] = collections.Counter()  # segment -> records not committed + open calls
         self.newest = 0  # the newest segment seen in the directory
+        # calls whose final line came over the socket (the journal's disk was full): their lines,
+        # when the disk takes them later, are skipped
+        self.sent_final: set[str] = set()
         self.unread = 0  # bytes on disk not read yet (for healthz)
 
 
@@ -87,6 +91,18 @@ class JournalTail:
             with self.lock:
                 self._read(worker, items)
                 self._resolve(worker, dead, items)
+        self.read += len(items)
+        return items
+
+    def take_sent(self, worker_name: str, lines: list[bytes]) -> list[Item]:
+        """Lines a forwarder sent over the socket because its journal's disk refused them."""
+        items: list[Item] = []
+        with self.lock:
+            worker = self.workers.get(worker_name)
+            if worker is None:
+                worker = self.workers[worker_name] = _Worker(self.root / worker_name)
+            for raw in lines:
+                self._take(worker, raw.rstrip(b"\n"), "(sent)", items, sent=True)
         self.read += len(items)
         return items
 
@@ -187,7 +203,7 @@ class JournalTail:
             worker.offset += len(data)
         return complete
 
-    def _take(self, worker: _Worker, raw: bytes, name: str, items: list[Item]) -> None:
+    def _take(self, worker: _Worker, raw: bytes, name: str, items: list[Item], sent: bool = False) -> None:
         try:
             got = read_line(raw, worker.fields)
         except (ValueError, TypeError, KeyError, ArithmeticError) as e:
@@ -199,16 +215,23 @@ class JournalTail:
             return
         assert isinstance(got, Line)
         record = got.record
+        segment = SENT if sent else worker.segment
+        if record.call_id in worker.sent_final:  # it reached the ledger over the socket already
+            if not sent and got.final:
+                worker.sent_final.discard(record.call_id)  # the disk's copy: the last line of the call
+            return
         if not got.final:
             if record.call_id not in worker.open:
-                worker.held[worker.segment] += 1
-            worker.open[record.call_id] = (record, worker.segment, worker.incarnation)
+                worker.held[segment] += 1
+            worker.open[record.call_id] = (record, segment, worker.incarnation)
             return
         begun = worker.open.pop(record.call_id, None)
         if begun is not None:
             worker.held[begun[1]] -= 1
-        worker.held[worker.segment] += 1
-        items.append((record, Token(worker.name, worker.segment), got.extras))
+        if sent:
+            worker.sent_final.add(record.call_id)
+        worker.held[segment] += 1
+        items.append((record, Token(worker.name, segment), got.extras))
 
     def _resolve(self, worker: _Worker, dead: set[str | None], items: list[Item]) -> None:
         """Calls whose forwarder is gone: their provisional record is all there will be."""

@@ -15,8 +15,7 @@ import orjson
 import pyarrow as pa
 
 READ_ONLY_STATEMENTS = frozenset({duckdb.StatementType.SELECT, duckdb.StatementType.EXPLAIN})
-MAX_ROWS = 10_000  # what the SQL endpoint returns unless asked for more
-MAX_EXPORT_ROWS = 100_000  # the most it returns when asked (`max_rows`): the rows are held in memory
+from .defaults import MAX_EXPORT_ROWS, MAX_ROWS  # noqa: E402,F401 - the endpoint's limits, for the forwarder too
 
 
 class QueryRefused(ValueError):

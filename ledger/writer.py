@@ -27,6 +27,7 @@ from typing import Any, Protocol
 import duckdb
 
 from . import budget_store, schema
+from .defaults import DEFAULT_MEMORY_LIMIT, DEFAULT_THREADS, journal_dir, read_salt, salt_path  # noqa: F401
 from .journal import Journal
 from .records import CallExtras, CallRecord
 
@@ -40,10 +41,6 @@ MAX_BATCH = 5000
 FLUSH_INTERVAL_S = 0.25
 
 
-# DuckDB caches every block it writes until its memory_limit (by default 80% of the machine's RAM),
-# so a long-running ledger would grow the sidecar without bound; capped, old blocks are evicted
-DEFAULT_MEMORY_LIMIT = "128MB"
-DEFAULT_THREADS = 1  # DuckDB's threads: a sidecar leaves the machine's cores to the app
 # Settings for the ledger's DuckDB that a sidecar wants whatever the config says. Appended rows
 # stay in memory (a block per column) until a checkpoint writes them out: checkpointing at a
 # small WAL keeps that little. DuckDB's allocator keeps freed memory unless told to flush it.
@@ -52,19 +49,6 @@ _DUCKDB_SETTINGS = {
     "allocator_flush_threshold": "2MB",
     "allocator_background_threads": True,
 }
-
-
-def journal_dir(db_path: str | Path) -> Path:
-    return Path(f"{db_path}.journal")
-
-
-def salt_path(db_path: str | Path) -> Path:
-    return Path(f"{db_path}.salt")
-
-
-def read_salt(db_path: str | Path) -> bytes:
-    """The fingerprint salt a forwarder needs; the sinks process made it when it opened the ledger."""
-    return bytes.fromhex(salt_path(db_path).read_text().strip())
 
 
 # what DuckDB raises for values it will not store (rather than for a disk or lock problem)

@@ -6,12 +6,13 @@ API by this forwarder's guard.
 from __future__ import annotations
 
 import ipaddress
+import os
 from decimal import Decimal, InvalidOperation
 
 import orjson
 from aiohttp import web
 
-from ledger import sql
+from ledger import defaults  # the endpoint's row limits (the forwarder loads no DuckDB)
 from ledger.budgets import RuleError, parse_rule
 from sinks import rpc
 
@@ -62,6 +63,7 @@ async def healthz(request: web.Request) -> web.Response:
     body = {
         "status": "degraded" if degraded else "ok",
         "in_flight": rt.in_flight,
+        "forwarder": {"pid": os.getpid(), "worker": rt.journal.dir.name},
         "ledger": ledger,
         "journal": journal,
         "sinks": sinks_part,
@@ -95,7 +97,7 @@ async def run_sql(request: web.Request) -> web.Response:
     if len(raw) > MAX_SQL_BYTES:
         return _error(413, "query too long")
     query: object = raw.decode("utf-8", "replace")
-    max_rows: object = request.query.get("max_rows", sql.MAX_ROWS)
+    max_rows: object = request.query.get("max_rows", defaults.MAX_ROWS)
     if request.content_type == "application/json":
         try:
             doc = orjson.loads(raw)
@@ -110,12 +112,12 @@ async def run_sql(request: web.Request) -> web.Response:
         if isinstance(max_rows, (bool, float)) or rows_wanted <= 0:
             raise ValueError
     except (TypeError, ValueError):
-        return _error(400, f"max_rows must be a positive whole number (at most {sql.MAX_EXPORT_ROWS})")
+        return _error(400, f"max_rows must be a positive whole number (at most {defaults.MAX_EXPORT_ROWS})")
     rt = request.app[proxy.RUNTIME]
     try:
         # the sinks process times the query out itself (sql.timeout_s); a client that goes away
         # cancels this handler, which closes the connection, which interrupts the query there
-        kind, answer = await rt.link.call("sql", query, min(rows_wanted, sql.MAX_EXPORT_ROWS), timeout=None)
+        kind, answer = await rt.link.call("sql", query, min(rows_wanted, defaults.MAX_EXPORT_ROWS), timeout=None)
     except (rpc.Unavailable, rpc.Failed) as e:
         return _error(503, f"the ledger is unavailable: {e}")
     if kind == "ok":

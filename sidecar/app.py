@@ -23,7 +23,7 @@ from aiohttp import web
 from exporters.settings import load_settings, tracing_enabled
 from ledger.journal import Journal
 from ledger.pricing import Pricer
-from ledger.writer import journal_dir, read_salt
+from ledger.defaults import journal_dir, read_salt
 from sinks import rpc
 from sinks.link import Link
 

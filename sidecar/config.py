@@ -17,7 +17,7 @@ from exporters.settings import load_settings as load_telemetry_settings
 from ledger.budgets import DEFAULT_THRESHOLDS, Rule, RuleError, parse_rule, parse_thresholds
 from ledger.money import MAX_AMOUNT_TEXT, non_negative_amount
 from ledger.pricing import PriceRule
-from ledger.writer import DEFAULT_MEMORY_LIMIT, DEFAULT_THREADS
+from ledger.defaults import DEFAULT_MEMORY_LIMIT, DEFAULT_THREADS
 
 from jobs.reconcile_config import ReconcileConfig, ReconcileConfigError, parse as parse_reconcile
 

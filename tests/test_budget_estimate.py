@@ -14,7 +14,7 @@ AT = datetime(2026, 6, 1, 12, tzinfo=timezone.utc)
 
 def guard(limit_tokens: int = 10**9, prices: list[PriceRule] | None = None, default_max: int = 32_768) -> Guard:
     rule = parse_rule({"name": "t", "window": "day", "limit_tokens": limit_tokens}, "t")
-    return Guard([rule], Pricer(prices, default_max), writer=None, alerts=None)  # admit touches neither
+    return Guard([rule], Pricer(prices, default_max), link=None, flush=None)  # admit touches neither
 
 
 def reserved(g: Guard, model: str = "gpt-4o-mini", max_tokens: int | None = None, app: str = "a",

@@ -70,9 +70,12 @@ def encode_final(record: CallRecord, extras: CallExtras | None) -> bytes:
     return orjson.dumps((*_ROW(record), extras), default=_default, option=orjson.OPT_APPEND_NEWLINE)
 
 
-def header(incarnation: str) -> bytes:
-    return orjson.dumps({"meterline_journal": 3, "fields": _FIELDS, "incarnation": incarnation},
-                        option=orjson.OPT_APPEND_NEWLINE)
+def header(incarnation: str, torn: bool = False) -> bytes:
+    """A segment's first line; again, with `torn`, after a line the disk took only part of."""
+    doc: dict[str, Any] = {"meterline_journal": 3, "fields": _FIELDS, "incarnation": incarnation}
+    if torn:
+        doc["torn"] = True
+    return orjson.dumps(doc, option=orjson.OPT_APPEND_NEWLINE)
 
 
 def _default(value: Any) -> Any:
@@ -85,6 +88,7 @@ def _default(value: Any) -> Any:
 class Header:
     fields: tuple[str, ...]
     incarnation: str | None  # None: written by a version before incarnations
+    torn: bool = False  # the line before it is a fragment whose whole line was written later
 
 
 @dataclasses.dataclass(slots=True)
@@ -119,7 +123,7 @@ def read_line(line: bytes, fields: tuple[str, ...] = _FIELDS) -> Line | Header:
         if not isinstance(names, list) or not all(type(n) is str for n in names):
             raise ValueError("a header line without its field names")
         incarnation = doc.get("incarnation")
-        return Header(tuple(names), incarnation if type(incarnation) is str else None)
+        return Header(tuple(names), incarnation if type(incarnation) is str else None, doc.get("torn") is True)
     for name in _DATETIMES:
         value = doc.get(name)
         if value and type(value) is str:
@@ -182,6 +186,7 @@ class Journal:
         latest: dict[str, CallRecord] = {}
         for path in segments(self.dir):
             fields = _FIELDS
+            bad = False  # the previous line was quarantined
             with open(path, "rb") as f:
                 for n, line in enumerate(f, 1):
                     if not line.endswith(b"\n"):
@@ -192,11 +197,15 @@ class Journal:
                         # a torn fragment (full disk) or a line edited by hand: kept aside, not replayed
                         log.warning("journal %s line %d is unusable (%s); quarantined", path.name, n, e)
                         self.rejected_lines.append((line.rstrip(b"\n"), f"{path.name} line {n}: {e}"))
+                        bad = True
                         continue
                     if isinstance(got, Header):
                         fields = got.fields
+                        if got.torn and bad:
+                            self.rejected_lines.pop()  # a torn fragment: its whole line follows
                     else:
                         latest[got.record.call_id] = got.record
+                    bad = False
         return list(latest.values())
 
     def discard_recovered(self) -> None:
@@ -296,8 +305,10 @@ class Journal:
     def _write(self, lines: list[bytes]) -> int:
         """Writes whole lines; returns how many went out complete (the rest are the caller's)."""
         data = lines[0] if len(lines) == 1 else b"".join(lines)
-        if self.torn:
-            data = b"\n" + data
+        # after a torn write: a newline ends the fragment, and a header saying so follows, so readers
+        # drop the fragment (its whole line is among these) instead of quarantining it
+        prefix = b"\n" + header(self.incarnation, torn=True) if self.torn else b""
+        data = prefix + data
         sent = 0
         try:
             while sent < len(data):  # a regular file takes it all at once unless the disk fills up
@@ -310,10 +321,10 @@ class Journal:
         else:
             self.torn = False
             return len(lines)
-        if self.torn:
-            if sent == 0:
-                return 0
-            sent -= 1
+        if prefix:
+            if sent < len(prefix):
+                return 0  # still torn (the fragment now ends inside the marker, which says the same)
+            sent -= len(prefix)
         done = 0
         for line in lines:
             if sent < len(line):

@@ -26,6 +26,7 @@ MAX_SQL_BYTES = 64 * 1024
 def add_routes(app: web.Application) -> None:
     """The admin routes, and the guard every request to the application passes (sidecar/web_guard.py)."""
     web_guard.install(app)
+    app.on_shutdown.append(_give_up_waits)  # before aiohttp waits for handlers: a running query ends now
     app.router.add_get(f"{PREFIX}/healthz", healthz)
     app.router.add_post(f"{PREFIX}/sql", run_sql)
     app.router.add_get(f"{PREFIX}/metrics", metrics)
@@ -127,6 +128,10 @@ async def run_sql(request: web.Request) -> web.Response:
     return _error(status, prefix + answer)
 
 
+async def _give_up_waits(app: web.Application) -> None:
+    app[proxy.RUNTIME].link.cancel_all()
+
+
 def _error(status: int, message: str) -> web.Response:
     return _json({"error": message}, status)
 
@@ -134,12 +139,14 @@ def _error(status: int, message: str) -> web.Response:
 # --- budgets ---------------------------------------------------------------------------------
 
 async def list_budgets(request: web.Request) -> web.Response:
-    """The rules with their spend; alerts as the sinks process delivered them (null counts while it is down)."""
+    """The rules with their spend; alerts fired here, delivered by the sinks process (null while it is down)."""
     rt = request.app[proxy.RUNTIME]
+    alerts = {"fired": rt.guard.alerts_fired, "delivered": None, "failed": None, "dropped": None}
     try:
-        alerts = (await rt.link.call("health", timeout=HEALTH_WAIT_S))["alerts"]
+        sent = (await rt.link.call("health", timeout=HEALTH_WAIT_S))["alerts"]
+        alerts.update(delivered=sent["delivered"], failed=sent["failed"], dropped=sent["dropped"])
     except (rpc.Unavailable, rpc.Failed):
-        alerts = {"fired": rt.guard.alerts_fired, "delivered": None, "failed": None, "dropped": None}
+        pass
     return _json({"budgets": rt.guard.status(), "refused": rt.guard.refused, "alerts": alerts})
 
 

@@ -102,7 +102,7 @@ def _config_path(given: str | None) -> str | None:
 
 def _serve(args: argparse.Namespace, cfg: config_mod.Config) -> int:
     logging.basicConfig(level=args.log_level.upper(),
-                        format="%(asctime)s %(levelname)s %(processName)s %(name)s: %(message)s")
+                        format="%(asctime)s %(levelname)s %(name)s [%(processName)s]: %(message)s")
     if args.host:
         cfg.host = args.host
         cfg.allowed_hosts = allowed_hosts(cfg.host, cfg.allowed_hosts)  # the new listen address too

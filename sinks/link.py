@@ -15,9 +15,22 @@ START_WAIT_S = 120.0  # a forwarder starting while the sinks process restarts wa
 class Link:
     def __init__(self, path: str) -> None:
         self.path = path
+        self.waiting: set[asyncio.Task[Any]] = set()
 
     async def call(self, op: str, *args: Any, timeout: float | None = 30.0) -> Any:
-        return await rpc.call(self.path, op, *args, timeout=timeout)
+        task = asyncio.ensure_future(rpc.call(self.path, op, *args, timeout=timeout))
+        self.waiting.add(task)
+        task.add_done_callback(self.waiting.discard)
+        try:
+            return await asyncio.shield(task)
+        except asyncio.CancelledError:
+            task.cancel()  # the asker went away: closing the connection stops the work there
+            raise
+
+    def cancel_all(self) -> None:
+        """At shutdown: every request still waiting is given up (a running query is interrupted)."""
+        for task in list(self.waiting):
+            task.cancel()
 
     async def db(self, name: str, *args: Any) -> Any:
         """A ledger/budget_store function, run by the sinks process on the ledger."""

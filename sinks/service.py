@@ -113,6 +113,7 @@ class Sinks:
     def _quarantine_lines(self) -> None:
         if self.tail.rejected_lines:
             lines, self.tail.rejected_lines = self.tail.rejected_lines, []
+            log.warning("%d unusable journal lines quarantined in `rejected` (%s)", len(lines), lines[0][1])
             self.writer.quarantine_lines(lines)
 
     # --- a sink of the writer: alerts and the budget gauge ---------------------------------------

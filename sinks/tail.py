@@ -57,6 +57,7 @@ class _Worker:
         # when the disk takes them later, are skipped
         self.sent_final: set[str] = set()
         self.unread = 0  # bytes on disk not read yet (for healthz)
+        self.bad = False  # the last line read was quarantined (a torn fragment, if a torn header follows)
 
 
 class JournalTail:
@@ -187,8 +188,8 @@ class JournalTail:
         complete = len(data) < READ_BYTES
         last_segment = worker.segment == worker.newest
         if complete and end < len(data) and not last_segment:
-            # a torn last write in a segment the forwarder has left: never to be completed
-            self.rejected_lines.append((data[end:], f"{worker.name}/{path.name}: a torn line at its end"))
+            # a torn last write in a segment the forwarder has left: the forwarder kept the whole
+            # line and wrote it at the top of its next segment, so the fragment is dropped
             end_offset = worker.offset + len(data)
         else:
             end_offset = worker.offset + end
@@ -207,12 +208,16 @@ class JournalTail:
         try:
             got = read_line(raw, worker.fields)
         except (ValueError, TypeError, KeyError, ArithmeticError) as e:
-            log.warning("journal %s/%s has an unusable line (%s); quarantined", worker.name, name, e)
             self.rejected_lines.append((raw, f"{worker.name}/{name}: {e}"))
+            worker.bad = True
             return
-        if isinstance(got, Header):  # a header mid-file: only after a hand edit; follow it
-            worker.fields, worker.incarnation = got.fields, got.incarnation
+        if isinstance(got, Header):  # mid-file: after a torn write (or a hand edit)
+            worker.fields, worker.incarnation = got.fields, got.incarnation or worker.incarnation
+            if got.torn and worker.bad and self.rejected_lines:
+                self.rejected_lines.pop()  # the fragment of a line written whole after this header
+            worker.bad = False
             return
+        worker.bad = False
         assert isinstance(got, Line)
         record = got.record
         segment = SENT if sent else worker.segment

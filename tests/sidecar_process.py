@@ -91,6 +91,10 @@ class Sidecar:
         self.proc.kill()  # SIGKILL: no shutdown code runs
         self.proc.wait()
 
+    def forwarder_pid(self) -> int:
+        """The forwarder process (the one that takes calls; `proc` is the supervisor)."""
+        return self.health()["forwarder"]["pid"]
+
     def health(self) -> dict[str, Any]:
         with urllib.request.urlopen(f"{self.url}/_meterline/healthz", timeout=2) as r:
             return orjson.loads(r.read())

@@ -139,7 +139,7 @@ def test_loopback_names_are_served(e2e: E2E) -> None:
 
 
 def test_huge_content_length_to_sql_is_refused_from_the_head(e2e: E2E) -> None:
-    pid = e2e.sidecar.proc.pid
+    pid = e2e.sidecar.forwarder_pid()
     before = rss_kib(pid)
     with Wire(e2e.sidecar.url) as wire:
         wire.send(b"POST /_meterline/sql HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: text/plain\r\n"
@@ -154,7 +154,7 @@ def test_huge_content_length_to_sql_is_refused_from_the_head(e2e: E2E) -> None:
 
 def test_huge_content_length_to_sql_after_hand_over(e2e: E2E) -> None:
     # aiohttp owns this connection: its admin routes have the same cap, from the head
-    pid = e2e.sidecar.proc.pid
+    pid = e2e.sidecar.forwarder_pid()
     before = rss_kib(pid)
     with Wire(e2e.sidecar.url) as wire:
         wire.send(healthz())
@@ -172,7 +172,7 @@ def test_huge_content_length_to_sql_after_hand_over(e2e: E2E) -> None:
 
 @pytest.mark.parametrize("handed_over", [False, True], ids=["front", "aiohttp"])
 def test_chunked_body_to_an_admin_route_is_cut_at_its_cap(e2e: E2E, handed_over: bool) -> None:
-    pid = e2e.sidecar.proc.pid
+    pid = e2e.sidecar.forwarder_pid()
     before = rss_kib(pid)
     piece = b"%x\r\n%s\r\n" % (64 * 1024, b"x" * 64 * 1024)
     with Wire(e2e.sidecar.url) as wire:
@@ -199,7 +199,7 @@ def test_proxied_call_over_the_body_cap_is_refused_from_the_head(e2e: E2E) -> No
 
 
 def test_header_value_without_end_is_a_431(e2e: E2E) -> None:
-    pid = e2e.sidecar.proc.pid
+    pid = e2e.sidecar.forwarder_pid()
     before = rss_kib(pid)
     with Wire(e2e.sidecar.url) as wire:
         wire.send(f"POST {CHAT_PATH} HTTP/1.1\r\nHost: 127.0.0.1\r\nX-Endless: ".encode())
@@ -324,7 +324,7 @@ def test_connect_is_refused(e2e: E2E) -> None:
 
 
 def test_huge_upstream_head_is_a_502_in_the_provider_shape(e2e: E2E) -> None:
-    pid = e2e.sidecar.proc.pid
+    pid = e2e.sidecar.forwarder_pid()
     before = rss_kib(pid)
     case = e2e.case()
     with Wire(e2e.sidecar.url) as wire:
@@ -461,7 +461,7 @@ def test_redact_query_leaves_other_parameters() -> None:
 
 
 def test_memory_is_returned_after_large_calls(e2e: E2E) -> None:
-    pid = e2e.sidecar.proc.pid
+    pid = e2e.sidecar.forwarder_pid()
     body = json.dumps({"model": "gpt-4o-mini", "messages": [{"role": "user", "content": "x" * (30 * 1024 * 1024)}]})
     for _ in range(3):
         case = e2e.case()

@@ -111,7 +111,7 @@ def _under_attack(e2e: E2E, body: dict[str, Any], headers: dict[str, str]) -> tu
     """Runs the hostile call while normal calls go through the same sidecar; returns the hostile
     call, the baseline call time, the concurrent call times and the sidecar's RSS growth (MB)."""
     assert e2e.sidecar.proc is not None
-    pid = e2e.sidecar.proc.pid
+    pid = e2e.sidecar.forwarder_pid()
     for _ in range(3):
         _normal_call_ms(e2e)  # warm: connections pooled, code paths taken
     baseline = statistics.median(_normal_call_ms(e2e) for _ in range(7))

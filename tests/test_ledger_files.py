@@ -57,7 +57,7 @@ def test_salt_stays_out_of_sql_and_files_are_private(start_sidecar: Callable[...
         salt = salt_file.read_text().strip()
         assert fp == fingerprint("sk-private-1", bytes.fromhex(salt))
         _salt_is_not_readable(first, salt)
-        journal = list(Path(f"{first.db}.journal").glob("*.jsonl"))
+        journal = list(Path(f"{first.db}.journal").rglob("*.jsonl"))  # in the forwarder's directory, w0/
         assert journal
         wal = Path(f"{first.db}.wal")
         files = [first.db, salt_file, *journal, *([wal] if wal.exists() else [])]

@@ -103,9 +103,9 @@ def test_the_sinks_process_killed_under_load_loses_and_duplicates_nothing(
     during = len(load.statuses)
     second = _until(lambda: (h := sidecar.health())["sinks"]["up"] and h["sinks"]["pid"] != first
                     and h["sinks"]["pid"], "the sinks process to be started again")
+    restarted_at = time.time()
     assert sidecar.sql("SELECT 1 AS one") == [{"one": 1}]  # SQL answers again at once
     _until(lambda: len(load.statuses) >= during + 40, "calls after the restart")
-    restarted_at = time.time()
     statuses = load.finish()
     assert statuses and set(statuses) == {200}, f"a call failed while the sinks process was down: {set(statuses)}"
     # every call once in the ledger, as it ended

@@ -16,7 +16,6 @@ import orjson
 
 from exporters import http_client
 from jobs import cli_reconcile
-from ledger import sql
 
 from . import config as config_mod
 from .hostcheck import allowed_hosts
@@ -161,6 +160,7 @@ def _demo(args: argparse.Namespace) -> int:
 
 
 def _sql(args: argparse.Namespace, cfg: config_mod.Config) -> int:
+    from ledger import sql  # DuckDB loads only for the commands that read the ledger
     export = args.format in ("csv", "json")  # every row, or a warning that they were cut
     try:
         client = _Client(_base_url(args.url, cfg), cfg.admin_token)
@@ -182,6 +182,7 @@ def _sql(args: argparse.Namespace, cfg: config_mod.Config) -> int:
 
 
 def _budgets(args: argparse.Namespace, cfg: config_mod.Config) -> int:
+    from ledger import sql  # DuckDB loads only for the commands that read the ledger
     try:
         client = _Client(_base_url(args.url, cfg), cfg.admin_token)
         rows = None
@@ -208,6 +209,7 @@ def _budgets(args: argparse.Namespace, cfg: config_mod.Config) -> int:
 
 def _on_file(path: str, fn: Any) -> Any:
     """Opens the ledger file itself (no sidecar owns it) and runs fn on it; failures become one line."""
+    from ledger import sql  # DuckDB loads only for the commands that read the ledger
     try:
         con = sql.open_file(path)
     except FileNotFoundError as e:
@@ -363,6 +365,7 @@ def _through_sidecar(client: _Client, db: str | None) -> bool:
 
 
 def _sql_via_sidecar(client: _Client, doc: dict[str, Any]) -> sql.Result | None:
+    from ledger import sql  # DuckDB loads only for the commands that read the ledger
     payload = client.call("POST", "/_meterline/sql", orjson.dumps(doc), "application/json")
     if payload is None:
         return None

@@ -13,7 +13,6 @@ from dataclasses import dataclass
 from typing import Protocol
 from urllib.parse import urlsplit
 
-from opentelemetry.proto.collector.metrics.v1.metrics_service_pb2 import ExportMetricsServiceResponse
 from opentelemetry.proto.collector.trace.v1.trace_service_pb2 import ExportTraceServiceResponse
 
 from .settings import Target
@@ -24,7 +23,6 @@ _GRPC_RETRYABLE = frozenset({"CANCELLED", "DEADLINE_EXCEEDED", "RESOURCE_EXHAUST
                              "OUT_OF_RANGE", "UNAVAILABLE", "DATA_LOSS"})
 _GRPC_METHODS = {
     "traces": "/opentelemetry.proto.collector.trace.v1.TraceService/Export",
-    "metrics": "/opentelemetry.proto.collector.metrics.v1.MetricsService/Export",
 }
 
 
@@ -49,7 +47,8 @@ class Transport(Protocol):
 
 
 def make_transport(target: Target, signal: str) -> Transport:
-    """A transport for `signal` ("traces" or "metrics"); ValueError when grpc is asked for without grpcio."""
+    """A transport for `signal` ("traces"; metrics go through the SDK's exporter); ValueError when grpc is
+    asked for without grpcio."""
     if target.protocol == "grpc":
         return GrpcTransport(target, signal)
     return HttpTransport(target, signal)
@@ -60,12 +59,8 @@ def _rejected(signal: str, payload: bytes) -> tuple[int, str]:
     if not payload:
         return 0, ""
     try:
-        if signal == "traces":
-            trace_response = ExportTraceServiceResponse.FromString(payload)
-            return trace_response.partial_success.rejected_spans, trace_response.partial_success.error_message
-        metric_response = ExportMetricsServiceResponse.FromString(payload)
-        return (metric_response.partial_success.rejected_data_points,
-                metric_response.partial_success.error_message)
+        trace_response = ExportTraceServiceResponse.FromString(payload)
+        return trace_response.partial_success.rejected_spans, trace_response.partial_success.error_message
     except Exception:  # noqa: BLE001 - an unreadable success body is still a success
         return 0, ""
 

@@ -1,4 +1,4 @@
-"""The sidecar's one telemetry object: takes finished calls in batches and turns them into OTLP spans, OTLP metrics and Prometheus text.
+"""The sidecar's one telemetry object: takes finished calls in batches and turns them into OTLP spans, and metrics on the SDK's MeterProvider (OTLP push and Prometheus text).
 
 Wiring (see exporters/README.md):
 
@@ -21,41 +21,41 @@ from typing import Any
 
 from ledger.records import CallExtras, CallRecord
 
-from . import otlp_metrics, prometheus, resource, semconv
+from . import prometheus, semconv
 from .call_metrics import CallMetrics
-from .metrics import COUNTER, GAUGE, GaugeCallback, Registry
+from .metrics import GaugeCallback, MetricsPipeline, PushExporter
+from .otlp_exporters import endpoint, metric_exporter
 from .otlp_transport import make_transport
 from .sampling import Sampler
 from .settings import TelemetrySettings, load_settings, tracing_enabled
 from .spans import SpanEncoder
-from .workers import MetricWorker, SpanWorker
+from .workers import SpanWorker
 
 
 class Telemetry:
     def __init__(self, telemetry_config: Mapping[str, Any] | None, env: Mapping[str, str] | None = None,
                  app_name: str | None = None) -> None:
-        """Validates the settings (ValueError naming the key) and builds what they ask for; starts nothing."""
+        """Validates the settings (ValueError naming the key) and builds what they ask for; starts nothing
+        but the SDK's metric push timer (with an OTLP metrics endpoint: the first push one interval later)."""
         self.settings: TelemetrySettings = load_settings(telemetry_config, os.environ if env is None else env,
                                                          app_name)
         s = self.settings
         self.sampler = Sampler(s.sampler, s.sampler_arg)
-        self._resource = resource.resource(s)
-        self._scope = resource.scope()
-        self.registry: Registry | None = None
+        self.registry: MetricsPipeline | None = None
         self._calls: CallMetrics | None = None
         self._spans: SpanWorker | None = None
-        self._metrics: MetricWorker | None = None
+        self._metrics: PushExporter | None = None
         self.sampled_out = 0
-        if s.metrics:
-            self.registry = Registry(s.metric_max_series, ((s.names.overflow, True),))
-            self._calls = CallMetrics(self.registry, s)
         if tracing_enabled(s):
             assert s.traces is not None
             self._spans = SpanWorker(SpanEncoder(s), make_transport(s.traces, "traces"), s.queue_max_spans,
                                      s.batch_max_spans, s.batch_delay_s)
-        if self.registry is not None and s.metrics_target is not None:
-            self._metrics = MetricWorker(self._metrics_request, make_transport(s.metrics_target, "metrics"),
-                                         s.metrics_export_interval_s)
+        if s.metrics:  # last: the SDK's push timer starts with it
+            target = s.metrics_target
+            self.registry = MetricsPipeline(s, metric_exporter(target) if target is not None else None,
+                                            endpoint(target) if target is not None else None)
+            self._metrics = self.registry.push
+            self._calls = CallMetrics(self.registry, s)
         self._register_own_metrics()
 
     # --- what the sidecar asks -------------------------------------------------------------------
@@ -95,12 +95,12 @@ class Telemetry:
         """The metrics in Prometheus text exposition format, and its content type."""
         if self.registry is None:
             return b"", prometheus.CONTENT_TYPE
-        return prometheus.render(self.registry.collect(), self.settings.resource_attributes), prometheus.CONTENT_TYPE
+        return prometheus.render(self.registry.collect()), prometheus.CONTENT_TYPE
 
     def register_gauge(self, name: str, unit: str, description: str, fn: GaugeCallback) -> None:
         """A gauge read from `fn` at each collection: a number, None, or (attributes, number) pairs."""
         if self.registry is not None:
-            self.registry.observe(name, unit, description, fn, GAUGE)
+            self.registry.observe_gauge(name, unit, description, fn)
 
     def set_budget_utilization(self, rule: str, key: str | None, value: float | Decimal) -> None:
         if self._calls is not None:
@@ -111,7 +111,7 @@ class Telemetry:
         return {
             "tracing": spans is not None,
             "traces_endpoint": spans.transport.endpoint if spans is not None else None,
-            "metrics_endpoint": metrics.transport.endpoint if metrics is not None else None,
+            "metrics_endpoint": metrics.endpoint if metrics is not None else None,
             "spans_queued": spans.queued if spans is not None else 0,
             "spans_exported": spans.exported if spans is not None else 0,
             # dropped = queue full + retries given up + rejected by the endpoint
@@ -133,38 +133,29 @@ class Telemetry:
     def start(self) -> None:
         if self._spans is not None:
             self._spans.start()
-        if self._metrics is not None:
-            self._metrics.start()
 
     def shutdown(self, timeout: float = 5.0) -> None:
         """Flushes queued spans and pushes the metrics one last time, within about `timeout` seconds."""
         deadline = time.monotonic() + timeout
         if self._spans is not None:
             self._spans.stop(deadline)
-        if self._metrics is not None:
-            self._metrics.stop()
+        if self.registry is not None:
+            self.registry.shutdown(max(0.0, deadline - time.monotonic()))
         if self._spans is not None:
             self._spans.join(max(0.0, deadline - time.monotonic()))
-        if self._metrics is not None:
-            self._metrics.join(max(0.0, deadline - time.monotonic()))
 
     # --- inside ----------------------------------------------------------------------------------
-
-    def _metrics_request(self) -> bytes | None:
-        assert self.registry is not None
-        return otlp_metrics.request(self.registry.collect(), self._resource, self._scope, self.registry.start_ns,
-                                    time.time_ns())
 
     def _register_own_metrics(self) -> None:
         if self.registry is None:
             return
         spans, metrics = self._spans, self._metrics
         if spans is not None:
-            self.registry.observe(semconv.SPANS_EXPORTED.name, semconv.SPANS_EXPORTED.unit,
-                                  semconv.SPANS_EXPORTED.description, lambda: spans.exported, COUNTER)
-            self.registry.observe(semconv.SPANS_DROPPED.name, semconv.SPANS_DROPPED.unit,
-                                  semconv.SPANS_DROPPED.description,
-                                  lambda: spans.dropped_queue_full + spans.dropped_export + spans.rejected, COUNTER)
+            self.registry.observe_counter(semconv.SPANS_EXPORTED.name, semconv.SPANS_EXPORTED.unit,
+                                          semconv.SPANS_EXPORTED.description, lambda: spans.exported)
+            self.registry.observe_counter(semconv.SPANS_DROPPED.name, semconv.SPANS_DROPPED.unit,
+                                          semconv.SPANS_DROPPED.description,
+                                          lambda: spans.dropped_queue_full + spans.dropped_export + spans.rejected)
         if spans is not None or metrics is not None:
             def failures() -> list[tuple[dict[str, str], int]]:
                 result = []
@@ -174,8 +165,8 @@ class Telemetry:
                     result.append(({"signal": "metrics"}, metrics.failures))
                 return result
 
-            self.registry.observe(semconv.EXPORT_FAILURES.name, semconv.EXPORT_FAILURES.unit,
-                                  semconv.EXPORT_FAILURES.description, failures, COUNTER)
+            self.registry.observe_counter(semconv.EXPORT_FAILURES.name, semconv.EXPORT_FAILURES.unit,
+                                          semconv.EXPORT_FAILURES.description, failures)
 
 
 __all__ = ["Telemetry", "TelemetrySettings", "load_settings", "tracing_enabled"]

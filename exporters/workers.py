@@ -1,4 +1,4 @@
-"""The exporter threads: a bounded span queue shipped in batches with retry and backoff, and a periodic metrics push.
+"""The span exporter thread (a bounded queue shipped in batches with retry and backoff) and the failure log both signals use (metrics are pushed by the SDK's reader, exporters/metrics.py).
 
 Nothing here ever blocks the caller of `offer()`: when the queue is full, spans are dropped and
 counted. A failing endpoint is retried with exponential backoff (honouring Retry-After) for up
@@ -75,7 +75,7 @@ def backoff_s(consecutive_failures: int, hint: float | None = None) -> float:
 
 
 class _Worker:
-    """The thread handling both workers share: start once, and join then close the transport."""
+    """The thread handling of a worker: start once, and join then close the transport."""
 
     _thread: threading.Thread | None
     transport: Transport
@@ -245,50 +245,3 @@ class SpanWorker(_Worker):
             if self._stopping.wait(wait):
                 retry = False  # shutting down: one last attempt for this batch
 
-
-class MetricWorker(_Worker):
-    """Pushes the cumulative metrics every `interval_s` (and once more at shutdown)."""
-
-    thread_name = "meterline-otlp-metrics"
-
-    def __init__(self, build_request: Callable[[], bytes | None], transport: Transport, interval_s: float) -> None:
-        self.build_request = build_request
-        self.transport = transport
-        self.interval_s = interval_s
-        self.log = FailureLog(f"OTLP metric export to {transport.endpoint}")
-        self._stopping = threading.Event()
-        self._thread: threading.Thread | None = None
-        self.exports = 0
-        self.failures = 0
-        self.last_error = ""
-
-    def stop(self) -> None:
-        """Asks the thread to make its last push and end (see `join`)."""
-        self._stopping.set()
-
-    def _last_attempt(self) -> None:
-        self.export_once()
-
-    def _run(self) -> None:
-        while not self._stopping.wait(self.interval_s):
-            self.export_once()
-        self.export_once()
-
-    def export_once(self) -> bool:
-        try:
-            body = self.build_request()
-        except Exception:  # noqa: BLE001
-            log.exception("building the OTLP metrics request failed")
-            return False
-        if body is None:
-            return True
-        result = self.transport.send(body)
-        if result.ok:
-            self.exports += 1
-            self.log.succeeded()
-            return True
-        # cumulative totals: the next push carries everything this one had, so no retry here
-        self.failures += 1
-        self.last_error = result.error
-        self.log.failed(result.error)
-        return False

@@ -1,4 +1,4 @@
-"""The sidecar's one telemetry object: takes finished calls in batches and turns them into OTLP spans, OTLP metrics and Prometheus text.
+"""The sidecar's one telemetry object: takes finished calls in batches and turns them into OTLP spans (on the OpenTelemetry SDK), OTLP metrics and Prometheus text.
 
 Wiring (see exporters/README.md):
 
@@ -27,8 +27,9 @@ from .metrics import COUNTER, GAUGE, GaugeCallback, Registry
 from .otlp_transport import make_transport
 from .sampling import Sampler
 from .settings import TelemetrySettings, load_settings, tracing_enabled
-from .spans import SpanEncoder
-from .workers import MetricWorker, SpanWorker
+from .span_export import SpanPipeline
+from .spans import SpanBuilder
+from .workers import MetricWorker
 
 
 class Telemetry:
@@ -43,7 +44,8 @@ class Telemetry:
         self._scope = resource.scope()
         self.registry: Registry | None = None
         self._calls: CallMetrics | None = None
-        self._spans: SpanWorker | None = None
+        self._spans: SpanPipeline | None = None
+        self._builder: SpanBuilder | None = None
         self._metrics: MetricWorker | None = None
         self.sampled_out = 0
         if s.metrics:
@@ -51,8 +53,10 @@ class Telemetry:
             self._calls = CallMetrics(self.registry, s)
         if tracing_enabled(s):
             assert s.traces is not None
-            self._spans = SpanWorker(SpanEncoder(s), make_transport(s.traces, "traces"), s.queue_max_spans,
-                                     s.batch_max_spans, s.batch_delay_s)
+            self._builder = SpanBuilder(s)
+            # the SDK exporter is built now (a bad protocol or certificate fails here); its processor's
+            # thread only at start()
+            self._spans = SpanPipeline(s.traces, s.queue_max_spans, s.batch_max_spans, s.batch_delay_s)
         if self.registry is not None and s.metrics_target is not None:
             self._metrics = MetricWorker(self._metrics_request, make_transport(s.metrics_target, "metrics"),
                                          s.metrics_export_interval_s)
@@ -75,7 +79,8 @@ class Telemetry:
         return self._spans is not None and self.sampler(trace_id, parent_span_id, parent_sampled)
 
     def consume(self, batch: list[tuple[CallRecord, CallExtras | None]]) -> None:
-        """Takes a batch of finished calls (ledger writer thread): aggregates metrics, queues sampled spans."""
+        """Takes a batch of finished calls (ledger writer thread): aggregates metrics, builds the sampled
+        calls' SDK spans and hands them to the batch processor (never waits on the network)."""
         if self._calls is not None:
             self._calls.record_batch(batch)
         spans = self._spans
@@ -89,7 +94,8 @@ class Telemetry:
                     if sampler(item[0].trace_id, item[1].parent_span_id if item[1] is not None else None,
                                item[1].sampled if item[1] is not None else True)]
             self.sampled_out += len(batch) - len(keep)
-        spans.offer(keep)
+        assert self._builder is not None
+        spans.offer(self._builder.build_all(keep))
 
     def prometheus(self) -> tuple[bytes, str]:
         """The metrics in Prometheus text exposition format, and its content type."""
@@ -110,23 +116,22 @@ class Telemetry:
         spans, metrics = self._spans, self._metrics
         return {
             "tracing": spans is not None,
-            "traces_endpoint": spans.transport.endpoint if spans is not None else None,
+            "traces_endpoint": spans.exporter.endpoint if spans is not None else None,
             "metrics_endpoint": metrics.transport.endpoint if metrics is not None else None,
             "spans_queued": spans.queued if spans is not None else 0,
-            "spans_exported": spans.exported if spans is not None else 0,
-            # dropped = queue full + retries given up + rejected by the endpoint
-            "spans_dropped": (spans.dropped_queue_full + spans.dropped_export + spans.rejected)
-            if spans is not None else 0,
+            "spans_exported": spans.exporter.exported if spans is not None else 0,
+            # dropped = queue full + export given up (after the SDK's retries) + rejected by the endpoint
+            "spans_dropped": self._spans_dropped(),
             "spans_dropped_queue_full": spans.dropped_queue_full if spans is not None else 0,
-            "spans_dropped_export": spans.dropped_export if spans is not None else 0,
-            "spans_rejected": spans.rejected if spans is not None else 0,
+            "spans_dropped_export": spans.exporter.dropped_export if spans is not None else 0,
+            "spans_rejected": spans.exporter.rejected if spans is not None else 0,
             "spans_sampled_out": self.sampled_out,
-            "spans_invalid": spans.encoder.invalid if spans is not None else 0,
-            "span_export_failures": spans.failures if spans is not None else 0,
+            "spans_invalid": self._builder.invalid if self._builder is not None else 0,
+            "span_export_failures": spans.exporter.failures if spans is not None else 0,
             "metric_exports": metrics.exports if metrics is not None else 0,
             "metric_export_failures": metrics.failures if metrics is not None else 0,
             "metric_series_overflow": self.registry.overflowed() if self.registry is not None else 0,
-            "last_export_error": (spans.last_error if spans is not None else "") or (
+            "last_export_error": (spans.exporter.last_error if spans is not None else "") or (
                 metrics.last_error if metrics is not None else ""),
         }
 
@@ -139,16 +144,20 @@ class Telemetry:
     def shutdown(self, timeout: float = 5.0) -> None:
         """Flushes queued spans and pushes the metrics one last time, within about `timeout` seconds."""
         deadline = time.monotonic() + timeout
-        if self._spans is not None:
-            self._spans.stop(deadline)
         if self._metrics is not None:
             self._metrics.stop()
         if self._spans is not None:
-            self._spans.join(max(0.0, deadline - time.monotonic()))
+            self._spans.shutdown(max(0.0, deadline - time.monotonic()))
         if self._metrics is not None:
             self._metrics.join(max(0.0, deadline - time.monotonic()))
 
     # --- inside ----------------------------------------------------------------------------------
+
+    def _spans_dropped(self) -> int:
+        spans = self._spans
+        if spans is None:
+            return 0
+        return spans.dropped_queue_full + spans.exporter.dropped_export + spans.exporter.rejected
 
     def _metrics_request(self) -> bytes | None:
         assert self.registry is not None
@@ -161,15 +170,14 @@ class Telemetry:
         spans, metrics = self._spans, self._metrics
         if spans is not None:
             self.registry.observe(semconv.SPANS_EXPORTED.name, semconv.SPANS_EXPORTED.unit,
-                                  semconv.SPANS_EXPORTED.description, lambda: spans.exported, COUNTER)
+                                  semconv.SPANS_EXPORTED.description, lambda: spans.exporter.exported, COUNTER)
             self.registry.observe(semconv.SPANS_DROPPED.name, semconv.SPANS_DROPPED.unit,
-                                  semconv.SPANS_DROPPED.description,
-                                  lambda: spans.dropped_queue_full + spans.dropped_export + spans.rejected, COUNTER)
+                                  semconv.SPANS_DROPPED.description, self._spans_dropped, COUNTER)
         if spans is not None or metrics is not None:
             def failures() -> list[tuple[dict[str, str], int]]:
                 result = []
                 if spans is not None:
-                    result.append(({"signal": "traces"}, spans.failures))
+                    result.append(({"signal": "traces"}, spans.exporter.failures))
                 if metrics is not None:
                     result.append(({"signal": "metrics"}, metrics.failures))
                 return result

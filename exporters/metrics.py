@@ -7,8 +7,8 @@ with the bucket boundaries of `semconv.HISTOGRAM_BUCKETS`, exemplars off, and tw
 - a pull reader (the SDK's InMemoryMetricReader, cumulative) that `collect()` reads for
   `/_meterline/metrics`;
 - with an OTLP target, the SDK's PeriodicExportingMetricReader around the SDK OTLP exporter
-  (`otlp_exporters.metric_exporter`), wrapped in `PushExporter` to count pushes and failures and
-  to say failures once a minute instead of the SDK's line per attempt.
+  (`otlp_exporters.metric_exporter`), wrapped in `PushExporter` to count pushes and failed
+  attempts and to say failures once a minute instead of the SDK's line per attempt.
 
 The cardinality rule is the SDK's: each reader keeps `metric_max_series - 1` attribute sets per
 metric and folds further ones into one `otel.metric.overflow=true` series, so a metric shows at
@@ -24,7 +24,7 @@ from __future__ import annotations
 import logging
 import threading
 import time
-from collections.abc import Callable, Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import replace
 from decimal import Decimal
 from typing import Any, Union
@@ -48,10 +48,10 @@ from opentelemetry.sdk.metrics.export import (
     PeriodicExportingMetricReader,
 )
 from opentelemetry.sdk.metrics.view import ExplicitBucketHistogramAggregation, View
-from opentelemetry.sdk.resources import Resource
 
 from . import semconv
-from .settings import TelemetrySettings
+from .settings import Target, TelemetrySettings
+from .spans import sdk_resource
 from .workers import FailureLog
 
 log = logging.getLogger("meterline.telemetry")
@@ -65,8 +65,7 @@ OVERFLOW_ATTRIBUTE = "otel.metric.overflow"
 class MetricsPipeline:
     """The MeterProvider and its readers; instruments are made here so names are registered once."""
 
-    def __init__(self, settings: TelemetrySettings, exporter: MetricExporter | None = None,
-                 endpoint: str | None = None) -> None:
+    def __init__(self, settings: TelemetrySettings, push: PushExporter | None = None) -> None:
         self.lock = threading.Lock()
         self.start_ns = time.time_ns()
         limit = max(1, settings.metric_max_series - 1)
@@ -74,15 +73,14 @@ class MetricsPipeline:
                                                           ObservableUpDownCounter, ObservableGauge)}
         self._pull = InMemoryMetricReader(cardinality_limits=limits)
         readers: list[Any] = [self._pull]
-        self.push: PushExporter | None = None
-        if exporter is not None:
-            self.push = PushExporter(exporter, endpoint or "")
+        self.push = push
+        if push is not None:
             readers.append(PeriodicExportingMetricReader(
-                self.push, export_interval_millis=settings.metrics_export_interval_s * 1000.0,
+                push, export_interval_millis=settings.metrics_export_interval_s * 1000.0,
                 cardinality_limits=limits))
         views = [View(instrument_name=name, aggregation=ExplicitBucketHistogramAggregation(bounds))
                  for name, bounds in semconv.HISTOGRAM_BUCKETS.items()]
-        self.provider = MeterProvider(readers, resource=Resource(dict(settings.resource_attributes)), views=views,
+        self.provider = MeterProvider(readers, resource=sdk_resource(settings), views=views,
                                       exemplar_filter=AlwaysOffExemplarFilter(), shutdown_on_exit=False)
         self.meter = self.provider.get_meter(semconv.SCOPE_NAME, semconv.SCOPE_VERSION)
         self._names: set[str] = set()
@@ -180,9 +178,10 @@ def _plain(value: Number) -> int | float:
 
 # --- the OTLP push ----------------------------------------------------------------------------------
 
-# The SDK exporters' loggers: one line per failed attempt, and per retry. While our exporter runs,
-# what they say is kept as the failure's reason and reported by FailureLog (once, then at most once a
-# minute, with counts) instead; outside it they log as usual.
+# The SDK exporters' loggers: one line per failed attempt, and per retry. While our exporter runs on a
+# thread, what they say there is held back (FailureLog says it, once, then at most once a minute, with
+# counts; the line is kept as the reason when the export failed before any request); elsewhere they
+# log as usual.
 SDK_EXPORTER_LOGGERS = (
     "opentelemetry.exporter.otlp.common.http",
     "opentelemetry.exporter.otlp.proto.http.metric_exporter",
@@ -228,24 +227,43 @@ for _name in SDK_EXPORTER_LOGGERS:
 
 
 class PushExporter(MetricExporter):
-    """The SDK's OTLP metric exporter, counted: pushes, failures, the last failure's reason, overflowed metrics."""
+    """The SDK's OTLP metric exporter, counted: pushes, failed attempts (the SDK retries inside one push, each
+    attempt is seen through `otlp_exporters.Observer`), the last failure's reason, overflowed metrics."""
 
-    def __init__(self, inner: MetricExporter, endpoint: str) -> None:
-        # the periodic reader takes temporality from its exporter: the inner one's (cumulative unless
-        # OTEL_EXPORTER_OTLP_METRICS_TEMPORALITY_PREFERENCE says otherwise, as the SDK reads it)
-        super().__init__(preferred_temporality=getattr(inner, "_preferred_temporality", None),
-                         preferred_aggregation=getattr(inner, "_preferred_aggregation", None))
-        self.inner = inner
-        self.endpoint = endpoint
-        self.log = FailureLog(f"OTLP metric export to {endpoint}")
+    def __init__(self, make_exporter: Callable[..., MetricExporter], target: Target) -> None:
+        self.endpoint = target.url
+        self.log = FailureLog(f"OTLP metric export to {target.url}")
         self.exports = 0
-        self.failures = 0
+        self.failures = 0  # failed attempts
+        self.rejected = 0  # data points a collector refused in a partial success
         self.last_error = ""
         self.overflowed = 0
+        self._attempt_failed = False
+        self.inner = make_exporter(target, self)
+        # the periodic reader takes temporality from its exporter: the SDK exporter's (cumulative unless
+        # OTEL_EXPORTER_OTLP_METRICS_TEMPORALITY_PREFERENCE says otherwise, as the SDK reads it)
+        super().__init__(preferred_temporality=getattr(self.inner, "_preferred_temporality", None),
+                         preferred_aggregation=getattr(self.inner, "_preferred_aggregation", None))
+
+    # --- otlp_exporters.Observer: each attempt -----------------------------------------------------
+
+    def attempt_failed(self, error: str) -> None:
+        self.failures += 1
+        self.last_error = error
+        self._attempt_failed = True
+        self.log.failed(error)
+
+    def attempt_succeeded(self, rejected: int, message: str) -> None:
+        if rejected:
+            self.rejected += rejected
+            log.warning("OTLP endpoint %s rejected %d metric data points: %s", self.endpoint, rejected, message)
+
+    # --- MetricExporter ----------------------------------------------------------------------------
 
     def export(self, metrics_data: MetricsData, timeout_millis: float = 10_000,
                **kwargs: Any) -> MetricExportResult:
         self.overflowed = count_overflowed(metrics_data)
+        self._attempt_failed = False
         with _TAP as said:
             try:
                 result = self.inner.export(floats(metrics_data), timeout_millis=timeout_millis, **kwargs)
@@ -255,11 +273,11 @@ class PushExporter(MetricExporter):
         if result is MetricExportResult.SUCCESS:
             self.exports += 1
             self.log.succeeded()
-            return result
+        elif not self._attempt_failed:  # failed before any request (encoding, or shut down)
+            self.failures += 1
+            self.last_error = said[-1] if said else "export failed"
+            self.log.failed(self.last_error)
         # cumulative totals: the next push carries everything this one had
-        self.failures += 1
-        self.last_error = _reason(said)
-        self.log.failed(self.last_error)
         return result
 
     def force_flush(self, timeout_millis: float = 10_000) -> bool:
@@ -285,11 +303,3 @@ def floats(data: MetricsData) -> MetricsData:
             scope_metrics.append(replace(sm, metrics=metrics))
         resource_metrics.append(replace(rm, scope_metrics=scope_metrics))
     return replace(data, resource_metrics=resource_metrics)
-
-
-def _reason(said: Sequence[str]) -> str:
-    """The most telling line the SDK logged: a retry's line names the error, the last line only gives up."""
-    for line in said:
-        if line.startswith("Transient error"):
-            return line
-    return said[-1] if said else "export failed"

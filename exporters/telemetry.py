@@ -1,4 +1,4 @@
-"""The sidecar's one telemetry object: takes finished calls in batches and turns them into OTLP spans, and metrics on the SDK's MeterProvider (OTLP push and Prometheus text).
+"""The sidecar's one telemetry object: takes finished calls in batches and turns them into OTLP spans and metrics (on the OpenTelemetry SDK) and Prometheus text.
 
 Wiring (see exporters/README.md):
 
@@ -21,15 +21,13 @@ from typing import Any
 
 from ledger.records import CallExtras, CallRecord
 
-from . import prometheus, semconv
+from . import otlp_exporters, prometheus, semconv
 from .call_metrics import CallMetrics
 from .metrics import GaugeCallback, MetricsPipeline, PushExporter
-from .otlp_exporters import endpoint, metric_exporter
-from .otlp_transport import make_transport
 from .sampling import Sampler
 from .settings import TelemetrySettings, load_settings, tracing_enabled
-from .spans import SpanEncoder
-from .workers import SpanWorker
+from .span_export import SpanPipeline
+from .spans import SpanBuilder
 
 
 class Telemetry:
@@ -43,18 +41,20 @@ class Telemetry:
         self.sampler = Sampler(s.sampler, s.sampler_arg)
         self.registry: MetricsPipeline | None = None
         self._calls: CallMetrics | None = None
-        self._spans: SpanWorker | None = None
+        self._spans: SpanPipeline | None = None
+        self._builder: SpanBuilder | None = None
         self._metrics: PushExporter | None = None
         self.sampled_out = 0
         if tracing_enabled(s):
             assert s.traces is not None
-            self._spans = SpanWorker(SpanEncoder(s), make_transport(s.traces, "traces"), s.queue_max_spans,
-                                     s.batch_max_spans, s.batch_delay_s)
-        if s.metrics:  # last: the SDK's push timer starts with it
+            self._builder = SpanBuilder(s)
+            # the SDK exporter is built now (a bad protocol or certificate fails here); its processor's
+            # thread only at start()
+            self._spans = SpanPipeline(s.traces, s.queue_max_spans, s.batch_max_spans, s.batch_delay_s)
+        if s.metrics:  # last: the SDK's metric push timer starts with it
             target = s.metrics_target
-            self.registry = MetricsPipeline(s, metric_exporter(target) if target is not None else None,
-                                            endpoint(target) if target is not None else None)
-            self._metrics = self.registry.push
+            self._metrics = PushExporter(otlp_exporters.metric_exporter, target) if target is not None else None
+            self.registry = MetricsPipeline(s, self._metrics)
             self._calls = CallMetrics(self.registry, s)
         self._register_own_metrics()
 
@@ -75,7 +75,8 @@ class Telemetry:
         return self._spans is not None and self.sampler(trace_id, parent_span_id, parent_sampled)
 
     def consume(self, batch: list[tuple[CallRecord, CallExtras | None]]) -> None:
-        """Takes a batch of finished calls (ledger writer thread): aggregates metrics, queues sampled spans."""
+        """Takes a batch of finished calls (ledger writer thread): aggregates metrics, builds the sampled
+        calls' SDK spans and hands them to the batch processor (never waits on the network)."""
         if self._calls is not None:
             self._calls.record_batch(batch)
         spans = self._spans
@@ -89,7 +90,8 @@ class Telemetry:
                     if sampler(item[0].trace_id, item[1].parent_span_id if item[1] is not None else None,
                                item[1].sampled if item[1] is not None else True)]
             self.sampled_out += len(batch) - len(keep)
-        spans.offer(keep)
+        assert self._builder is not None
+        spans.offer(self._builder.build_all(keep))
 
     def prometheus(self) -> tuple[bytes, str]:
         """The metrics in Prometheus text exposition format, and its content type."""
@@ -110,23 +112,22 @@ class Telemetry:
         spans, metrics = self._spans, self._metrics
         return {
             "tracing": spans is not None,
-            "traces_endpoint": spans.transport.endpoint if spans is not None else None,
+            "traces_endpoint": spans.exporter.endpoint if spans is not None else None,
             "metrics_endpoint": metrics.endpoint if metrics is not None else None,
             "spans_queued": spans.queued if spans is not None else 0,
-            "spans_exported": spans.exported if spans is not None else 0,
-            # dropped = queue full + retries given up + rejected by the endpoint
-            "spans_dropped": (spans.dropped_queue_full + spans.dropped_export + spans.rejected)
-            if spans is not None else 0,
+            "spans_exported": spans.exporter.exported if spans is not None else 0,
+            # dropped = queue full + export given up (after the SDK's retries) + rejected by the endpoint
+            "spans_dropped": self._spans_dropped(),
             "spans_dropped_queue_full": spans.dropped_queue_full if spans is not None else 0,
-            "spans_dropped_export": spans.dropped_export if spans is not None else 0,
-            "spans_rejected": spans.rejected if spans is not None else 0,
+            "spans_dropped_export": spans.exporter.dropped_export if spans is not None else 0,
+            "spans_rejected": spans.exporter.rejected if spans is not None else 0,
             "spans_sampled_out": self.sampled_out,
-            "spans_invalid": spans.encoder.invalid if spans is not None else 0,
-            "span_export_failures": spans.failures if spans is not None else 0,
+            "spans_invalid": self._builder.invalid if self._builder is not None else 0,
+            "span_export_failures": spans.exporter.failures if spans is not None else 0,
             "metric_exports": metrics.exports if metrics is not None else 0,
             "metric_export_failures": metrics.failures if metrics is not None else 0,
             "metric_series_overflow": self.registry.overflowed() if self.registry is not None else 0,
-            "last_export_error": (spans.last_error if spans is not None else "") or (
+            "last_export_error": (spans.exporter.last_error if spans is not None else "") or (
                 metrics.last_error if metrics is not None else ""),
         }
 
@@ -138,13 +139,17 @@ class Telemetry:
         """Flushes queued spans and pushes the metrics one last time, within about `timeout` seconds."""
         deadline = time.monotonic() + timeout
         if self._spans is not None:
-            self._spans.stop(deadline)
+            self._spans.shutdown(max(0.0, deadline - time.monotonic()))
         if self.registry is not None:
             self.registry.shutdown(max(0.0, deadline - time.monotonic()))
-        if self._spans is not None:
-            self._spans.join(max(0.0, deadline - time.monotonic()))
 
     # --- inside ----------------------------------------------------------------------------------
+
+    def _spans_dropped(self) -> int:
+        spans = self._spans
+        if spans is None:
+            return 0
+        return spans.dropped_queue_full + spans.exporter.dropped_export + spans.exporter.rejected
 
     def _register_own_metrics(self) -> None:
         if self.registry is None:
@@ -152,15 +157,14 @@ class Telemetry:
         spans, metrics = self._spans, self._metrics
         if spans is not None:
             self.registry.observe_counter(semconv.SPANS_EXPORTED.name, semconv.SPANS_EXPORTED.unit,
-                                          semconv.SPANS_EXPORTED.description, lambda: spans.exported)
+                                          semconv.SPANS_EXPORTED.description, lambda: spans.exporter.exported)
             self.registry.observe_counter(semconv.SPANS_DROPPED.name, semconv.SPANS_DROPPED.unit,
-                                          semconv.SPANS_DROPPED.description,
-                                          lambda: spans.dropped_queue_full + spans.dropped_export + spans.rejected)
+                                          semconv.SPANS_DROPPED.description, self._spans_dropped)
         if spans is not None or metrics is not None:
             def failures() -> list[tuple[dict[str, str], int]]:
                 result = []
                 if spans is not None:
-                    result.append(({"signal": "traces"}, spans.failures))
+                    result.append(({"signal": "traces"}, spans.exporter.failures))
                 if metrics is not None:
                     result.append(({"signal": "metrics"}, metrics.failures))
                 return result

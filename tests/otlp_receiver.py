@@ -42,6 +42,8 @@ class Receiver:
         self.fail_with: Callable[[int], int | grpc.StatusCode | None] | None = None
         self.rejected_spans = 0  # answer with a partial success rejecting this many spans
         self.delay_s = 0.0  # HTTP only: wait this long before answering (a slow collector)
+        self.retry_after: str | None = None  # HTTP only: the Retry-After header of a failure answer
+        self.attempt_times: list[float] = []  # time.monotonic() of each request
         self._cond = threading.Condition()
 
     def _record(self, kind: str, request: Any, headers: dict[str, str]) -> None:
@@ -79,6 +81,7 @@ class Receiver:
         with self._cond:
             self.attempts += 1
             attempt = self.attempts
+            self.attempt_times.append(time.monotonic())
         return self.fail_with(attempt) if self.fail_with is not None else None
 
 
@@ -167,7 +170,8 @@ class HttpReceiver(Receiver):
             await asyncio.sleep(self.delay_s)
         failure = self._answer()
         if failure is not None:
-            return web.Response(status=int(failure), text="unavailable")  # type: ignore[arg-type]
+            headers = {"Retry-After": self.retry_after} if self.retry_after is not None else None
+            return web.Response(status=int(failure), text="unavailable", headers=headers)  # type: ignore[arg-type]
         body = await self._body(request)
         if kind == "traces":
             message: Any = ExportTraceServiceRequest.FromString(body)

@@ -108,6 +108,18 @@ def test_the_series_cap_is_the_same_in_the_push_and_the_scrape(receiver: Receive
     assert telemetry.stats()["metric_series_overflow"] >= 1
 
 
+def test_calls_consumed_before_start_are_in_the_push(receiver: Receiver) -> None:
+    """The sidecar starts telemetry after the ledger writer, which may already feed it a journal replay."""
+    telemetry = Telemetry({"otlp_endpoint": receiver.endpoint, "otlp_protocol": getattr(receiver, "protocol"),
+                           "traces": False}, {})
+    telemetry.consume([call(0), call(1)])
+    telemetry.start()
+    telemetry.consume([call(2)])
+    telemetry.shutdown(10)
+    [request] = receiver.wait_for_metrics(1)
+    assert [p.as_int for p in metrics_by_name(request)["meterline.requests"].sum.data_points] == [3]
+
+
 def test_delta_temporality_asked_by_the_variable_goes_to_the_push_only(monkeypatch: pytest.MonkeyPatch) -> None:
     """OTEL_EXPORTER_OTLP_METRICS_TEMPORALITY_PREFERENCE is the SDK's: the push turns delta, the scrape stays cumulative."""
     monkeypatch.setenv("OTEL_EXPORTER_OTLP_METRICS_TEMPORALITY_PREFERENCE", "delta")

@@ -1,6 +1,8 @@
 """What metrics cost: Telemetry.consume() of a 1,000-call batch (metrics only, then with the OTLP push's reader) and prometheus() at about 1,000 series.
 
-Thread CPU time, best and median of 7 runs. Run from the root of the tree to measure (it imports
+Thread CPU time, best and median of 7 runs, with the garbage collector paused while timing (the
+sidecar runs with a high threshold and its start-up objects frozen; a collection landing in a run
+made single runs up to 70% slower). Run from the root of the tree to measure (it imports
 `exporters` from the current directory), e.g. against an older commit unpacked elsewhere:
 
     .venv/bin/python bench/metrics_cost.py
@@ -9,6 +11,7 @@ Thread CPU time, best and median of 7 runs. Run from the root of the tree to mea
 """
 from __future__ import annotations
 
+import gc
 import logging
 import os
 import sys
@@ -27,10 +30,13 @@ def cpu_ms(fn: Callable[[], object], number: int) -> tuple[float, float]:
     """Best and median thread CPU time of one call of `fn`, in ms."""
     runs = []
     for _ in range(RUNS):
+        gc.collect()
+        gc.disable()
         start = time.thread_time()
         for _ in range(number):
             fn()
         runs.append((time.thread_time() - start) / number * 1e3)
+        gc.enable()
     runs.sort()
     return runs[0], runs[RUNS // 2]
 

@@ -91,6 +91,8 @@ class MetricsPipeline:
             self._pull = pull_reader.get_metrics_data
         views = [View(instrument_name=name, aggregation=ExplicitBucketHistogramAggregation(bounds))
                  for name, bounds in semconv.HISTOGRAM_BUCKETS.items()]
+        # exemplars off: calls are recorded on the ledger writer's thread, where no span is current, so
+        # the default trace-based filter would only spend time deciding not to keep one
         self.provider = MeterProvider(readers, resource=sdk_resource(settings), views=views,
                                       exemplar_filter=AlwaysOffExemplarFilter(), shutdown_on_exit=False)
         self.meter = self.provider.get_meter(semconv.SCOPE_NAME, semconv.SCOPE_VERSION)

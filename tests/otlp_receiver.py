@@ -255,8 +255,10 @@ class GrpcReceiver(Receiver):
     def endpoint(self) -> str:
         return f"{'https' if getattr(self, 'tls', False) else 'http'}://127.0.0.1:{self.port}"
 
-    def start(self, port: int = 0, tls: tuple[bytes, bytes] | None = None) -> GrpcReceiver:
-        """tls: (certificate chain PEM, private key PEM) to serve over TLS instead of plaintext."""
+    def start(self, port: int = 0, tls: tuple[bytes, bytes] | None = None,
+              client_ca: bytes | None = None) -> GrpcReceiver:
+        """tls: (certificate chain PEM, private key PEM) to serve over TLS instead of plaintext; client_ca:
+        also require a client certificate signed by it (mTLS)."""
         receiver = self
         self.tls = tls is not None
 
@@ -272,7 +274,8 @@ class GrpcReceiver(Receiver):
         trace_service_pb2_grpc.add_TraceServiceServicer_to_server(Traces(), self._server)
         metrics_service_pb2_grpc.add_MetricsServiceServicer_to_server(Metrics(), self._server)
         if tls is not None:
-            credentials = grpc.ssl_server_credentials([(tls[1], tls[0])])
+            credentials = grpc.ssl_server_credentials([(tls[1], tls[0])], root_certificates=client_ca,
+                                                      require_client_auth=client_ca is not None)
             self.port = self._server.add_secure_port(f"127.0.0.1:{port}", credentials)
         else:
             self.port = self._server.add_insecure_port(f"127.0.0.1:{port}")

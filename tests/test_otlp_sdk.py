@@ -30,6 +30,7 @@ from tests.sidecar_process import Sidecar
 APP_TRACE = "4bf92f3577b34da6a3ce929d0e0e4736"
 APP_SPAN = "00f067aa0ba902b7"
 FAST = {"batch_delay_s": 0.05, "metrics": False}
+SHORT = {"otlp_timeout_s": 1.0}  # for exports that must fail: the SDK retries within this
 
 
 # --- certificates ------------------------------------------------------------------------------------
@@ -231,7 +232,8 @@ def test_the_configured_ca_wins_over_the_ca_bundle_variables(
 
 
 def test_without_the_ca_the_collector_is_not_trusted(pki: Pki, https_receiver: HttpReceiver) -> None:
-    telemetry = export(https_receiver.endpoint, [call(1)], {"OTEL_EXPORTER_OTLP_CERTIFICATE": str(pki.other_ca)})
+    telemetry = export(https_receiver.endpoint, [call(1)], {"OTEL_EXPORTER_OTLP_CERTIFICATE": str(pki.other_ca)},
+                       SHORT)
     assert https_receiver.spans() == []
     stats = telemetry.stats()
     assert stats["spans_dropped_export"] == 1 and "CERTIFICATE_VERIFY_FAILED" in stats["last_export_error"]
@@ -257,7 +259,7 @@ def test_mtls_client_certificate_from_the_sidecar(tmp_path: Path, fake: FakeProv
 @pytest.mark.parametrize("protocol", ["http/protobuf", "http/json"])
 def test_mtls_needs_the_client_certificate(pki: Pki, mtls_receiver: HttpReceiver, protocol: str) -> None:
     base = {"OTEL_EXPORTER_OTLP_CERTIFICATE": str(pki.ca), "OTEL_EXPORTER_OTLP_PROTOCOL": protocol}
-    without = export(mtls_receiver.endpoint, [call(1)], base)
+    without = export(mtls_receiver.endpoint, [call(1)], base, SHORT)
     assert mtls_receiver.spans() == [] and without.stats()["spans_dropped_export"] == 1
     assert without.stats()["span_export_failures"] >= 1
     with_cert = export(mtls_receiver.endpoint, [call(2)], {
@@ -277,8 +279,23 @@ def test_grpc_over_tls_with_the_configured_ca(pki: Pki) -> None:
                                                           "OTEL_EXPORTER_OTLP_CERTIFICATE": str(pki.ca)})
         assert len(receiver.spans()) == 1, telemetry.stats()["last_export_error"]
         untrusted = export(receiver.endpoint, [call(2)], {"OTEL_EXPORTER_OTLP_PROTOCOL": "grpc",
-                                                          "OTEL_EXPORTER_OTLP_CERTIFICATE": str(pki.other_ca)})
+                                                          "OTEL_EXPORTER_OTLP_CERTIFICATE": str(pki.other_ca)}, SHORT)
         assert len(receiver.spans()) == 1 and untrusted.stats()["spans_dropped_export"] == 1
+    finally:
+        receiver.stop()
+
+
+def test_grpc_mtls_needs_the_client_certificate(pki: Pki) -> None:
+    receiver = GrpcReceiver().start(tls=(pki.server_cert.read_bytes(), pki.server_key.read_bytes()),
+                                    client_ca=pki.ca.read_bytes())
+    base = {"OTEL_EXPORTER_OTLP_PROTOCOL": "grpc", "OTEL_EXPORTER_OTLP_CERTIFICATE": str(pki.ca)}
+    try:
+        without = export(receiver.endpoint, [call(1)], base, SHORT)
+        assert receiver.spans() == [] and without.stats()["spans_dropped_export"] == 1
+        with_cert = export(receiver.endpoint, [call(2)], {
+            **base, "OTEL_EXPORTER_OTLP_CLIENT_CERTIFICATE": str(pki.client_cert),
+            "OTEL_EXPORTER_OTLP_CLIENT_KEY": str(pki.client_key)})
+        assert len(receiver.spans()) == 1, with_cert.stats()["last_export_error"]
     finally:
         receiver.stop()
 

@@ -337,3 +337,43 @@ def test_sdk_exporters_stay_quiet_and_the_failure_is_ours(caplog: pytest.LogCapt
     assert time.monotonic() - started < 10
     loud = [r for r in caplog.records if r.levelno >= 30]
     assert loud and all(r.name == "meterline.telemetry" for r in loud), [(r.name, r.getMessage()) for r in loud]
+
+
+# --- the metric exporter the metrics pipeline uses --------------------------------------------------------------
+
+
+@pytest.mark.parametrize("protocol", ["http/protobuf", "http/json", "grpc"])
+def test_metric_exporter_delivers_over_each_protocol(protocol: str, pki: Pki) -> None:
+    from opentelemetry.sdk.metrics import MeterProvider
+    from opentelemetry.sdk.metrics.export import PeriodicExportingMetricReader
+
+    from exporters.otlp_exporters import metric_exporter
+    from tests.otlp_receiver import metrics_by_name
+
+    if protocol == "grpc":
+        receiver: Any = GrpcReceiver().start(tls=(pki.server_cert.read_bytes(), pki.server_key.read_bytes()))
+    else:
+        receiver = HttpReceiver(server_tls(str(pki.server_cert), str(pki.server_key))).start()
+    try:
+        settings = load_settings({"otlp_endpoint": receiver.endpoint, "otlp_protocol": protocol,
+                                  "otlp_certificate": str(pki.ca)}, {})
+        assert settings.metrics_target is not None
+        seen: list[tuple[str, Any]] = []
+
+        class Seen:
+            def attempt_failed(self, error: str) -> None:
+                seen.append(("failed", error))
+
+            def attempt_succeeded(self, rejected: int, message: str) -> None:
+                seen.append(("ok", rejected))
+
+        reader = PeriodicExportingMetricReader(metric_exporter(settings.metrics_target, Seen()),
+                                               export_interval_millis=60_000)
+        provider = MeterProvider(metric_readers=[reader])
+        provider.get_meter("meterline").create_counter("meterline.requests").add(3, {"meterline.outcome": "ok"})
+        provider.shutdown()  # collects and exports once more
+        [request] = receiver.wait_for_metrics(1)
+        [point] = metrics_by_name(request)["meterline.requests"].sum.data_points
+        assert point.as_int == 3 and seen == [("ok", 0)]
+    finally:
+        receiver.stop()

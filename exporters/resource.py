@@ -1,4 +1,4 @@
-"""The OTLP Resource and InstrumentationScope that every exported span and metric carries, built once from the settings."""
+"""The OTLP Resource and InstrumentationScope (protobuf messages) the exported metrics carry, built once from the settings (spans carry the SDK's, exporters/spans.py)."""
 from __future__ import annotations
 
 from opentelemetry.proto.common.v1.common_pb2 import AnyValue, InstrumentationScope, KeyValue

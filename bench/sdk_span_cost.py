@@ -14,7 +14,7 @@ from opentelemetry.sdk.trace.export import BatchSpanProcessor, SpanExporter, Spa
 from opentelemetry.sdk.trace.sampling import ParentBased, TraceIdRatioBased
 from opentelemetry.trace import NonRecordingSpan, SpanContext, TraceFlags, set_span_in_context
 
-from exporters import otlp_exporters
+from exporters import Telemetry, otlp_exporters
 from exporters.sampling import Sampler
 from exporters.settings import load_settings
 from exporters.spans import SpanBuilder
@@ -81,15 +81,33 @@ def main(n: int) -> None:
                 tid, int(parent, 16), True, TraceFlags(TraceFlags.SAMPLED if sampled else 0)))) if parent else None
             sdk.should_sample(ctx, tid, "chat").decision.is_sampled()
 
+    def consume(metrics: bool) -> Callable[[], None]:
+        # the whole Telemetry.consume(), nothing exported meanwhile (the batch never fills)
+        telemetry = Telemetry({"otlp_endpoint": "http://127.0.0.1:9", "metrics": metrics, "batch_delay_s": 3600,
+                               "queue_max_spans": n + 1, "batch_max_spans": n + 1},
+                              {"OTEL_METRICS_EXPORTER": "none"}, "bench")
+        telemetries.append(telemetry)
+
+        def run() -> None:
+            for k in range(0, n, 100):
+                telemetry.consume(items[k:k + 100])
+            telemetry._spans.processor._batch_processor._queue.clear()  # type: ignore[union-attr]
+        return run
+
+    telemetries: list[Telemetry] = []
     print(f"{n} records, microseconds per span (best of 5):")
     for name, fn in (("build ReadableSpan (SpanBuilder.build_all)", build),
                      ("BatchSpanProcessor.on_end", hand_over),
                      ("encode, protobuf (http/protobuf, grpc), batches of 512", proto),
                      ("encode, OTLP JSON (http/json), batches of 512", json_),
                      ("our Sampler, parentbased_traceidratio", our_sampler),
-                     ("SDK ParentBased(TraceIdRatioBased), same question", sdk_sampler)):
+                     ("SDK ParentBased(TraceIdRatioBased), same question", sdk_sampler),
+                     ("Telemetry.consume(), tracing + metrics", consume(True)),
+                     ("Telemetry.consume(), tracing only", consume(False))):
         print(f"  {name:58s} {best_us(fn, n):7.2f}")
     processor.shutdown()
+    for telemetry in telemetries:
+        telemetry.shutdown(0.0)
 
 
 if __name__ == "__main__":

@@ -377,3 +377,17 @@ def test_metric_exporter_delivers_over_each_protocol(protocol: str, pki: Pki) ->
         assert point.as_int == 3 and seen == [("ok", 0)]
     finally:
         receiver.stop()
+
+
+def test_spans_after_shutdown_are_counted_and_a_second_shutdown_is_quiet(caplog: pytest.LogCaptureFixture) -> None:
+    receiver = HttpReceiver().start()
+    try:
+        telemetry = export(receiver.endpoint, [call(1)], {})
+        caplog.set_level("DEBUG")
+        telemetry.consume([call(2), call(3)])
+        telemetry.shutdown(1)
+    finally:
+        receiver.stop()
+    stats = telemetry.stats()
+    assert (stats["spans_exported"], stats["spans_dropped"], len(receiver.spans())) == (1, 2, 1)
+    assert [r.getMessage() for r in caplog.records if r.name.startswith("opentelemetry")] == []

@@ -34,8 +34,8 @@ class PinnedCaSession(requests.Session):
     """A requests Session whose configured CA file is not replaced by REQUESTS_CA_BUNDLE / CURL_CA_BUNDLE.
 
     Why: the SDK's http/protobuf exporter sends through `RequestsHTTPTransport`, which puts the CA
-    file (certificate_file or OTEL_EXPORTER_OTLP_[TRACES_|METRICS_]CERTIFICATE) on `session.verify`
-    and calls `session.request()` without a `verify` argument. `Session.request()` then calls
+    file (here the Target's; in the SDK alone certificate_file or
+    OTEL_EXPORTER_OTLP_[TRACES_|METRICS_]CERTIFICATE) on `session.verify` and calls `session.request()` without a `verify` argument. `Session.request()` then calls
     `merge_environment_settings(url, ..., verify=None, ...)`, which (with trust_env on, the default)
     turns that None into $REQUESTS_CA_BUNDLE or $CURL_CA_BUNDLE, and a per-request value wins over
     `session.verify` in `merge_setting`: the user's OTLP CA is silently dropped, and a private

@@ -133,6 +133,7 @@ class SpanPipeline:
         self.dropped_queue_full = 0
         self.processor: BatchSpanProcessor | None = None
         self._queue: Sized = ()
+        self._shut = False
 
     def start(self) -> None:
         """Creates the processor, whose thread starts with it (once; offer() does it too if need be)."""
@@ -153,6 +154,9 @@ class SpanPipeline:
         """Queues what fits; drops and counts the rest (the newest). Never blocks."""
         if not spans:
             return
+        if self._shut:  # after shutdown the processor would drop them uncounted
+            self.dropped_queue_full += len(spans)
+            return
         if self.processor is None:
             self.start()
         assert self.processor is not None
@@ -166,6 +170,9 @@ class SpanPipeline:
 
     def shutdown(self, timeout_s: float) -> None:
         """Exports what is queued for up to `timeout_s`, then shuts the exporter down (which ends its retries)."""
+        if self._shut:
+            return
+        self._shut = True
         if self.processor is None:
             self.exporter.shutdown()
             return

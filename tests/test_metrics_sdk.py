@@ -89,6 +89,12 @@ def test_the_push_and_the_scrape_agree_point_by_point(receiver: Receiver) -> Non
             attributes(p)["meterline.outcome"] == "upstream_error"] == [1]
     # 4 calls: 2 token series + overhead per provider, 3 duration, 1 ttft (streams), cost, requests
     assert assert_push_matches_scrape(request, text) >= 15
+    # an observable counter with attributes (the exporters' own failures, by signal), in both
+    [failures] = metrics["meterline.telemetry.export.failures"].sum.data_points
+    assert (attributes(failures), failures.as_int) == ({"signal": "metrics"}, 0)
+    assert metrics["meterline.telemetry.export.failures"].sum.is_monotonic
+    assert prometheus_samples(text)[("meterline_telemetry_export_failures_total",
+                                     frozenset({("signal", "metrics")}))] == 0
 
 
 def test_the_series_cap_is_the_same_in_the_push_and_the_scrape(receiver: Receiver) -> None:

@@ -14,6 +14,7 @@ Wiring (see exporters/README.md):
 from __future__ import annotations
 
 import os
+import threading
 import time
 from collections.abc import Mapping
 from decimal import Decimal
@@ -138,10 +139,16 @@ class Telemetry:
     def shutdown(self, timeout: float = 5.0) -> None:
         """Flushes queued spans and pushes the metrics one last time, within about `timeout` seconds."""
         deadline = time.monotonic() + timeout
+        # the last metric push runs beside the span flush (each within the deadline), not after it
+        last_push = None
+        if self.registry is not None:
+            last_push = threading.Thread(target=self.registry.shutdown, args=(timeout,), name="meterline-metrics-stop",
+                                         daemon=True)
+            last_push.start()
         if self._spans is not None:
             self._spans.shutdown(max(0.0, deadline - time.monotonic()))
-        if self.registry is not None:
-            self.registry.shutdown(max(0.0, deadline - time.monotonic()))
+        if last_push is not None:
+            last_push.join(max(0.0, deadline - time.monotonic()) + 0.5)
 
     # --- inside ----------------------------------------------------------------------------------
 

@@ -112,7 +112,8 @@ def _metric_lines(lines: list[str], metric: Metric) -> None:
             lines += _histogram_lines(family, point)  # type: ignore[arg-type]
     else:
         for point in points:
-            lines.append(f"{family}{_labels(tuple(point.attributes.items()))} {_number(point.value)}")  # type: ignore[union-attr]
+            value = point.value  # type: ignore[union-attr]
+            lines.append(f"{family}{_labels(tuple(point.attributes.items()))} {_number(value)}")
 
 
 def _histogram_lines(family: str, point: HistogramDataPoint) -> list[str]:

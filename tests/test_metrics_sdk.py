@@ -127,7 +127,7 @@ def test_calls_consumed_before_start_are_in_the_push(receiver: Receiver) -> None
 
 
 def test_delta_temporality_asked_by_the_variable_goes_to_the_push_only(monkeypatch: pytest.MonkeyPatch) -> None:
-    """OTEL_EXPORTER_OTLP_METRICS_TEMPORALITY_PREFERENCE is the SDK's: the push turns delta, the scrape stays cumulative."""
+    """The SDK's OTEL_EXPORTER_OTLP_METRICS_TEMPORALITY_PREFERENCE: the push turns delta, the scrape stays cumulative."""
     monkeypatch.setenv("OTEL_EXPORTER_OTLP_METRICS_TEMPORALITY_PREFERENCE", "delta")
     receiver = HttpReceiver().start()
     try:

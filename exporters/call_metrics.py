@@ -3,25 +3,32 @@
 Label sets are the conventions' low-cardinality attributes (operation, provider, request and
 response model, server address and port, error type) plus `meterline.app`; tag values become
 labels only for the tags named in `telemetry.metric_tag_labels`. User ids, call ids and other
-tags never do. The attribute tuples of each combination are built once and cached.
+tags never do. The attribute dicts of each combination are built once and cached (the SDK copies
+what it keeps). Histograms get one SDK `record` per value; the two counters are summed per chunk
+of calls first and get one `add` per attribute set and chunk (each SDK measurement costs about
+10 us, see exporters/README.md).
 """
 from __future__ import annotations
 
+import threading
 from collections.abc import Sequence
 from dataclasses import dataclass
 from decimal import Decimal
+from typing import Any
 
 from ledger.records import OK, CallExtras, CallRecord
 
 from . import semconv
-from .metrics import Attributes, Registry
+from .metrics import MetricsPipeline
 from .settings import TelemetrySettings
 
+Attributes = dict[str, Any]
+
 _CACHE_LIMIT = 4096
-_CHUNK = 256  # records per hold of the registry lock
+_CHUNK = 256  # records per hold of the pipeline's lock
 
 
-@dataclass(slots=True, frozen=True)
+@dataclass(slots=True, frozen=True, eq=False)
 class _Keys:
     """The attribute set each instrument uses for one combination of a record's labelled fields."""
 
@@ -35,25 +42,25 @@ class _Keys:
 
 
 class CallMetrics:
-    def __init__(self, registry: Registry, settings: TelemetrySettings) -> None:
-        self.registry = registry
+    def __init__(self, pipeline: MetricsPipeline, settings: TelemetrySettings) -> None:
+        self.pipeline = pipeline
         self.names = settings.names
         self.tag_labels = settings.metric_tag_labels
         self.budget_key_label = settings.budget_key_label
         m = semconv
-        self.tokens = registry.histogram(m.TOKEN_USAGE.name, m.TOKEN_USAGE.unit, m.TOKEN_USAGE.description,
-                                         m.TOKEN_BUCKETS)
-        self.duration = registry.histogram(m.OPERATION_DURATION.name, m.OPERATION_DURATION.unit,
-                                           m.OPERATION_DURATION.description, m.DURATION_BUCKETS)
-        self.ttft = registry.histogram(m.TIME_TO_FIRST_CHUNK.name, m.TIME_TO_FIRST_CHUNK.unit,
-                                       m.TIME_TO_FIRST_CHUNK.description, m.DURATION_BUCKETS)
-        self.cost = registry.counter(m.COST.name, m.COST.unit, m.COST.description)
-        self.requests = registry.counter(m.REQUESTS.name, m.REQUESTS.unit, m.REQUESTS.description)
-        self.overhead = registry.histogram(m.OVERHEAD.name, m.OVERHEAD.unit, m.OVERHEAD.description,
-                                           m.OVERHEAD_BUCKETS)
-        self.budget = registry.gauge(m.BUDGET_UTILIZATION.name, m.BUDGET_UTILIZATION.unit,
-                                     m.BUDGET_UTILIZATION.description)
+        self.tokens = pipeline.histogram(m.TOKEN_USAGE)
+        self.duration = pipeline.histogram(m.OPERATION_DURATION)
+        self.ttft = pipeline.histogram(m.TIME_TO_FIRST_CHUNK)
+        self.cost = pipeline.counter(m.COST)
+        self.requests = pipeline.counter(m.REQUESTS)
+        self.overhead = pipeline.histogram(m.OVERHEAD)
+        b = m.BUDGET_UTILIZATION
+        pipeline.observe_gauge(b.name, b.unit, b.description, self._budget_points)
         self._keys: dict[tuple, _Keys] = {}
+        # budget utilization, read by the observable gauge: its own small lock (the guard reports from
+        # the request path, which must not wait for a chunk of calls being recorded)
+        self._budget_lock = threading.Lock()
+        self._budget: dict[tuple[tuple[str, str], ...], float] = {}  # attributes -> value
         self._budget_keys: dict[str, dict[str | None, float]] = {}  # rule -> key -> value (key label off)
 
     def record_batch(self, batch: Sequence[tuple[CallRecord, CallExtras | None]]) -> None:
@@ -64,9 +71,11 @@ class CallMetrics:
     def _record_chunk(self, batch: Sequence[tuple[CallRecord, CallExtras | None]]) -> None:
         tag_labels = self.tag_labels
         keys = self._keys
-        tokens, duration, ttft, cost, requests, overhead = (
-            self.tokens, self.duration, self.ttft, self.cost, self.requests, self.overhead)
-        with self.registry.lock:
+        tokens, duration, ttft, overhead = (self.tokens.record, self.duration.record, self.ttft.record,
+                                            self.overhead.record)
+        costs: dict[int, tuple[Attributes, Decimal]] = {}  # id(attributes) -> (attributes, sum)
+        counts: dict[int, list] = {}  # id(attributes) -> [attributes, count]
+        with self.pipeline.lock:
             for r, x in batch:
                 raw = (r.operation, r.provider, r.request_model, r.response_model,
                        x.server_address if x is not None else None, x.server_port if x is not None else None,
@@ -78,18 +87,27 @@ class CallMetrics:
                         keys.clear()
                     k = keys[raw] = self._build_keys(raw)
                 if r.input_tokens is not None:
-                    tokens.record(k.tokens_input, r.input_tokens)
+                    tokens(r.input_tokens, k.tokens_input)
                 if r.output_tokens is not None:
-                    tokens.record(k.tokens_output, r.output_tokens)
+                    tokens(r.output_tokens, k.tokens_output)
                 if r.duration_ms is not None:
-                    duration.record(k.duration, r.duration_ms / 1000.0)
+                    duration(r.duration_ms / 1000.0, k.duration)
                 if r.stream and r.ttft_ms is not None:
-                    ttft.record(k.ttft, r.ttft_ms / 1000.0)
+                    ttft(r.ttft_ms / 1000.0, k.ttft)
                 if r.cost_usd is not None:
-                    cost.add(k.cost, r.cost_usd)
-                requests.add(k.requests, 1)
+                    held = costs.get(id(k.cost))
+                    costs[id(k.cost)] = (k.cost, r.cost_usd if held is None else held[1] + r.cost_usd)
+                held_count = counts.get(id(k.requests))
+                if held_count is None:
+                    counts[id(k.requests)] = [k.requests, 1]
+                else:
+                    held_count[1] += 1
                 if r.overhead_ms is not None:
-                    overhead.record(k.overhead, r.overhead_ms / 1000.0)
+                    overhead(r.overhead_ms / 1000.0, k.overhead)
+            for attributes, total in costs.values():
+                self.cost.add(total, attributes)  # a Decimal: the sum stays exact until exported
+            for attributes, count in counts.values():
+                self.requests.add(count, attributes)
 
     def _build_keys(self, raw: tuple) -> _Keys:
         operation, provider_id, request_model, response_model, address, port, app, outcome, error_type, tags = raw
@@ -111,14 +129,14 @@ class CallMetrics:
         base = [(n.operation, operation), (n.provider, provider), *models, *server, *app_pair]
         error = [(n.error_type, error_type or outcome)] if outcome != OK else []
         return _Keys(
-            tokens_input=tuple(base + [(n.token_type, "input")] + tag_pairs),
-            tokens_output=tuple(base + [(n.token_type, "output")] + tag_pairs),
-            duration=tuple(base + error + tag_pairs),
-            ttft=tuple(base + tag_pairs),
-            cost=tuple([(n.provider, provider), *models, *app_pair] + tag_pairs),
-            requests=tuple([(n.operation, operation), (n.provider, provider), *request_only, *app_pair,
-                            (n.outcome, outcome)] + tag_pairs),
-            overhead=tuple([(n.operation, operation), (n.provider, provider)]),
+            tokens_input=dict(base + [(n.token_type, "input")] + tag_pairs),
+            tokens_output=dict(base + [(n.token_type, "output")] + tag_pairs),
+            duration=dict(base + error + tag_pairs),
+            ttft=dict(base + tag_pairs),
+            cost=dict([(n.provider, provider), *models, *app_pair] + tag_pairs),
+            requests=dict([(n.operation, operation), (n.provider, provider), *request_only, *app_pair,
+                           (n.outcome, outcome)] + tag_pairs),
+            overhead=dict([(n.operation, operation), (n.provider, provider)]),
         )
 
     def set_budget_utilization(self, rule: str, key: str | None, value: float | Decimal) -> None:
@@ -129,17 +147,21 @@ class CallMetrics:
         """
         n = self.names
         number = float(value)
-        with self.registry.lock:
+        with self._budget_lock:
             if self.budget_key_label and key is not None:
-                self.budget.set(((n.budget_rule, rule), (n.budget_key, key)), number)
+                self._budget[((n.budget_rule, rule), (n.budget_key, key))] = number
                 return
             per_key = self._budget_keys.setdefault(rule, {})
             previous = per_key.get(key)
             per_key[key] = number
             attributes = ((n.budget_rule, rule),)
-            highest = self.budget.series.get(attributes)
+            highest = self._budget.get(attributes)
             if highest is None or number >= highest:
                 highest = number
             elif previous is not None and previous >= highest:  # the key that held the highest went down
                 highest = max(per_key.values())
-            self.budget.set(attributes, highest)
+            self._budget[attributes] = highest
+
+    def _budget_points(self) -> list[tuple[dict[str, str], float]]:
+        with self._budget_lock:
+            return [(dict(attributes), value) for attributes, value in self._budget.items()]

@@ -1,4 +1,11 @@
-"""Prometheus text exposition (format 0.0.4) of the metric snapshots, named by the OpenTelemetry-to-Prometheus compatibility rules.
+"""Prometheus text exposition (format 0.0.4) of what the SDK's pull reader collected, named by the OpenTelemetry-to-Prometheus compatibility rules.
+
+Kept on purpose instead of the SDK's PrometheusMetricReader (opentelemetry-exporter-prometheus),
+whose output would change the names that dashboards, alert rules and tests use: it maps unit `1`
+to nothing (`meterline_budget_utilization`, not `_ratio`), keeps `USD` upper-case
+(`meterline_cost_USD_total`), puts `otel_scope_*` labels on every series, renders the cost sum
+through a float (0.00108 for an exact 0.001080), and prometheus_client 0.26 serves
+`version=1.0.0` by default. See exporters/README.md.
 
 Names: characters other than [a-zA-Z0-9_:] become `_`; the unit is appended as a suffix
 (`s` -> `_seconds`, `By` -> `_bytes`, `1` on a gauge -> `_ratio`, `USD` -> `_usd`, `a/b` ->
@@ -7,12 +14,16 @@ Label names: dots become underscores. The resource goes out as `target_info`.
 """
 from __future__ import annotations
 
+import functools
 import math
 import re
-from collections.abc import Iterable
 from decimal import Decimal
 
-from .metrics import COUNTER, GAUGE, HISTOGRAM, HistogramPoint, MetricSnapshot
+from opentelemetry.sdk.metrics.export import Histogram, HistogramDataPoint, Metric, MetricsData, Sum
+
+COUNTER = "counter"
+HISTOGRAM = "histogram"
+GAUGE = "gauge"
 
 CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
 
@@ -59,53 +70,75 @@ def metric_name(name: str, unit: str, kind: str) -> str:
     return base
 
 
+@functools.lru_cache(maxsize=4096)  # a few dozen names, looked up for every series
 def label_name(name: str) -> str:
     label = _UNDERSCORES.sub("_", _INVALID_LABEL.sub("_", name))
     return "_" + label if label[:1].isdigit() else label
 
 
-def render(snapshots: Iterable[MetricSnapshot], resource: Iterable[tuple[str, object]] = ()) -> bytes:
+def render(data: MetricsData | None) -> bytes:
+    """The text exposition of what the SDK's pull reader collected (cumulative since start)."""
     lines: list[str] = []
-    resource_labels = _labels(tuple(resource))
-    if resource_labels:
-        lines += ["# HELP target_info Target metadata", "# TYPE target_info gauge", f"target_info{resource_labels} 1"]
-    for snap in snapshots:
-        if not snap.points:
-            continue
-        family = metric_name(snap.name, snap.unit, snap.kind)
-        ptype = {COUNTER: "counter", GAUGE: "gauge", HISTOGRAM: "histogram"}[snap.kind]
-        lines.append(f"# HELP {family} {_escape_help(snap.description)}")
-        lines.append(f"# TYPE {family} {ptype}")
-        if snap.kind == HISTOGRAM:
-            for attributes, point in snap.points:
-                assert isinstance(point, HistogramPoint)
-                lines += _histogram_lines(family, attributes, point, snap.bounds)
-        else:
-            for attributes, value in snap.points:
-                lines.append(f"{family}{_labels(attributes)} {_number(value)}")  # type: ignore[arg-type]
+    if data is None:
+        return b""
+    for rm in data.resource_metrics:
+        resource_labels = _labels(tuple(rm.resource.attributes.items()))
+        if resource_labels:
+            lines += ["# HELP target_info Target metadata", "# TYPE target_info gauge",
+                      f"target_info{resource_labels} 1"]
+        for sm in rm.scope_metrics:
+            for metric in sm.metrics:
+                _metric_lines(lines, metric)
     lines.append("")
     return "\n".join(lines).encode("utf-8")
 
 
-def _histogram_lines(family: str, attributes: tuple, point: HistogramPoint, bounds: tuple[float, ...]) -> list[str]:
+def _metric_lines(lines: list[str], metric: Metric) -> None:
+    points = metric.data.data_points
+    if not points:
+        return
+    data = metric.data
+    if isinstance(data, Histogram):
+        kind = HISTOGRAM
+    elif isinstance(data, Sum) and data.is_monotonic:
+        kind = COUNTER
+    else:  # a gauge, or an up-down sum (the compatibility rules make those gauges)
+        kind = GAUGE
+    family = metric_name(metric.name, metric.unit, kind)
+    lines.append(f"# HELP {family} {_escape_help(metric.description)}")
+    lines.append(f"# TYPE {family} {kind}")
+    if kind == HISTOGRAM:
+        for point in points:
+            lines += _histogram_lines(family, point)  # type: ignore[arg-type]
+    else:
+        for point in points:
+            value = point.value  # type: ignore[union-attr]
+            lines.append(f"{family}{_labels(tuple(point.attributes.items()))} {_number(value)}")
+
+
+def _histogram_lines(family: str, point: HistogramDataPoint) -> list[str]:
+    # the label text is made once per point, not once per bucket line
+    inner = _label_pairs(tuple(point.attributes.items()))
+    prefix = f"{family}_bucket{{{inner}," if inner else f"{family}_bucket{{"
+    labels = f"{{{inner}}}" if inner else ""
     lines = []
     cumulative = 0
-    for bound, count in zip(bounds, point.counts):
+    for bound, count in zip(point.explicit_bounds, point.bucket_counts):
         cumulative += count
-        lines.append(f"{family}_bucket{_labels(attributes, ('le', _number(bound)))} {cumulative}")
-    lines.append(f"{family}_bucket{_labels(attributes, ('le', '+Inf'))} {point.count}")
-    lines.append(f"{family}_sum{_labels(attributes)} {_number(point.sum)}")
-    lines.append(f"{family}_count{_labels(attributes)} {point.count}")
+        lines.append(f'{prefix}le="{_number(bound)}"}} {cumulative}')
+    lines.append(f'{prefix}le="+Inf"}} {point.count}')
+    lines.append(f"{family}_sum{labels} {_number(point.sum)}")
+    lines.append(f"{family}_count{labels} {point.count}")
     return lines
 
 
-def _labels(attributes: tuple, extra: tuple[str, str] | None = None) -> str:
-    pairs = [(label_name(k), _label_value(v)) for k, v in attributes]
-    if extra is not None:
-        pairs.append(extra)
-    if not pairs:
-        return ""
-    return "{" + ",".join(f'{k}="{_escape_label(v)}"' for k, v in pairs) + "}"
+def _labels(attributes: tuple) -> str:
+    inner = _label_pairs(attributes)
+    return "{" + inner + "}" if inner else ""
+
+
+def _label_pairs(attributes: tuple) -> str:
+    return ",".join(f'{label_name(k)}="{_escape_label(_label_value(v))}"' for k, v in attributes)
 
 
 def _label_value(value: object) -> str:

@@ -123,6 +123,13 @@ TOKEN_BUCKETS = (1, 4, 16, 64, 256, 1024, 4096, 16384, 65536, 262144, 1048576, 4
 DURATION_BUCKETS = (0.01, 0.02, 0.04, 0.08, 0.16, 0.32, 0.64, 1.28, 2.56, 5.12, 10.24, 20.48, 40.96, 81.92)
 # ours: the sidecar's own time is sub-millisecond to a few milliseconds
 OVERHEAD_BUCKETS = (0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 1.0)
+# each histogram's boundaries (a View per histogram in the MeterProvider)
+HISTOGRAM_BUCKETS = {
+    TOKEN_USAGE.name: TOKEN_BUCKETS,
+    OPERATION_DURATION.name: DURATION_BUCKETS,
+    TIME_TO_FIRST_CHUNK.name: DURATION_BUCKETS,
+    OVERHEAD.name: OVERHEAD_BUCKETS,
+}
 
 SCOPE_NAME = "meterline"
 SCOPE_VERSION = "0.1.0"

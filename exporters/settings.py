@@ -7,6 +7,7 @@ See exporters/README.md for the table of keys.
 from __future__ import annotations
 
 import logging
+import os
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
@@ -16,7 +17,7 @@ from . import semconv
 
 log = logging.getLogger("meterline.telemetry")
 
-PROTOCOLS = ("http/protobuf", "grpc")
+PROTOCOLS = ("http/protobuf", "http/json", "grpc")
 SAMPLERS = ("always_on", "always_off", "traceidratio",
             "parentbased_always_on", "parentbased_always_off", "parentbased_traceidratio")
 DEFAULT_SAMPLER = "parentbased_always_on"
@@ -29,7 +30,8 @@ QUEUE_MAX_SPANS = 8192
 
 KEYS = {
     "otlp_endpoint", "otlp_traces_endpoint", "otlp_metrics_endpoint", "otlp_protocol", "otlp_headers",
-    "otlp_timeout_s", "otlp_compression", "otlp_insecure", "service_name", "resource_attributes",
+    "otlp_timeout_s", "otlp_compression", "otlp_insecure", "otlp_certificate", "otlp_client_certificate",
+    "otlp_client_key", "service_name", "resource_attributes",
     "sampler", "sampler_arg", "semconv_opt_in", "capture_content", "content_max_bytes",
     "traces", "metrics", "metrics_export_interval_s", "metric_tag_labels", "metric_max_series",
     "budget_key_label", "queue_max_spans", "batch_max_spans", "batch_delay_s",
@@ -39,14 +41,17 @@ KEYS = {
 
 @dataclass(frozen=True, slots=True)
 class Target:
-    """Where one signal goes: an http(s) URL for http/protobuf, host:port for grpc."""
+    """Where one signal goes: an http(s) URL for http/protobuf and http/json, host:port for grpc."""
 
     protocol: str
-    url: str  # http/protobuf: the full URL (…/v1/traces); grpc: host:port
+    url: str  # http/protobuf, http/json: the full URL (…/v1/traces); grpc: host:port
     headers: tuple[tuple[str, str], ...]
     timeout_s: float
     compression: str | None  # "gzip" or None
     insecure: bool = True  # grpc only: plaintext channel
+    certificate: str | None = None  # PEM file of the CA(s) to trust for the endpoint (else the system's)
+    client_certificate: str | None = None  # PEM file of the client certificate for mTLS
+    client_key: str | None = None  # PEM file of its private key
 
 
 @dataclass(frozen=True, slots=True)
@@ -173,11 +178,8 @@ def _target(src: _Source, signal: str) -> Target | None:
     protocol = "http/protobuf"
     if protocol_v is not None:
         protocol = str(protocol_v[0]).strip().lower()
-        if protocol == "http/json" and not protocol_v[1].startswith("telemetry."):
-            src.warn(f"{protocol_v[1]}=http/json is not supported by meterline; using http/protobuf")
-            protocol = "http/protobuf"
         if protocol not in PROTOCOLS:
-            raise ValueError(f"{protocol_v[1]}: expected http/protobuf or grpc, got {protocol_v[0]!r}")
+            raise ValueError(f"{protocol_v[1]}: expected http/protobuf, http/json or grpc, got {protocol_v[0]!r}")
 
     # config keys first, then variables; a signal's own endpoint before the shared one
     signal_endpoint = src.get(f"otlp_{signal}_endpoint")
@@ -230,8 +232,33 @@ def _target(src: _Source, signal: str) -> Target | None:
         if value not in ("gzip", "none"):
             raise ValueError(f"{compression_v[1]}: expected gzip or none, got {compression_v[0]!r}")
         compression = "gzip" if value == "gzip" else None
+    certificate = _file(src, signal, "otlp_certificate", "CERTIFICATE")
+    client_certificate = _file(src, signal, "otlp_client_certificate", "CLIENT_CERTIFICATE")
+    client_key = _file(src, signal, "otlp_client_key", "CLIENT_KEY")
+    if client_key is not None and client_certificate is None:
+        raise ValueError(f"{client_key[1]}: a client key needs a client certificate "
+                         f"(telemetry.otlp_client_certificate or OTEL_EXPORTER_OTLP_CLIENT_CERTIFICATE)")
     return Target(protocol, url, tuple(headers.items()), _seconds(timeout, DEFAULT_TIMEOUT_S), compression,
-                  insecure)
+                  insecure, certificate[0] if certificate else None,
+                  client_certificate[0] if client_certificate else None, client_key[0] if client_key else None)
+
+
+def _file(src: _Source, signal: str, key: str, suffix: str) -> tuple[str, str] | None:
+    """A PEM file setting (key, then OTEL_EXPORTER_OTLP_<SIGNAL>_<suffix>, then the shared variable), checked readable."""
+    got = (src.get(key) or src.var(f"OTEL_EXPORTER_OTLP_{signal.upper()}_{suffix}")
+           or src.var(f"OTEL_EXPORTER_OTLP_{suffix}"))
+    if got is None:
+        return None
+    value, where = got
+    if not isinstance(value, str) or not value.strip():
+        raise ValueError(f"{where}: expected the path of a PEM file, got {value!r}")
+    path = os.path.expanduser(value.strip())
+    try:
+        with open(path, "rb"):
+            pass
+    except OSError as e:
+        raise ValueError(f"{where}: cannot read {path!r}: {e.strerror or e}") from None
+    return path, where
 
 
 def _sampler(src: _Source) -> tuple[str, float]:

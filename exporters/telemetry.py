@@ -1,4 +1,4 @@
-"""The sidecar's one telemetry object: takes finished calls in batches and turns them into OTLP spans, OTLP metrics and Prometheus text.
+"""The sidecar's one telemetry object: takes finished calls in batches and turns them into OTLP spans and metrics (on the OpenTelemetry SDK) and Prometheus text.
 
 Wiring (see exporters/README.md):
 
@@ -14,6 +14,7 @@ Wiring (see exporters/README.md):
 from __future__ import annotations
 
 import os
+import threading
 import time
 from collections.abc import Mapping
 from decimal import Decimal
@@ -21,41 +22,41 @@ from typing import Any
 
 from ledger.records import CallExtras, CallRecord
 
-from . import otlp_metrics, prometheus, resource, semconv
+from . import otlp_exporters, prometheus, semconv
 from .call_metrics import CallMetrics
-from .metrics import COUNTER, GAUGE, GaugeCallback, Registry
-from .otlp_transport import make_transport
+from .metrics import GaugeCallback, MetricsPipeline, PushExporter
 from .sampling import Sampler
 from .settings import TelemetrySettings, load_settings, tracing_enabled
-from .spans import SpanEncoder
-from .workers import MetricWorker, SpanWorker
+from .span_export import SpanPipeline
+from .spans import SpanBuilder
 
 
 class Telemetry:
     def __init__(self, telemetry_config: Mapping[str, Any] | None, env: Mapping[str, str] | None = None,
                  app_name: str | None = None) -> None:
-        """Validates the settings (ValueError naming the key) and builds what they ask for; starts nothing."""
+        """Validates the settings (ValueError naming the key) and builds what they ask for; starts nothing
+        but the SDK's metric push timer (with an OTLP metrics endpoint: the first push one interval later)."""
         self.settings: TelemetrySettings = load_settings(telemetry_config, os.environ if env is None else env,
                                                          app_name)
         s = self.settings
         self.sampler = Sampler(s.sampler, s.sampler_arg)
-        self._resource = resource.resource(s)
-        self._scope = resource.scope()
-        self.registry: Registry | None = None
+        self.registry: MetricsPipeline | None = None
         self._calls: CallMetrics | None = None
-        self._spans: SpanWorker | None = None
-        self._metrics: MetricWorker | None = None
+        self._spans: SpanPipeline | None = None
+        self._builder: SpanBuilder | None = None
+        self._metrics: PushExporter | None = None
         self.sampled_out = 0
-        if s.metrics:
-            self.registry = Registry(s.metric_max_series, ((s.names.overflow, True),))
-            self._calls = CallMetrics(self.registry, s)
         if tracing_enabled(s):
             assert s.traces is not None
-            self._spans = SpanWorker(SpanEncoder(s), make_transport(s.traces, "traces"), s.queue_max_spans,
-                                     s.batch_max_spans, s.batch_delay_s)
-        if self.registry is not None and s.metrics_target is not None:
-            self._metrics = MetricWorker(self._metrics_request, make_transport(s.metrics_target, "metrics"),
-                                         s.metrics_export_interval_s)
+            self._builder = SpanBuilder(s)
+            # the SDK exporter is built now (a bad protocol or certificate fails here); its processor's
+            # thread only at start()
+            self._spans = SpanPipeline(s.traces, s.queue_max_spans, s.batch_max_spans, s.batch_delay_s)
+        if s.metrics:  # last: the SDK's metric push timer starts with it
+            target = s.metrics_target
+            self._metrics = PushExporter(otlp_exporters.metric_exporter, target) if target is not None else None
+            self.registry = MetricsPipeline(s, self._metrics)
+            self._calls = CallMetrics(self.registry, s)
         self._register_own_metrics()
 
     # --- what the sidecar asks -------------------------------------------------------------------
@@ -75,7 +76,8 @@ class Telemetry:
         return self._spans is not None and self.sampler(trace_id, parent_span_id, parent_sampled)
 
     def consume(self, batch: list[tuple[CallRecord, CallExtras | None]]) -> None:
-        """Takes a batch of finished calls (ledger writer thread): aggregates metrics, queues sampled spans."""
+        """Takes a batch of finished calls (ledger writer thread): aggregates metrics, builds the sampled
+        calls' SDK spans and hands them to the batch processor (never waits on the network)."""
         if self._calls is not None:
             self._calls.record_batch(batch)
         spans = self._spans
@@ -89,18 +91,19 @@ class Telemetry:
                     if sampler(item[0].trace_id, item[1].parent_span_id if item[1] is not None else None,
                                item[1].sampled if item[1] is not None else True)]
             self.sampled_out += len(batch) - len(keep)
-        spans.offer(keep)
+        assert self._builder is not None
+        spans.offer(self._builder.build_all(keep))
 
     def prometheus(self) -> tuple[bytes, str]:
         """The metrics in Prometheus text exposition format, and its content type."""
         if self.registry is None:
             return b"", prometheus.CONTENT_TYPE
-        return prometheus.render(self.registry.collect(), self.settings.resource_attributes), prometheus.CONTENT_TYPE
+        return prometheus.render(self.registry.collect()), prometheus.CONTENT_TYPE
 
     def register_gauge(self, name: str, unit: str, description: str, fn: GaugeCallback) -> None:
         """A gauge read from `fn` at each collection: a number, None, or (attributes, number) pairs."""
         if self.registry is not None:
-            self.registry.observe(name, unit, description, fn, GAUGE)
+            self.registry.observe_gauge(name, unit, description, fn)
 
     def set_budget_utilization(self, rule: str, key: str | None, value: float | Decimal) -> None:
         if self._calls is not None:
@@ -110,72 +113,71 @@ class Telemetry:
         spans, metrics = self._spans, self._metrics
         return {
             "tracing": spans is not None,
-            "traces_endpoint": spans.transport.endpoint if spans is not None else None,
-            "metrics_endpoint": metrics.transport.endpoint if metrics is not None else None,
+            "traces_endpoint": spans.exporter.endpoint if spans is not None else None,
+            "metrics_endpoint": metrics.endpoint if metrics is not None else None,
             "spans_queued": spans.queued if spans is not None else 0,
-            "spans_exported": spans.exported if spans is not None else 0,
-            # dropped = queue full + retries given up + rejected by the endpoint
-            "spans_dropped": (spans.dropped_queue_full + spans.dropped_export + spans.rejected)
-            if spans is not None else 0,
+            "spans_exported": spans.exporter.exported if spans is not None else 0,
+            # dropped = queue full + export given up (after the SDK's retries) + rejected by the endpoint
+            "spans_dropped": self._spans_dropped(),
             "spans_dropped_queue_full": spans.dropped_queue_full if spans is not None else 0,
-            "spans_dropped_export": spans.dropped_export if spans is not None else 0,
-            "spans_rejected": spans.rejected if spans is not None else 0,
+            "spans_dropped_export": spans.exporter.dropped_export if spans is not None else 0,
+            "spans_rejected": spans.exporter.rejected if spans is not None else 0,
             "spans_sampled_out": self.sampled_out,
-            "spans_invalid": spans.encoder.invalid if spans is not None else 0,
-            "span_export_failures": spans.failures if spans is not None else 0,
+            "spans_invalid": self._builder.invalid if self._builder is not None else 0,
+            "span_export_failures": spans.exporter.failures if spans is not None else 0,
             "metric_exports": metrics.exports if metrics is not None else 0,
             "metric_export_failures": metrics.failures if metrics is not None else 0,
             "metric_series_overflow": self.registry.overflowed() if self.registry is not None else 0,
-            "last_export_error": (spans.last_error if spans is not None else "") or (
+            "last_export_error": (spans.exporter.last_error if spans is not None else "") or (
                 metrics.last_error if metrics is not None else ""),
         }
 
     def start(self) -> None:
         if self._spans is not None:
             self._spans.start()
-        if self._metrics is not None:
-            self._metrics.start()
 
     def shutdown(self, timeout: float = 5.0) -> None:
         """Flushes queued spans and pushes the metrics one last time, within about `timeout` seconds."""
         deadline = time.monotonic() + timeout
+        # the last metric push runs beside the span flush (each within the deadline), not after it
+        last_push = None
+        if self.registry is not None:
+            last_push = threading.Thread(target=self.registry.shutdown, args=(timeout,), name="meterline-metrics-stop",
+                                         daemon=True)
+            last_push.start()
         if self._spans is not None:
-            self._spans.stop(deadline)
-        if self._metrics is not None:
-            self._metrics.stop()
-        if self._spans is not None:
-            self._spans.join(max(0.0, deadline - time.monotonic()))
-        if self._metrics is not None:
-            self._metrics.join(max(0.0, deadline - time.monotonic()))
+            self._spans.shutdown(max(0.0, deadline - time.monotonic()))
+        if last_push is not None:
+            last_push.join(max(0.0, deadline - time.monotonic()) + 0.5)
 
     # --- inside ----------------------------------------------------------------------------------
 
-    def _metrics_request(self) -> bytes | None:
-        assert self.registry is not None
-        return otlp_metrics.request(self.registry.collect(), self._resource, self._scope, self.registry.start_ns,
-                                    time.time_ns())
+    def _spans_dropped(self) -> int:
+        spans = self._spans
+        if spans is None:
+            return 0
+        return spans.dropped_queue_full + spans.exporter.dropped_export + spans.exporter.rejected
 
     def _register_own_metrics(self) -> None:
         if self.registry is None:
             return
         spans, metrics = self._spans, self._metrics
         if spans is not None:
-            self.registry.observe(semconv.SPANS_EXPORTED.name, semconv.SPANS_EXPORTED.unit,
-                                  semconv.SPANS_EXPORTED.description, lambda: spans.exported, COUNTER)
-            self.registry.observe(semconv.SPANS_DROPPED.name, semconv.SPANS_DROPPED.unit,
-                                  semconv.SPANS_DROPPED.description,
-                                  lambda: spans.dropped_queue_full + spans.dropped_export + spans.rejected, COUNTER)
+            self.registry.observe_counter(semconv.SPANS_EXPORTED.name, semconv.SPANS_EXPORTED.unit,
+                                          semconv.SPANS_EXPORTED.description, lambda: spans.exporter.exported)
+            self.registry.observe_counter(semconv.SPANS_DROPPED.name, semconv.SPANS_DROPPED.unit,
+                                          semconv.SPANS_DROPPED.description, self._spans_dropped)
         if spans is not None or metrics is not None:
             def failures() -> list[tuple[dict[str, str], int]]:
                 result = []
                 if spans is not None:
-                    result.append(({"signal": "traces"}, spans.failures))
+                    result.append(({"signal": "traces"}, spans.exporter.failures))
                 if metrics is not None:
                     result.append(({"signal": "metrics"}, metrics.failures))
                 return result
 
-            self.registry.observe(semconv.EXPORT_FAILURES.name, semconv.EXPORT_FAILURES.unit,
-                                  semconv.EXPORT_FAILURES.description, failures, COUNTER)
+            self.registry.observe_counter(semconv.EXPORT_FAILURES.name, semconv.EXPORT_FAILURES.unit,
+                                          semconv.EXPORT_FAILURES.description, failures)
 
 
 __all__ = ["Telemetry", "TelemetrySettings", "load_settings", "tracing_enabled"]

@@ -1,15 +1,21 @@
 """OTLP receivers for tests, in the test process: HTTP (aiohttp, /v1/traces and /v1/metrics) and gRPC (grpcio TraceService and MetricsService).
 
 Each decodes the real protobuf bytes it receives with the opentelemetry.proto classes and keeps
-the requests, so tests can wait for spans or metric pushes and look at them. Both run on their
-own threads (the HTTP one with its own event loop), so sync and async tests can use them alike.
-`call()` builds a CallRecord and CallExtras pair to feed the exporters.
+the requests, so tests can wait for spans or metric pushes and look at them. The HTTP one also
+takes OTLP JSON (application/json: hex ids, lowerCamelCase keys, as the OTLP spec's JSON mapping
+has them), kept raw in `json_bodies` and decoded into the same classes. Both can serve TLS (and
+require a client certificate). Both run on their own threads (the HTTP one with its own event
+loop), so sync and async tests can use them alike. `call()` builds a CallRecord and CallExtras
+pair to feed the exporters.
 """
 from __future__ import annotations
 
 import asyncio
+import base64
 import gzip
+import json
 import os
+import ssl
 import threading
 import time
 from concurrent import futures
@@ -19,6 +25,7 @@ from typing import Any, Callable
 
 import grpc
 from aiohttp import web
+from google.protobuf import json_format
 from opentelemetry.proto.collector.metrics.v1 import metrics_service_pb2, metrics_service_pb2_grpc
 from opentelemetry.proto.collector.trace.v1 import trace_service_pb2, trace_service_pb2_grpc
 from opentelemetry.proto.metrics.v1.metrics_pb2 import Metric
@@ -42,6 +49,8 @@ class Receiver:
         self.fail_with: Callable[[int], int | grpc.StatusCode | None] | None = None
         self.rejected_spans = 0  # answer with a partial success rejecting this many spans
         self.delay_s = 0.0  # HTTP only: wait this long before answering (a slow collector)
+        self.retry_after: str | None = None  # HTTP only: the Retry-After header of a failure answer
+        self.attempt_times: list[float] = []  # time.monotonic() of each request
         self._cond = threading.Condition()
 
     def _record(self, kind: str, request: Any, headers: dict[str, str]) -> None:
@@ -79,6 +88,7 @@ class Receiver:
         with self._cond:
             self.attempts += 1
             attempt = self.attempts
+            self.attempt_times.append(time.monotonic())
         return self.fail_with(attempt) if self.fail_with is not None else None
 
 
@@ -102,16 +112,19 @@ def any_value(value: Any) -> Any:
 
 
 class HttpReceiver(Receiver):
-    def __init__(self) -> None:
+    def __init__(self, ssl_context: ssl.SSLContext | None = None) -> None:
+        """With an ssl_context (see `server_tls`), it serves HTTPS."""
         super().__init__()
         self.port = 0
+        self.ssl_context = ssl_context
+        self.json_bodies: list[dict[str, Any]] = []  # the OTLP JSON requests, as received
         self._loop: asyncio.AbstractEventLoop | None = None
         self._thread: threading.Thread | None = None
         self._runner: web.AppRunner | None = None
 
     @property
     def endpoint(self) -> str:
-        return f"http://127.0.0.1:{self.port}"
+        return f"{'https' if self.ssl_context else 'http'}://127.0.0.1:{self.port}"
 
     def start(self) -> HttpReceiver:
         ready = threading.Event()
@@ -135,7 +148,7 @@ class HttpReceiver(Receiver):
         app.router.add_post("/v1/metrics", self._metrics)
         self._runner = web.AppRunner(app, access_log=None, shutdown_timeout=0.5)
         await self._runner.setup()
-        site = web.TCPSite(self._runner, "127.0.0.1", 0)
+        site = web.TCPSite(self._runner, "127.0.0.1", 0, ssl_context=self.ssl_context)
         await site.start()
         self.port = site._server.sockets[0].getsockname()[1]  # type: ignore[union-attr]
 
@@ -161,24 +174,34 @@ class HttpReceiver(Receiver):
         return await self._handle(request, "metrics")
 
     async def _handle(self, request: web.Request, kind: str) -> web.Response:
-        if request.content_type != "application/x-protobuf":
-            return web.Response(status=415, text="expected application/x-protobuf")
+        if request.content_type not in ("application/x-protobuf", "application/json"):
+            return web.Response(status=415, text="expected application/x-protobuf or application/json")
         if self.delay_s:
             await asyncio.sleep(self.delay_s)
         failure = self._answer()
         if failure is not None:
-            return web.Response(status=int(failure), text="unavailable")  # type: ignore[arg-type]
+            headers = {"Retry-After": self.retry_after} if self.retry_after is not None else None
+            return web.Response(status=int(failure), text="unavailable", headers=headers)  # type: ignore[arg-type]
         body = await self._body(request)
+        is_json = request.content_type == "application/json"
+        message_class: Any = ExportTraceServiceRequest if kind == "traces" else ExportMetricsServiceRequest
+        if is_json:
+            document = json.loads(body)
+            with self._cond:
+                self.json_bodies.append(document)
+            message: Any = from_otlp_json(document, message_class)
+        else:
+            message = message_class.FromString(body)
         if kind == "traces":
-            message: Any = ExportTraceServiceRequest.FromString(body)
             response: Any = trace_service_pb2.ExportTraceServiceResponse()
             if self.rejected_spans:
                 response.partial_success.rejected_spans = self.rejected_spans
                 response.partial_success.error_message = "too many attributes"
         else:
-            message = ExportMetricsServiceRequest.FromString(body)
             response = metrics_service_pb2.ExportMetricsServiceResponse()
         self._record(kind, message, {k.lower(): v for k, v in request.headers.items()})
+        if is_json:
+            return web.Response(text=json_format.MessageToJson(response), content_type="application/json")
         return web.Response(body=response.SerializeToString(), content_type="application/x-protobuf")
 
     def stop(self) -> None:
@@ -192,6 +215,33 @@ class HttpReceiver(Receiver):
         self._loop = None
 
 
+_HEX_IDS = {"traceId", "spanId", "parentSpanId"}
+
+
+def from_otlp_json(document: Any, message_class: Any) -> Any:
+    """An OTLP JSON request as the protobuf message: the JSON mapping of OTLP is protobuf's, except that
+    trace and span ids are hex strings instead of base64 (so they are turned into base64 first)."""
+    def fix(node: Any) -> Any:
+        if isinstance(node, dict):
+            return {k: (base64.b64encode(bytes.fromhex(v)).decode() if k in _HEX_IDS and isinstance(v, str) else fix(v))
+                    for k, v in node.items()}
+        if isinstance(node, list):
+            return [fix(v) for v in node]
+        return node
+
+    return json_format.ParseDict(fix(document), message_class())
+
+
+def server_tls(cert_file: str, key_file: str, client_ca_file: str | None = None) -> ssl.SSLContext:
+    """A server TLS context; with client_ca_file, a client certificate signed by it is required (mTLS)."""
+    context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    context.load_cert_chain(cert_file, key_file)
+    if client_ca_file is not None:
+        context.verify_mode = ssl.CERT_REQUIRED
+        context.load_verify_locations(client_ca_file)
+    return context
+
+
 # --- gRPC --------------------------------------------------------------------------------------
 
 
@@ -203,10 +253,14 @@ class GrpcReceiver(Receiver):
 
     @property
     def endpoint(self) -> str:
-        return f"http://127.0.0.1:{self.port}"
+        return f"{'https' if getattr(self, 'tls', False) else 'http'}://127.0.0.1:{self.port}"
 
-    def start(self, port: int = 0) -> GrpcReceiver:
+    def start(self, port: int = 0, tls: tuple[bytes, bytes] | None = None,
+              client_ca: bytes | None = None) -> GrpcReceiver:
+        """tls: (certificate chain PEM, private key PEM) to serve over TLS instead of plaintext; client_ca:
+        also require a client certificate signed by it (mTLS)."""
         receiver = self
+        self.tls = tls is not None
 
         class Traces(trace_service_pb2_grpc.TraceServiceServicer):
             def Export(self, request: Any, context: grpc.ServicerContext) -> Any:  # noqa: N802
@@ -219,7 +273,12 @@ class GrpcReceiver(Receiver):
         self._server = grpc.server(futures.ThreadPoolExecutor(max_workers=4))
         trace_service_pb2_grpc.add_TraceServiceServicer_to_server(Traces(), self._server)
         metrics_service_pb2_grpc.add_MetricsServiceServicer_to_server(Metrics(), self._server)
-        self.port = self._server.add_insecure_port(f"127.0.0.1:{port}")
+        if tls is not None:
+            credentials = grpc.ssl_server_credentials([(tls[1], tls[0])], root_certificates=client_ca,
+                                                      require_client_auth=client_ca is not None)
+            self.port = self._server.add_secure_port(f"127.0.0.1:{port}", credentials)
+        else:
+            self.port = self._server.add_insecure_port(f"127.0.0.1:{port}")
         self._server.start()
         return self
 

@@ -4,10 +4,13 @@ from __future__ import annotations
 import logging
 import socket
 import time
+import types
 from collections.abc import Iterator
 
 import grpc
 import pytest
+from opentelemetry.exporter.otlp.common import http as sdk_http
+from opentelemetry.exporter.otlp.proto.grpc import exporter as sdk_grpc
 
 from exporters import Telemetry, workers
 from tests.otlp_receiver import GrpcReceiver, HttpReceiver, call
@@ -17,10 +20,10 @@ LOGGER = "meterline.telemetry"
 
 @pytest.fixture
 def quick_retries(monkeypatch: pytest.MonkeyPatch) -> None:
-    """Backoff in milliseconds instead of seconds, so a test sees many retries."""
-    monkeypatch.setattr(workers, "BACKOFF_FIRST_S", 0.005)
-    monkeypatch.setattr(workers, "BACKOFF_MAX_S", 0.01)
-    monkeypatch.setattr(workers, "RETRY_WINDOW_S", 0.05)
+    """The SDK exporters' backoff (2**n s, +-20%) in milliseconds instead of seconds, so a test sees many
+    retries (the retry itself is the SDK's now: up to 6 attempts within the export timeout)."""
+    monkeypatch.setattr(sdk_http._OTLPHTTPClient, "_compute_backoff", lambda self, retry: 0.005 * 2 ** retry)
+    monkeypatch.setattr(sdk_grpc, "random", types.SimpleNamespace(uniform=lambda low, high: 0.005))
 
 
 @pytest.fixture
@@ -132,10 +135,8 @@ def test_failure_log_reports_once_a_minute_with_counts(caplog: pytest.LogCapture
 
 
 def test_retryable_failures_are_retried_until_the_collector_recovers(
-        quick_retries: None, http_receiver: HttpReceiver, caplog: pytest.LogCaptureFixture,
-        monkeypatch: pytest.MonkeyPatch) -> None:
+        quick_retries: None, http_receiver: HttpReceiver, caplog: pytest.LogCaptureFixture) -> None:
     caplog.set_level(logging.INFO)
-    monkeypatch.setattr(workers, "RETRY_WINDOW_S", 5.0)
     http_receiver.fail_with = lambda attempt: 503 if attempt <= 3 else None
     telemetry = Telemetry({"otlp_endpoint": http_receiver.endpoint, "batch_delay_s": 0.01, "metrics": False}, {})
     telemetry.start()
@@ -147,9 +148,7 @@ def test_retryable_failures_are_retried_until_the_collector_recovers(
     assert any("works again after 3 failed attempts" in r.getMessage() for r in caplog.records)
 
 
-def test_grpc_unavailable_is_retried(quick_retries: None, grpc_receiver: GrpcReceiver,
-                                     monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(workers, "RETRY_WINDOW_S", 5.0)
+def test_grpc_unavailable_is_retried(quick_retries: None, grpc_receiver: GrpcReceiver) -> None:
     grpc_receiver.fail_with = lambda attempt: grpc.StatusCode.UNAVAILABLE if attempt <= 2 else None
     telemetry = Telemetry({"otlp_endpoint": grpc_receiver.endpoint, "otlp_protocol": "grpc", "batch_delay_s": 0.01,
                            "metrics": False}, {})
@@ -160,21 +159,26 @@ def test_grpc_unavailable_is_retried(quick_retries: None, grpc_receiver: GrpcRec
     assert (telemetry.stats()["spans_exported"], telemetry.stats()["span_export_failures"]) == (4, 2)
 
 
-def test_grpc_export_resumes_when_the_collector_comes_up(quick_retries: None,
-                                                         monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(workers, "RETRY_WINDOW_S", 20.0)
+def test_grpc_export_resumes_when_the_collector_comes_up(quick_retries: None) -> None:
+    # the SDK gives a batch up when its retries (within the export timeout) fail: the first batch is
+    # dropped while the collector is down, and the next gets through once it is up (the channel
+    # reconnects within its short reconnect backoff, not gRPC's default of up to 120 s)
     port = closed_port()
     telemetry = Telemetry({"otlp_endpoint": f"http://127.0.0.1:{port}", "otlp_protocol": "grpc",
                            "batch_delay_s": 0.01, "metrics": False}, {})
     telemetry.start()
     telemetry.consume([call(i) for i in range(3)])
     wait_until(lambda: telemetry.stats()["span_export_failures"] >= 3)
+    wait_until(lambda: telemetry.stats()["spans_dropped_export"] == 3)
     receiver = GrpcReceiver().start(port)
     try:
-        receiver.wait_for_spans(3, timeout=10)
+        later = [call(i) for i in range(3, 6)]
+        telemetry.consume(later)
+        spans = receiver.wait_for_spans(3, timeout=10)
     finally:
         telemetry.shutdown(2)
         receiver.stop()
+    assert {s.span_id.hex() for s in spans} == {r.span_id for r, _ in later}
     assert telemetry.stats()["spans_exported"] == 3
 
 
@@ -192,8 +196,15 @@ def test_permanent_errors_drop_the_batch_without_retrying(http_receiver: HttpRec
     assert len(warnings_from(caplog, "OTLP span export")) == 1
 
 
-def test_backoff_grows_and_honours_the_servers_hint() -> None:
-    waits = [workers.backoff_s(n) for n in range(1, 10)]
-    assert 0.8 <= waits[0] <= 1.2 and all(w <= workers.BACKOFF_MAX_S * 1.2 for w in waits)
-    assert waits[5] > waits[0]
-    assert workers.backoff_s(3, hint=7.0) == 7.0
+def test_the_retry_honours_the_servers_retry_after(quick_retries: None, http_receiver: HttpReceiver) -> None:
+    # the backoff itself is the SDK's now (made milliseconds here): what we keep is that the hint is obeyed
+    http_receiver.fail_with = lambda attempt: 429 if attempt == 1 else None
+    http_receiver.retry_after = "1"
+    telemetry = Telemetry({"otlp_endpoint": http_receiver.endpoint, "batch_delay_s": 0.01, "metrics": False}, {})
+    telemetry.start()
+    telemetry.consume([call(1)])
+    http_receiver.wait_for_spans(1)
+    telemetry.shutdown(2)
+    first, second = http_receiver.attempt_times[:2]
+    assert second - first >= 0.9
+    assert (telemetry.stats()["span_export_failures"], telemetry.stats()["spans_exported"]) == (1, 1)

@@ -69,7 +69,7 @@ def test_service_name_falls_back_to_the_app_then_meterline() -> None:
 
 
 @pytest.mark.parametrize(("config", "message"), [
-    ({"otlp_protocol": "http/json"}, "telemetry.otlp_protocol: expected http/protobuf or grpc"),
+    ({"otlp_protocol": "http/thrift"}, "telemetry.otlp_protocol: expected http/protobuf, http/json or grpc"),
     ({"otlp_endpoint": "collector:4318"}, "telemetry.otlp_endpoint: expected an http(s) URL"),
     ({"sampler": "sometimes"}, "telemetry.sampler: expected one of always_on"),
     ({"sampler": "traceidratio", "sampler_arg": 2}, "telemetry.sampler_arg: expected a probability"),
@@ -93,18 +93,19 @@ def test_bad_config_values_name_the_key(config: dict, message: str | None) -> No
 
 
 def test_bad_variables_name_the_variable() -> None:
-    with pytest.raises(ValueError, match="OTEL_EXPORTER_OTLP_PROTOCOL: expected http/protobuf or grpc"):
+    with pytest.raises(ValueError, match="OTEL_EXPORTER_OTLP_PROTOCOL: expected http/protobuf, http/json or grpc"):
         load_settings({}, {"OTEL_EXPORTER_OTLP_ENDPOINT": "http://c:4318", "OTEL_EXPORTER_OTLP_PROTOCOL": "smtp"})
     with pytest.raises(ValueError, match="OTEL_TRACES_SAMPLER_ARG: expected a probability"):
         load_settings({}, {"OTEL_TRACES_SAMPLER": "traceidratio", "OTEL_TRACES_SAMPLER_ARG": "lots"})
 
 
 def test_variables_meant_for_other_sdks_fall_back_with_a_warning(caplog: pytest.LogCaptureFixture) -> None:
+    # http/json used to fall back here too; it is supported now (on the SDK's exporter)
     s = load_settings({}, {"OTEL_TRACES_SAMPLER": "jaeger_remote", "OTEL_EXPORTER_OTLP_ENDPOINT": "http://c:4318",
                            "OTEL_EXPORTER_OTLP_PROTOCOL": "http/json"})
     assert s.sampler == "parentbased_always_on"
-    assert s.traces is not None and s.traces.protocol == "http/protobuf"
-    assert len([r for r in caplog.records if r.levelname == "WARNING"]) == 2
+    assert s.traces is not None and s.traces.protocol == "http/json"
+    assert len([r for r in caplog.records if r.levelname == "WARNING"]) == 1
 
 
 def test_exporters_none_and_always_off_disable_tracing() -> None:

@@ -2,20 +2,17 @@
 from __future__ import annotations
 
 import json
-import math
 import random
-import struct
 from collections.abc import Iterator
 from datetime import timedelta
 from typing import Any
 
 import pytest
-from opentelemetry.proto.common.v1.common_pb2 import AnyValue, KeyValue
 from opentelemetry.proto.trace.v1.trace_pb2 import Span, Status
 
-from exporters import Telemetry, protowire
+from exporters import Telemetry
 from exporters.spans import unix_nanos
-from tests.otlp_receiver import HttpReceiver, Receiver, any_value, attributes, call
+from tests.otlp_receiver import HttpReceiver, Receiver, attributes, call
 
 FAST = {"batch_delay_s": 0.05}
 
@@ -253,54 +250,6 @@ def test_partial_success_counts_rejected_spans(receiver: Receiver) -> None:
     telemetry.shutdown(10)
     stats = telemetry.stats()
     assert (stats["spans_exported"], stats["spans_rejected"], stats["spans_dropped"]) == (3, 2, 2)
-
-
-# --- the wire-format writer, against the protobuf library --------------------------------------------
-
-
-@pytest.mark.parametrize("value", [
-    "", "gpt-4o", "é" * 200, "x" * 127, "y" * 5000, 0, 1, 127, 128, 16383, 16384, 2**21 - 1, 2**21, 2**40, 2**63 - 1,
-    -1, -(2**63), True, False, 0.0, -2.5, 1e300, math.inf, ["stop", "length"], [1, 2], [], [True, 0.5, "x"]])
-def test_attribute_bytes_parse_back_with_protobuf(value: Any) -> None:
-    writer = protowire.AttributeWriter(9)
-    key = "gen_ai.some.attribute"
-    encoded = [writer.any(key, value)]
-    if isinstance(value, str):
-        encoded.append(writer.string(key, value))
-    elif isinstance(value, int) and not isinstance(value, bool):
-        encoded.append(writer.integer(key, value))
-    elif isinstance(value, float):
-        encoded.append(writer.float(key, value))
-    for data in encoded:
-        span = Span.FromString(data)
-        [kv] = span.attributes
-        assert kv.key == key
-        assert any_value(kv.value) == value
-        expected = KeyValue(key=key, value=_any(value))
-        assert kv == expected
-
-
-def _any(value: Any) -> AnyValue:
-    if isinstance(value, list):
-        result = AnyValue()
-        result.array_value.values.extend(_any(v) for v in value)
-        return result
-    if isinstance(value, bool):
-        return AnyValue(bool_value=value)
-    if isinstance(value, int):
-        return AnyValue(int_value=value)
-    if isinstance(value, float):
-        return AnyValue(double_value=value)
-    return AnyValue(string_value=value)
-
-
-def test_varint_matches_protobuf() -> None:
-    from google.protobuf.internal.encoder import _VarintBytes  # the library's own writer, as the reference
-
-    for n in [*range(0, 70000, 7), 2**21 - 1, 2**21, 2**28, 2**35 + 3, 2**63 - 1, 2**64 - 1]:
-        assert protowire.varint(n) == _VarintBytes(n)
-    assert protowire.varint(-1) == _VarintBytes(2**64 - 1)
-    assert struct.unpack("<Q", protowire.fixed64(123456789012345))[0] == 123456789012345
 
 
 def test_a_whole_ledger_writer_batch_is_queued_not_dropped(http_receiver: HttpReceiver) -> None:

@@ -251,6 +251,9 @@ def interleaved_rounds(plan: Plan, systems: list[System], body_file: Path, resul
                     # after the calls: wait for it, so that CPU counts for these calls and does not
                     # land on the next system's run
                     quiet = wait_quiet(system, 30.0)
+                    if not quiet:
+                        results["notes"].append(f"round {rnd + 1} {system.name} c{connections}: the sinks process "
+                                                "had not caught up 30 s after the run; its CPU per call is short")
                 after = tree_sample(system)
                 # CPU per call of the whole process tree (all processes and threads): steadier than req/s
                 # when others load the machine; for meterline also per role

@@ -114,30 +114,40 @@ def http_json(url: str, body: bytes | None = None) -> Any:
 
 
 def _flushed(health: dict[str, Any]) -> bool:
-    """The sinks process has read every journal (backlog 0) and written what it read (pending 0)."""
-    return health["ledger"].get("pending") == 0 and not (health.get("sinks") or {}).get("backlog_bytes")
+    """The sinks process has read every journal (backlog 0), holds no call it saw start but not end,
+    and has written what it read (pending 0)."""
+    sinks = health.get("sinks") or {}
+    return health["ledger"].get("pending") == 0 and not sinks.get("backlog_bytes") and not sinks.get("open_calls")
+
+
+def _wait_health(system: System, done: Any, timeout_s: float) -> tuple[dict[str, Any], bool]:
+    """Polls healthz every 0.1 s until `done(health)` holds on two polls in a row (the sinks process
+    reads the journals every 50 ms: one poll can fall between a line's write and its read), bounded."""
+    deadline = time.monotonic() + timeout_s
+    streak = 0
+    while True:
+        health = http_json(f"{sysmod.meterline_base(system)}/_meterline/healthz")
+        streak = streak + 1 if done(health) else 0
+        if streak >= 2:
+            return health, True
+        if time.monotonic() > deadline:
+            return health, False
+        time.sleep(0.1)
 
 
 def wait_ledger_flushed(system: System, timeout_s: float = 60.0) -> dict[str, Any]:
     """Polls healthz until the journals are read and nothing is pending in the ledger writer (bounded)."""
-    deadline = time.monotonic() + timeout_s
-    while True:
-        health = http_json(f"{sysmod.meterline_base(system)}/_meterline/healthz")
-        if _flushed(health) or time.monotonic() > deadline:
-            return health
-        time.sleep(0.1)
+    return _wait_health(system, _flushed, timeout_s)[0]
+
+
+def _quiet(health: dict[str, Any]) -> bool:
+    return _flushed(health) and not (health.get("telemetry") or {}).get("spans_queued")
 
 
 def wait_quiet(system: System, timeout_s: float = 60.0) -> bool:
     """Polls healthz until neither the journals, the ledger writer nor the span exporter has anything
     queued (bounded); False if that did not happen in time."""
-    deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
-        health = http_json(f"{sysmod.meterline_base(system)}/_meterline/healthz")
-        if _flushed(health) and not (health.get("telemetry") or {}).get("spans_queued"):
-            return True
-        time.sleep(0.1)
-    return False
+    return _wait_health(system, _quiet, timeout_s)[1]
 
 
 def tree_sample(system: System) -> TreeSample:
@@ -286,9 +296,21 @@ def interleaved_rounds(plan: Plan, systems: list[System], body_file: Path, resul
         log(f"  other processes on the machine used {cores:.2f} cores during round {rnd + 1}")
 
 
+def forwarder_anomalies(system: System, forwarders: int, tries: int = 40) -> dict[str, Any]:
+    """Each forwarder's anomaly counts, by pid: healthz is answered by whichever forwarder the kernel
+    gives the connection (SO_REUSEPORT), so it is asked on fresh connections until every one answered."""
+    seen: dict[str, Any] = {}
+    for _ in range(tries):
+        health = http_json(f"{sysmod.meterline_base(system)}/_meterline/healthz")
+        seen[str(health["forwarder"]["pid"])] = health["anomalies"]
+        if len(seen) >= forwarders:
+            break
+    return seen
+
+
 def ledger_check(meterline: System, results: dict[str, Any], key: str = "ledger_check") -> None:
     """Did meterline meter what it forwarded? Rows, costs and anomalies after the rounds, in results[key]."""
-    health = wait_ledger_flushed(meterline)
+    health, _ = _wait_health(meterline, _quiet, 60.0)  # rows written and their spans exported
     doc = http_json(f"{sysmod.meterline_base(meterline)}/_meterline/sql",
                     b"SELECT count(*), count(cost_usd), count(*) FILTER (WHERE outcome = 'ok'), "
                     b"sum(input_tokens), sum(cost_usd)::VARCHAR, count(*) FILTER (WHERE stream), "
@@ -300,17 +322,20 @@ def ledger_check(meterline: System, results: dict[str, Any], key: str = "ledger_
     sent = sum(r["requests"] for r in results["load"] if r["system"] == meterline.name)
     streams = sum(s["streams"] + 1 for s in results["streams"] if s["system"] == meterline.name)
     warmup_note = "plus the warm-up and verification calls"
-    # with several forwarders healthz is answered by one of them: its anomalies are that one's
+    forwarders = len(tree_sample(meterline).pids.get("forwarder", [])) or 1
+    by_forwarder = forwarder_anomalies(meterline, forwarders)
+    anomalies = ("; ".join(f"forwarder {pid}: {a or 'none'}" for pid, a in by_forwarder.items())
+                 if forwarders > 1 else (health["anomalies"] or "none"))
     text = (f"After the rounds {meterline.name}'s ledger held {rows:,} rows ({ok:,} outcome ok, {priced:,} priced, "
             f"{streamed:,} streamed; {tokens:,} input tokens, ${cost or '0'}) for {sent:,} wrk responses and "
             f"{streams} streams counted by the clients ({warmup_note}; calls cut off when a wrk run ends are "
             f"recorded as cancelled). overhead_ms as meterline records it: median {overhead_p50:.3f} ms, "
             f"p99 {overhead_p99:.3f} ms. Healthz: written {health['ledger']['written']:,}, pending "
             f"{health['ledger']['pending']}, write failures {health['ledger']['write_failures']}, anomalies "
-            f"{health['anomalies'] or 'none'}. {_span_text(health['telemetry'] or {})}")
+            f"{anomalies}. {_span_text(health['telemetry'] or {})}")
     results[key] = {"rows": rows, "priced": priced, "ok": ok, "streamed": streamed, "wrk_responses": sent,
-                               "overhead_ms_p50": overhead_p50, "overhead_ms_p99": overhead_p99,
-                               "health": health, "text": text}
+                    "overhead_ms_p50": overhead_p50, "overhead_ms_p99": overhead_p99,
+                    "anomalies_by_forwarder": by_forwarder, "health": health, "text": text}
     log(text)
 
 

@@ -272,7 +272,7 @@ def markdown(results: dict[str, Any], summary: dict[str, Any], chart_name: str |
                 row("idle (started, no calls)", "idle"),
                 row(f"after the first {memory.get('warm_calls', 0):,} calls", "warm"),
                 row(f"after {memory.get('calls', 0):,} calls", "after"),
-                row("ledger flushed (pending 0)", "flushed"),
+                row("ledger flushed (journals read, pending 0)", "flushed"),
                 row(f"after {plan['rest_s']:g} s at rest", "rested"), "",
                 "RSS, anonymous and file-backed are summed over the supervisor, the forwarder and the sinks process "
                 "(the growth target reads that sum); PSS counts pages they share once. "

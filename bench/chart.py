@@ -14,7 +14,7 @@ import matplotlib
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 
-COLORS = {"direct": "#7f7f7f", "bare": "#1f77b4", "meterline": "#d62728", "litellm": "#2ca02c", "portkey": "#9467bd"}
+COLORS = {"direct": "#7f7f7f", "bare": "#1f77b4", "meterline": "#d62728", "meterline-w2": "#ff7f0e", "litellm": "#2ca02c", "portkey": "#9467bd"}
 
 
 def _bars(ax: Any, names: list[str], values: list[float], title: str, unit: str, fmt: str) -> None:
@@ -45,7 +45,14 @@ def draw(results: dict[str, Any], out: Path) -> None:
     ax = axes[1][2]
     timeline = (results.get("memory") or {}).get("timeline", [])
     if timeline:
-        ax.plot([t for t, _ in timeline], [m for _, m in timeline], color=COLORS["meterline"])
+        ax.plot([t for t, _ in timeline], [m for _, m in timeline], color=COLORS["meterline"], label="all processes")
+        roles = results["memory"].get("timeline_roles") or []  # (s, {role: MiB}): forwarder, sinks, supervisor
+        for role, style in (("forwarder", "--"), ("sinks", ":")):
+            if any(role in r for _, r in roles):
+                ax.plot([t for t, _ in roles], [r.get(role, float("nan")) for _, r in roles], style,
+                        color=COLORS["meterline"], label=role)
+        if roles:
+            ax.legend(fontsize=8)
         ax.set_title(f"meterline RSS, {results['memory'].get('calls', 0):,} calls then rest", fontsize=10)
         ax.set_xlabel("s since start of the memory phase")
         ax.set_ylabel("MiB")

@@ -33,6 +33,7 @@ class LagResult:
     poll_interval_ms: float
     health_last_lag_ms_max: float
     pending_max: int
+    backlog_bytes_max: int = 0  # the sinks process's unread journal bytes (healthz sinks.backlog_bytes)
     errors: list[str] = field(default_factory=list)
 
     def to_dict(self) -> dict[str, object]:
@@ -52,7 +53,7 @@ async def run(system: System, admin_base: str, rate: float, duration_s: float, p
     probes = _Probes()
     errors: list[str] = []
     counts = {"done": 0, "failed": 0}
-    health = {"lag_max": 0.0, "pending_max": 0}
+    health = {"lag_max": 0.0, "pending_max": 0, "backlog_max": 0}
     since = (datetime.now(timezone.utc) - timedelta(seconds=5)).isoformat()
     sending_done = asyncio.Event()
     connector = aiohttp.TCPConnector(limit=max_in_flight, keepalive_timeout=60)
@@ -135,6 +136,8 @@ async def run(system: System, admin_base: str, rate: float, duration_s: float, p
                     ledger = doc.get("ledger", {})
                     health["lag_max"] = max(health["lag_max"], float(ledger.get("last_lag_s", 0)))
                     health["pending_max"] = max(health["pending_max"], int(ledger.get("pending", 0)))
+                    backlog = int((doc.get("sinks") or {}).get("backlog_bytes") or 0)
+                    health["backlog_max"] = max(health["backlog_max"], backlog)
                 except Exception:  # noqa: BLE001 - health is a side channel here
                     pass
                 await asyncio.sleep(0.25)
@@ -149,7 +152,8 @@ async def run(system: System, admin_base: str, rate: float, duration_s: float, p
         lag_ms_p50=statistics.median(lags_ms) if lags_ms else nan,
         lag_ms_p99=lags_ms[min(len(lags_ms) - 1, int(len(lags_ms) * 0.99))] if lags_ms else nan,
         lag_ms_max=lags_ms[-1] if lags_ms else nan, poll_interval_ms=poll_interval_s * 1000,
-        health_last_lag_ms_max=health["lag_max"] * 1000, pending_max=health["pending_max"], errors=errors,
+        health_last_lag_ms_max=health["lag_max"] * 1000, pending_max=health["pending_max"],
+        backlog_bytes_max=health["backlog_max"], errors=errors,
     )
 
 

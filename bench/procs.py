@@ -1,4 +1,5 @@
-"""Process helpers for the benchmarks: free loopback ports, starting a server and waiting until it answers, RSS, stopping."""
+"""Process helpers for the benchmarks: free loopback ports, starting a server and waiting until it answers, RSS and
+CPU of a process tree (meterline's supervisor, sinks process and forwarders), stopping."""
 from __future__ import annotations
 
 import os
@@ -133,8 +134,95 @@ def process_cpu_s(pid: int) -> float:
     return sum(int(x) for x in fields[11:15]) / _TICK  # utime, stime, cutime, cstime
 
 
+def pss_mib(pid: int) -> float:
+    """Proportional set size from /proc/PID/smaps_rollup, in MiB: pages shared between processes (forked
+    children share the supervisor's) count once across them, so a tree's PSS adds up; NaN once gone."""
+    try:
+        for line in Path(f"/proc/{pid}/smaps_rollup").read_text().splitlines():
+            if line.startswith("Pss:"):
+                return int(line.split()[1]) / 1024
+    except OSError:
+        pass
+    return float("nan")
+
+
+def child_pids(pid: int) -> list[int]:
+    """The direct children of a process: /proc/PID/task/*/children, or a scan of every process's parent."""
+    out: list[int] = []
+    tasks = Path(f"/proc/{pid}/task")
+    try:
+        for task in tasks.iterdir():
+            out += [int(x) for x in (task / "children").read_text().split()]
+        return out
+    except FileNotFoundError:  # no CONFIG_PROC_CHILDREN (or the process is gone): scan the parents
+        pass
+    except OSError:
+        return out
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            try:
+                if int((entry / "stat").read_text().rsplit(")", 1)[1].split()[1]) == pid:
+                    out.append(int(entry.name))
+            except (OSError, ValueError, IndexError):
+                continue
+    return out
+
+
+def tree_pids(pid: int) -> list[int]:
+    """A process and all its descendants, parent first."""
+    seen, todo = [], [pid]
+    while todo:
+        p = todo.pop(0)
+        if p not in seen:
+            seen.append(p)
+            todo += child_pids(p)
+    return seen
+
+
+def tree_roles(root: int, sinks_pid: int | None = None) -> dict[int, str]:
+    """pid -> role for a process tree: the root is "supervisor"; each child of the root (and what it
+    started) is "sinks" when it is `sinks_pid`, else "forwarder". Without `sinks_pid` (a system of one
+    process, or healthz did not say) the root is "main" and everything below it "children"."""
+    roles = {root: "supervisor" if sinks_pid is not None else "main"}
+    for child in child_pids(root):
+        role = "children" if sinks_pid is None else ("sinks" if child == sinks_pid else "forwarder")
+        for p in tree_pids(child):
+            roles[p] = role
+    return roles
+
+
+@dataclass
+class TreeSample:
+    """CPU seconds and RSS of a process tree at one moment, per role and in total ("total")."""
+
+    cpu_s: dict[str, float]
+    rss_mib: dict[str, float]
+    pids: dict[str, list[int]]
+
+    def cpu_since(self, before: TreeSample) -> dict[str, float]:
+        """CPU seconds per role between two samples. A child that exited and was reaped in between moves
+        its CPU into the supervisor's (cutime), so the total stays right while the split shifts."""
+        return {role: self.cpu_s[role] - before.cpu_s.get(role, 0.0) for role in self.cpu_s}
+
+
+def sample_tree(root: int, sinks_pid: int | None = None) -> TreeSample:
+    roles = tree_roles(root, sinks_pid)
+    cpu: dict[str, float] = {"total": 0.0}
+    rss: dict[str, float] = {"total": 0.0}
+    pids: dict[str, list[int]] = {}
+    for pid, role in roles.items():
+        c, r = process_cpu_s(pid), rss_mib(pid) or 0.0
+        cpu[role] = cpu.get(role, 0.0) + c
+        rss[role] = rss.get(role, 0.0) + r
+        cpu["total"] += c
+        rss["total"] += r
+        pids.setdefault(role, []).append(pid)
+    return TreeSample(cpu, rss, pids)
+
+
 class ForeignCpu:
-    """How many cores processes other than this benchmark's used during a window (others' tests, say)."""
+    """How many cores processes other than this benchmark's used during a window (others' tests, say).
+    `pids` are the roots of the benchmark's servers; their whole trees count as the benchmark's."""
 
     def __init__(self, pids: list[int]) -> None:
         self.pids = pids
@@ -142,7 +230,8 @@ class ForeignCpu:
 
     def _snapshot(self) -> tuple[float, float, float]:
         t = os.times()
-        ours = t.user + t.system + t.children_user + t.children_system + sum(process_cpu_s(p) for p in self.pids)
+        ours = t.user + t.system + t.children_user + t.children_system + sum(
+            process_cpu_s(p) for root in self.pids for p in tree_pids(root))
         return time.monotonic(), _busy_cpu_s(), ours
 
     def cores(self) -> float:

@@ -31,7 +31,8 @@ import peers  # noqa: E402
 import report  # noqa: E402
 import stream_client  # noqa: E402
 import systems as sysmod  # noqa: E402
-from procs import ForeignCpu, StartFailed, process_cpu_s, rss_mib, rss_split_mib  # noqa: E402
+from procs import (ForeignCpu, StartFailed, TreeSample, child_pids, pss_mib, rss_split_mib,  # noqa: E402
+                   sample_tree)
 from systems import System  # noqa: E402
 
 BENCH = Path(__file__).resolve().parent
@@ -112,24 +113,47 @@ def http_json(url: str, body: bytes | None = None) -> Any:
         return json.loads(resp.read())
 
 
-def wait_ledger_flushed(system: System, timeout_s: float = 60.0) -> dict[str, Any]:
-    """Polls healthz until nothing is pending in the ledger writer (bounded)."""
+def _flushed(health: dict[str, Any]) -> bool:
+    """The sinks process has read every journal (backlog 0), holds no call it saw start but not end,
+    and has written what it read (pending 0)."""
+    sinks = health.get("sinks") or {}
+    return health["ledger"].get("pending") == 0 and not sinks.get("backlog_bytes") and not sinks.get("open_calls")
+
+
+def _wait_health(system: System, done: Any, timeout_s: float) -> tuple[dict[str, Any], bool]:
+    """Polls healthz every 0.1 s until `done(health)` holds on two polls in a row (the sinks process
+    reads the journals every 50 ms: one poll can fall between a line's write and its read), bounded."""
     deadline = time.monotonic() + timeout_s
+    streak = 0
     while True:
         health = http_json(f"{sysmod.meterline_base(system)}/_meterline/healthz")
-        if health["ledger"]["pending"] == 0 or time.monotonic() > deadline:
-            return health
+        streak = streak + 1 if done(health) else 0
+        if streak >= 2:
+            return health, True
+        if time.monotonic() > deadline:
+            return health, False
         time.sleep(0.1)
 
 
-def wait_quiet(system: System, timeout_s: float = 60.0) -> None:
-    """Polls healthz until neither the ledger writer nor the span exporter has anything queued (bounded)."""
-    deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
-        health = http_json(f"{sysmod.meterline_base(system)}/_meterline/healthz")
-        if health["ledger"]["pending"] == 0 and not health.get("telemetry", {}).get("spans_queued"):
-            return
-        time.sleep(0.1)
+def wait_ledger_flushed(system: System, timeout_s: float = 60.0) -> dict[str, Any]:
+    """Polls healthz until the journals are read and nothing is pending in the ledger writer (bounded)."""
+    return _wait_health(system, _flushed, timeout_s)[0]
+
+
+def _quiet(health: dict[str, Any]) -> bool:
+    return _flushed(health) and not (health.get("telemetry") or {}).get("spans_queued")
+
+
+def wait_quiet(system: System, timeout_s: float = 60.0) -> bool:
+    """Polls healthz until neither the journals, the ledger writer nor the span exporter has anything
+    queued (bounded); False if that did not happen in time."""
+    return _wait_health(system, _quiet, timeout_s)[1]
+
+
+def tree_sample(system: System) -> TreeSample:
+    """CPU and RSS of the system's whole process tree; for meterline split into supervisor, forwarder(s)
+    and sinks process (the sinks pid from healthz)."""
+    return sample_tree(system.service.pid, sysmod.sinks_pid(system))
 
 
 def duckdb_memory_mib(system: System) -> float:
@@ -166,6 +190,8 @@ def start_systems(plan: Plan, work: Path, results: dict[str, Any]) -> tuple[Syst
     starters = [
         ("bare", lambda: sysmod.start_bare(work, fake), "aiohttp, no metering, bench/bare_forwarder.py"),
         ("meterline", lambda: sysmod.start_meterline(work / "main", fake), "`meterline serve`, fresh ledger"),
+        ("meterline-w2", lambda: sysmod.start_meterline(work / "w2", fake, "meterline-w2", workers=2),
+         "`meterline serve --workers 2`, fresh ledger, no budget rules: refused with more than one worker"),
     ]
     if plan.peers:
         for install, name, start in ((peers.install_litellm, "litellm", sysmod.start_litellm),
@@ -223,27 +249,46 @@ def interleaved_rounds(plan: Plan, systems: list[System], body_file: Path, resul
         foreign = ForeignCpu([s.service.pid for s in systems])
         for connections, seconds in loads:
             for system in order:
-                cpu0 = process_cpu_s(system.service.pid)
+                before = tree_sample(system)
                 try:
                     res = load.run_wrk(system, body_file, connections, seconds, plan.wrk_threads)
                 except load.WrkFailed as e:
                     results["errors"].append(f"round {rnd + 1} {system.name} c{connections}: {e}")
                     continue
-                # the system's own CPU per call (all its threads): steadier than req/s when others load the machine
-                cpu_ms = (process_cpu_s(system.service.pid) - cpu0) * 1000 / max(1, res.requests)
-                results["load"].append({"round": rnd + 1, **res.to_dict(), "cpu_ms_per_call": cpu_ms})
-                log(f"  {system.name:9s} c{connections:<3d} {res.ok_rps:8.0f} req/s  p50 {res.p50_ms:7.3f} ms  "
-                    f"p99 {res.p99_ms:7.3f} ms  cpu {cpu_ms:6.3f} ms/call  errors {sum(res.errors.values())}")
+                quiet = True
+                if sysmod.is_meterline(system):
+                    # the sinks process writes these calls' rows and exports their spans up to a second
+                    # after the calls: wait for it, so that CPU counts for these calls and does not
+                    # land on the next system's run
+                    quiet = wait_quiet(system, 30.0)
+                    if not quiet:
+                        results["notes"].append(f"round {rnd + 1} {system.name} c{connections}: the sinks process "
+                                                "had not caught up 30 s after the run; its CPU per call is short")
+                after = tree_sample(system)
+                # CPU per call of the whole process tree (all processes and threads): steadier than req/s
+                # when others load the machine; for meterline also per role
+                n = max(1, res.requests)
+                cpu = after.cpu_since(before)
+                roles = {role: v * 1000 / n for role, v in cpu.items() if role != "total"}
+                results["load"].append({"round": rnd + 1, **res.to_dict(), "cpu_ms_per_call": cpu["total"] * 1000 / n,
+                                        "cpu_ms_per_call_roles": roles, "rss_mib": after.rss_mib["total"],
+                                        "rss_mib_roles": {r: v for r, v in after.rss_mib.items() if r != "total"},
+                                        "processes": {r: len(p) for r, p in after.pids.items()}, "quiet": quiet})
+                split = (f" (fwd {roles.get('forwarder', 0):.3f} sinks {roles.get('sinks', 0):.3f})"
+                         if "sinks" in roles else "")
+                log(f"  {system.name:12s} c{connections:<3d} {res.ok_rps:8.0f} req/s  p50 {res.p50_ms:7.3f} ms  "
+                    f"p99 {res.p99_ms:7.3f} ms  cpu {cpu['total'] * 1000 / n:6.3f} ms/call{split}  "
+                    f"errors {sum(res.errors.values())}")
                 load.settle()
         for system in order:
-            if system.name == "meterline":
+            if sysmod.is_meterline(system):
                 # streams measure a quiet system: the loads just before leave up to a second of
                 # ledger and span backlog on meterline's other threads, which other systems do not have
                 wait_quiet(system)
                 load.settle()
             stats = stream_client.measure_sync(system, plan.streams)
             results["streams"].append({"round": rnd + 1, **stats.to_dict()})
-            log(f"  {system.name:9s} stream  TTFC {stats.ttfc_ms_median:7.3f} ms  chunk delay "
+            log(f"  {system.name:12s} stream  TTFC {stats.ttfc_ms_median:7.3f} ms  chunk delay "
                 f"{stats.chunk_delay_us_median:7.1f} us  chunks {stats.chunks_per_stream:.0f}  "
                 f"errors {len(stats.errors)}")
         cores = foreign.cores()
@@ -251,9 +296,21 @@ def interleaved_rounds(plan: Plan, systems: list[System], body_file: Path, resul
         log(f"  other processes on the machine used {cores:.2f} cores during round {rnd + 1}")
 
 
-def ledger_check(meterline: System, results: dict[str, Any]) -> None:
-    """Did meterline meter what it forwarded? Rows, costs and anomalies after the rounds."""
-    health = wait_ledger_flushed(meterline)
+def forwarder_anomalies(system: System, forwarders: int, tries: int = 40) -> dict[str, Any]:
+    """Each forwarder's anomaly counts, by pid: healthz is answered by whichever forwarder the kernel
+    gives the connection (SO_REUSEPORT), so it is asked on fresh connections until every one answered."""
+    seen: dict[str, Any] = {}
+    for _ in range(tries):
+        health = http_json(f"{sysmod.meterline_base(system)}/_meterline/healthz")
+        seen[str(health["forwarder"]["pid"])] = health["anomalies"]
+        if len(seen) >= forwarders:
+            break
+    return seen
+
+
+def ledger_check(meterline: System, results: dict[str, Any], key: str = "ledger_check") -> None:
+    """Did meterline meter what it forwarded? Rows, costs and anomalies after the rounds, in results[key]."""
+    health, _ = _wait_health(meterline, _quiet, 60.0)  # rows written and their spans exported
     doc = http_json(f"{sysmod.meterline_base(meterline)}/_meterline/sql",
                     b"SELECT count(*), count(cost_usd), count(*) FILTER (WHERE outcome = 'ok'), "
                     b"sum(input_tokens), sum(cost_usd)::VARCHAR, count(*) FILTER (WHERE stream), "
@@ -262,36 +319,46 @@ def ledger_check(meterline: System, results: dict[str, Any]) -> None:
     # JSON may carry big integers and decimals as strings
     rows, priced, ok, tokens, streamed = (int(float(v or 0)) for v in (rows, priced, ok, tokens, streamed))
     overhead_p50, overhead_p99 = (float(v) if v is not None else float("nan") for v in (overhead_p50, overhead_p99))
-    sent = sum(r["requests"] for r in results["load"] if r["system"] == "meterline")
-    streams = sum(s["streams"] + 1 for s in results["streams"] if s["system"] == "meterline")
+    sent = sum(r["requests"] for r in results["load"] if r["system"] == meterline.name)
+    streams = sum(s["streams"] + 1 for s in results["streams"] if s["system"] == meterline.name)
     warmup_note = "plus the warm-up and verification calls"
-    text = (f"After the rounds meterline's ledger held {rows:,} rows ({ok:,} outcome ok, {priced:,} priced, "
+    forwarders = len(tree_sample(meterline).pids.get("forwarder", [])) or 1
+    by_forwarder = forwarder_anomalies(meterline, forwarders)
+    anomalies = ("; ".join(f"forwarder {pid}: {a or 'none'}" for pid, a in by_forwarder.items())
+                 if forwarders > 1 else (health["anomalies"] or "none"))
+    text = (f"After the rounds {meterline.name}'s ledger held {rows:,} rows ({ok:,} outcome ok, {priced:,} priced, "
             f"{streamed:,} streamed; {tokens:,} input tokens, ${cost or '0'}) for {sent:,} wrk responses and "
             f"{streams} streams counted by the clients ({warmup_note}; calls cut off when a wrk run ends are "
             f"recorded as cancelled). overhead_ms as meterline records it: median {overhead_p50:.3f} ms, "
             f"p99 {overhead_p99:.3f} ms. Healthz: written {health['ledger']['written']:,}, pending "
             f"{health['ledger']['pending']}, write failures {health['ledger']['write_failures']}, anomalies "
-            f"{health['anomalies'] or 'none'}. {_span_text(health['telemetry'])}")
-    results["ledger_check"] = {"rows": rows, "priced": priced, "ok": ok, "streamed": streamed, "wrk_responses": sent,
-                               "overhead_ms_p50": overhead_p50, "overhead_ms_p99": overhead_p99,
-                               "health": health, "text": text}
+            f"{anomalies}. {_span_text(health['telemetry'] or {})}")
+    results[key] = {"rows": rows, "priced": priced, "ok": ok, "streamed": streamed, "wrk_responses": sent,
+                    "overhead_ms_p50": overhead_p50, "overhead_ms_p99": overhead_p99,
+                    "anomalies_by_forwarder": by_forwarder, "health": health, "text": text}
     log(text)
 
 
 def _span_text(telemetry: dict[str, Any]) -> str:
     # spans are shed, not queued without bound, when the exporter falls behind: a run must show it
+    if not telemetry:
+        return "Spans: no telemetry in healthz (the sinks process did not answer)."
     return (f"Spans: exported {telemetry['spans_exported']:,}, still queued {telemetry['spans_queued']:,}, dropped "
             f"{telemetry['spans_dropped']:,} ({telemetry['spans_dropped_queue_full']:,} with the queue full, "
             f"{telemetry['spans_dropped_export']:,} in failed exports).")
 
 
 class RssSampler:
-    """Samples a process's RSS once a second into a timeline, on a thread, until stopped."""
+    """Samples the RSS of a process tree (meterline's supervisor, forwarder(s) and sinks process) once a
+    second into a timeline, on a thread, until stopped."""
 
-    def __init__(self, pid: int) -> None:
-        self.pid = pid
+    def __init__(self, system: System) -> None:
+        self.system = system
+        self.root = system.service.pid
+        self.sinks = sysmod.sinks_pid(system)
         self.start = time.monotonic()
-        self.timeline: list[tuple[float, float]] = []
+        self.timeline: list[tuple[float, float]] = []  # (s, whole tree MiB)
+        self.roles: list[tuple[float, dict[str, float]]] = []  # (s, {role: MiB})
         self.stopping = threading.Event()
         self.thread = threading.Thread(target=self._run, daemon=True)
 
@@ -300,15 +367,29 @@ class RssSampler:
             self.sample()
             self.stopping.wait(1.0)
 
-    def sample(self) -> float:
-        mib = rss_mib(self.pid) or float("nan")
-        self.timeline.append((round(time.monotonic() - self.start, 2), round(mib, 2)))
-        return mib
+    def tree(self) -> TreeSample:
+        if self.sinks is not None and self.sinks not in child_pids(self.root):  # restarted: ask again
+            self.sinks = sysmod.sinks_pid(self.system)
+        return sample_tree(self.root, self.sinks)
+
+    def sample(self) -> TreeSample:
+        got = self.tree()
+        t = round(time.monotonic() - self.start, 2)
+        self.timeline.append((t, round(got.rss_mib["total"] or float("nan"), 2)))
+        self.roles.append((t, {r: round(v, 2) for r, v in got.rss_mib.items() if r != "total"}))
+        return got
 
     def point(self, memory: dict[str, Any], name: str) -> float:
-        """Samples now and notes the RSS and its anonymous / file-backed split under `name`."""
-        mib = memory[f"{name}_mib"] = self.sample()
-        memory[f"{name}_anon_mib"], memory[f"{name}_file_mib"] = rss_split_mib(self.pid)
+        """Samples now and notes the tree's RSS, its anonymous / file-backed split, its PSS (shared pages
+        counted once) and the RSS of each role under `name`."""
+        got = self.sample()
+        pids = [p for ps in got.pids.values() for p in ps]
+        splits = [rss_split_mib(p) for p in pids]
+        mib = memory[f"{name}_mib"] = got.rss_mib["total"] or float("nan")
+        memory[f"{name}_anon_mib"] = sum(a for a, _ in splits)
+        memory[f"{name}_file_mib"] = sum(f for _, f in splits)
+        memory[f"{name}_pss_mib"] = sum(pss_mib(p) for p in pids)
+        memory[f"{name}_roles_mib"] = {r: v for r, v in got.rss_mib.items() if r != "total"}
         return mib
 
     def __enter__(self) -> RssSampler:
@@ -327,7 +408,7 @@ def memory_and_lag(plan: Plan, fake: System, work: Path, body_file: Path, result
         pid = meterline.service.pid
         memory: dict[str, Any] = {"calls": 0}
         foreign = ForeignCpu([pid, fake.service.pid])
-        with RssSampler(pid) as rss:
+        with RssSampler(meterline) as rss:
             rss.point(memory, "idle")
             warm = min(1000, plan.memory_calls)
             bound = max(60.0, plan.memory_calls / 200)  # time bound: at least 200 calls/s or it stops
@@ -351,6 +432,7 @@ def memory_and_lag(plan: Plan, fake: System, work: Path, body_file: Path, result
         results["foreign_cpu"].append({"phase": "memory", "cores": round(foreign.cores(), 3)})
         memory["growth_mib"] = memory["after_mib"] - memory["idle_mib"]
         memory["timeline"] = rss.timeline
+        memory["timeline_roles"] = rss.roles
         results["memory"] = memory
         log(f"memory: rested {memory['rested_mib']:.1f} MiB; growth {memory['growth_mib']:+.1f} MiB")
         log(f"ledger lag: {plan.lag_rate:g} calls/s for {plan.lag_s:g} s")
@@ -431,7 +513,7 @@ def main(argv: list[str] | None = None) -> int:
                  "command": " ".join([".venv/bin/python", "bench/run.py", *(argv if argv is not None else sys.argv[1:])]),
                  **machine()},
         "plan": asdict(plan), "systems": {}, "peers": {}, "load": [], "streams": [], "memory": {}, "lag": {},
-        "ledger_check": {}, "errors": [], "notes": [], "foreign_cpu": [],
+        "ledger_check": {}, "ledger_check_w2": {}, "errors": [], "notes": [], "foreign_cpu": [],
     }
     body_file = work / "body.json"
     body_file.write_bytes(sysmod.request_body())
@@ -444,9 +526,12 @@ def main(argv: list[str] | None = None) -> int:
             raise _NothingToMeasure from e
         log("systems: " + ", ".join(s.name for s in running))
         meterline = next((s for s in running if s.name == "meterline"), None)
+        w2 = next((s for s in running if s.name == "meterline-w2"), None)
         phase("interleaved rounds", results, lambda: interleaved_rounds(plan, running, body_file, results))
         if meterline is not None:
             phase("ledger check", results, lambda: ledger_check(meterline, results))
+        if w2 is not None:
+            phase("ledger check (2 workers)", results, lambda: ledger_check(w2, results, "ledger_check_w2"))
         for system in running:
             if system is not fake:
                 system.service.stop()  # the memory and lag phases get the machine to themselves
@@ -470,6 +555,8 @@ def main(argv: list[str] | None = None) -> int:
     md_path, chart = write_outputs(plan, results, Path(args.out), stamp)
     summary = results["summary"]
     print(report.results_table(summary))
+    print()
+    print(report.process_table(summary))
     print()
     print(report.targets_table(summary))
     print(f"\nwrote {md_path}" + (f" and {chart.name}" if chart else "") + f" ({results['meta']['wall_s']:.0f} s)")

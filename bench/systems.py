@@ -1,4 +1,4 @@
-"""The systems under test (direct, bare forwarder, meterline, LiteLLM, Portkey): how each is started and called."""
+"""The systems under test (direct, bare forwarder, meterline with one and two workers, LiteLLM, Portkey): how each is started and called."""
 from __future__ import annotations
 
 import json
@@ -84,27 +84,45 @@ def meterline_command() -> list[str]:
     return [str(exe)] if exe.exists() else [_python(), "-m", "sidecar.cli"]
 
 
-def start_meterline(workdir: Path, fake: System, name: str = "meterline") -> System:
+def start_meterline(workdir: Path, fake: System, name: str = "meterline", workers: int = 1) -> System:
     """`meterline serve` as users run it, on a fresh ledger in `workdir`, with everything on: journal
     and ledger, two budget rules every call is admitted and settled against (one split per API
-    key), traces exported over OTLP/HTTP to the fake (which drops them), metrics."""
+    key), traces exported over OTLP/HTTP to the fake (which drops them), metrics. With `workers` > 1
+    (`--workers N`) the same without the budget rules, which meterline refuses with more than one
+    forwarder until budgets have shared state."""
     workdir.mkdir(parents=True, exist_ok=True)
     port = free_port()
     config = workdir / f"{name}.yaml"
+    budgets = ("budgets:\n"
+               "  - {name: bench-daily, window: day, limit_usd: 1000000, action: block}\n"
+               "  - {name: bench-per-key, per: key, window: hour, limit_usd: 100000, action: block}\n")
     config.write_text(
         f"upstreams:\n  openai: {{base_url: {fake_base(fake)}}}\n"
-        "budgets:\n"
-        "  - {name: bench-daily, window: day, limit_usd: 1000000, action: block}\n"
-        "  - {name: bench-per-key, per: key, window: hour, limit_usd: 100000, action: block}\n"
-        "telemetry: {batch_delay_s: 1}\n"
+        + (budgets if workers == 1 else "")
+        + "telemetry: {batch_delay_s: 1}\n"
     )
     env = {"PYTHONPATH": str(ROOT), "OTEL_EXPORTER_OTLP_ENDPOINT": fake_base(fake),
            "OTEL_EXPORTER_OTLP_PROTOCOL": "http/protobuf"}
     service = Service(name, [*meterline_command(), "serve", "--config", str(config), "--port", str(port),
-                             "--db", str(workdir / f"{name}.duckdb")],
+                             "--db", str(workdir / f"{name}.duckdb"), "--workers", str(workers)],
                       f"http://{LOOPBACK}:{port}/_meterline/healthz", workdir / f"{name}.log",
                       cwd=workdir, env=env).start()
-    return System("meterline", f"http://{LOOPBACK}:{port}/openai/v1/chat/completions", service)
+    return System(name, f"http://{LOOPBACK}:{port}/openai/v1/chat/completions", service)
+
+
+def is_meterline(system: System) -> bool:
+    return system.name.startswith("meterline")
+
+
+def sinks_pid(system: System) -> int | None:
+    """The pid of meterline's sinks process, from healthz (None for other systems, or when it is down)."""
+    if not is_meterline(system):
+        return None
+    try:
+        with urllib.request.urlopen(f"{meterline_base(system)}/_meterline/healthz", timeout=5) as resp:
+            return json.loads(resp.read()).get("sinks", {}).get("pid")
+    except (OSError, ValueError):
+        return None
 
 
 def meterline_base(system: System) -> str:

@@ -360,13 +360,16 @@ async def run(opts: Options, out: Callable[[str], None] = print) -> int:
 
 
 async def _settled(driver_url: str, timeout_s: float = 10.0) -> None:
-    """Waits until the ledger writer has committed everything (its writes are asynchronous)."""
+    """Waits until the ledger has every call (the sinks process reads the journal, then commits)."""
     deadline = time.monotonic() + timeout_s
     async with aiohttp.ClientSession() as session:
         while time.monotonic() < deadline:
             async with session.get(f"{driver_url}/_meterline/healthz") as resp:
-                if (await resp.json())["ledger"]["pending"] == 0:
-                    return
+                health = await resp.json()
+            sinks = health.get("sinks") or {}
+            if health["ledger"].get("pending") == 0 and sinks.get("backlog_bytes") == 0 \
+                    and sinks.get("open_calls") == 0:
+                return
             await asyncio.sleep(0.1)
 
 

@@ -40,6 +40,7 @@ STOP_WAIT_S = 15.0  # per stage of a drain, before SIGKILL
 MAX_BACKOFF_S = 5.0
 STABLE_S = 10.0  # a child that ran this long and then exited is restarted at once
 _PR_SET_PDEATHSIG = 1
+SINKS_NICE = 10
 
 
 @dataclass
@@ -149,6 +150,9 @@ def _die_with(parent: int) -> None:
 
 def _sinks_main(config: Config, path: str, parent: int) -> int:
     _die_with(parent)
+    # When the machine's cores are all busy, calls come first: the sinks process's work waits in
+    # the journal and is caught up as soon as a core is free (its lag shows in healthz)
+    os.nice(SINKS_NICE)
     from sinks import main
 
     return main.run(config, path)

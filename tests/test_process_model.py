@@ -8,6 +8,7 @@ import os
 import signal
 import threading
 import time
+import urllib.request
 import uuid
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -100,6 +101,8 @@ def test_the_sinks_process_killed_under_load_loses_and_duplicates_nothing(
     down = _until(lambda: (h := sidecar.health())["status"] == "degraded" and not h["sinks"]["up"] and h,
                   "healthz to report the sinks process down", timeout=10)
     assert down["ledger"]["reachable"] is False
+    page = urllib.request.urlopen(f"{sidecar.url}/_meterline/", timeout=10)  # the dashboard is the forwarder's
+    assert page.status == 200 and b"<html" in page.read().lower()
     during = len(load.statuses)
     second = _until(lambda: (h := sidecar.health())["sinks"]["up"] and h["sinks"]["pid"] != first
                     and h["sinks"]["pid"], "the sinks process to be started again")

@@ -64,13 +64,19 @@ class Sinks:
         """Opens the ledger and writes what the journals hold that it lacks (a thread, not the loop)."""
         self.writer.open()
         self.telemetry.start()
-        caught = 0
-        while True:  # until the journals are read to their end (the second pass resolves dead calls)
+        # What the journals held at start may be in the ledger already (this process was killed
+        # after a commit, before the segments went): read up to there writing only the calls the
+        # ledger lacks. Lines written after that are new. (The second pass resolves dead calls.)
+        ends = self.tail.ends()
+        caught = passes = 0
+        items: list = [None]
+        # (a pass that finds nothing ends it too: a torn last line is never read past)
+        while passes < 2 or (items and not self.tail.read_past(ends)):
             items = self.tail.poll()
             self._quarantine_lines()
-            if not items:
-                break
-            caught += self.writer.catch_up(items)
+            passes += 1
+            if items:
+                caught += self.writer.catch_up(items)
         if caught:
             log.info("wrote %d calls from the journals", caught)
         return caught

@@ -95,6 +95,30 @@ class JournalTail:
         self.read += len(items)
         return items
 
+    def ends(self) -> dict[str, tuple[int, int]]:
+        """Where each directory's journal ends now: (newest segment, its size)."""
+        out = {}
+        try:
+            dirs = [p for p in self.root.iterdir() if p.is_dir() and p.name.startswith("w")]
+        except FileNotFoundError:
+            return out
+        for d in dirs:
+            paths = segments(d)
+            if paths:
+                try:
+                    out[d.name] = (int(paths[-1].stem), paths[-1].stat().st_size)
+                except FileNotFoundError:
+                    pass
+        return out
+
+    def read_past(self, ends: dict[str, tuple[int, int]]) -> bool:
+        """Whether every directory has been read up to `ends` (lines before it may be in the ledger)."""
+        for name, end in ends.items():
+            worker = self.workers.get(name)
+            if worker is None or (worker.segment, worker.offset) < end:
+                return False
+        return True
+
     def take_sent(self, worker_name: str, lines: list[bytes]) -> list[Item]:
         """Lines a forwarder sent over the socket because its journal's disk refused them."""
         items: list[Item] = []

@@ -175,3 +175,27 @@ def test_more_than_one_worker_with_budgets_refuses_to_start(fake: FakeProvider, 
         process.start(timeout=20)
     assert "2 workers cannot share budgets yet" in str(e.value) and "'cap'" in str(e.value)
     assert process.proc is not None and process.proc.returncode == 2
+
+
+def test_sigterm_drains_a_call_in_flight_then_both_processes(fake: FakeProvider,
+                                                            start_sidecar: Callable[..., Sidecar]) -> None:
+    """The forwarders finish their calls and journal them; then the sinks process reads the journal one
+    last time and commits: the call in flight at SIGTERM is in the ledger, as it ended."""
+    sidecar = start_sidecar()
+    tag = uuid.uuid4().hex[:8]
+    children = {sidecar.health()["forwarder"]["pid"], sidecar.health()["sinks"]["pid"]}
+    result: list[int] = []
+    slow = threading.Thread(target=lambda: result.append(_post(sidecar, tag, {
+        "x-fake-scenario": "slow", "x-fake-chunks": "40", "x-fake-chunk-delay-ms": "25"})))
+    slow.start()
+    time.sleep(0.4)  # the call is under way (about a second long)
+    assert sidecar.proc is not None
+    sidecar.proc.send_signal(signal.SIGTERM)
+    slow.join(30)
+    assert sidecar.proc.wait(30) == 0
+    assert result == [200]
+    for pid in children:
+        assert not Path(f"/proc/{pid}").exists() or "zombie" in Path(f"/proc/{pid}/status").read_text()
+    again = start_sidecar(workdir=sidecar.workdir)
+    rows = again.rows(f"tags['run'] = '{tag}'")
+    assert [(r["outcome"], r["status_code"]) for r in rows] == [("ok", 200)]

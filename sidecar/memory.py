@@ -59,6 +59,12 @@ def _trim() -> int:
     return _TRIM(0) if _TRIM is not None else 0
 
 
+def trim() -> int:
+    """Gives freed heap back to the system now (any thread; it takes milliseconds): for the sinks
+    process once a backlog it held in memory is written."""
+    return _trim()
+
+
 def _done(future: asyncio.Future) -> None:
     _State.scheduled = False
     _State.trims += 1

@@ -23,6 +23,7 @@ from ledger import budget_store, sql
 from ledger.budgets import CrossingNote
 from ledger.records import CallExtras, CallRecord
 from ledger.writer import LedgerWriter, journal_dir
+from sidecar import memory
 from sidecar.config import Config
 
 from .queries import Busy, Queries
@@ -31,6 +32,9 @@ from .tail import JournalTail
 log = logging.getLogger("meterline.sinks")
 
 POLL_S = 0.05  # how often the journals are looked at: a call's row lands within this plus the writer's batching
+# Records read but not yet committed: past this the tail stops reading, and a backlog (calls faster
+# than this process can write and export them) waits in the journal on disk rather than in memory
+MAX_PENDING = 20_000
 # what a forwarder may ask the ledger for, by name (ledger/budget_store.py): nothing else is callable
 DB_FUNCTIONS = {f.__name__: f for f in (budget_store.api_rules, budget_store.history, budget_store.recent_outputs,
                                         budget_store.save_rule, budget_store.delete_rule, budget_store.save_topup)}
@@ -50,6 +54,7 @@ class Sinks:
         self.started_at = time.time()
         self._polling = threading.Lock()  # the tail thread and `sync` take turns reading the journals
         self._stop = threading.Event()
+        self._backlogged = False  # reading paused at MAX_PENDING since the last trim
         self._thread: threading.Thread | None = None
         self.writer.sinks.append(self.telemetry)
         self.writer.sinks.append(self)
@@ -110,6 +115,12 @@ class Sinks:
 
     def _poll_once(self) -> int:
         with self._polling:
+            if self.writer.pending >= MAX_PENDING:
+                self._backlogged = True
+                return self.writer.submitted
+            if self._backlogged and self.writer.pending < MAX_PENDING // 20:
+                self._backlogged = False
+                memory.trim()  # what the backlog's records took goes back to the system
             items = self.tail.poll()
             for record, token, extras in items:
                 self.writer.submit(record, token, extras)

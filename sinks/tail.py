@@ -28,6 +28,7 @@ from ledger.records import CallExtras, CallRecord
 log = logging.getLogger("meterline.tail")
 
 READ_BYTES = 4 * 1024 * 1024  # read at most this much of one segment per pass
+MAX_ITEMS = 20_000  # a pass stops reading further segments past this many records (a backlog stays on disk)
 
 
 @dataclass(frozen=True, slots=True)
@@ -173,7 +174,7 @@ class JournalTail:
             worker.segment, worker.offset, worker.fields, worker.incarnation = later[0], 0, _FIELDS, None
         while True:
             done = self._read_segment(worker, items)
-            if not done or worker.segment == worker.newest:
+            if not done or worker.segment == worker.newest or len(items) >= MAX_ITEMS:
                 break
             # the forwarder moved on to a newer segment: this one is complete
             following = [n for n in numbers if n > worker.segment]

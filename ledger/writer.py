@@ -241,8 +241,8 @@ class LedgerWriter:
                     stopping = True
                     break
                 new.append(item)
-            self._fan_out(new)
             retry = self._write(cur, retry + new)
+            self._fan_out(new)  # after the commit: a row is readable before its span and metrics are made
             if retry and not stopping:
                 time.sleep(min(5.0, 0.1 * 2 ** min(self.failures, 6)))
         if retry:

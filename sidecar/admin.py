@@ -5,9 +5,11 @@ API by this forwarder's guard.
 """
 from __future__ import annotations
 
+import asyncio
 import ipaddress
 import os
 from decimal import Decimal, InvalidOperation
+from pathlib import Path
 
 import orjson
 from aiohttp import web
@@ -53,7 +55,9 @@ async def healthz(request: web.Request) -> web.Response:
         ledger = {"path": str(rt.config.ledger_path), "reachable": False, "error": problem}
         degraded = True
         telemetry = None
-        sinks_part = {"up": False, "error": problem}
+        # what waits for it: this forwarder's journal on disk (an upper bound: some may be read already)
+        on_disk = await asyncio.get_running_loop().run_in_executor(None, _journal_bytes, j.dir)
+        sinks_part = {"up": False, "error": problem, "backlog_bytes": on_disk}
     else:
         ledger = {**sinks["ledger"], "reachable": True}
         degraded = ledger["failing"] or ledger["rejected"]
@@ -72,6 +76,16 @@ async def healthz(request: web.Request) -> web.Response:
         "telemetry": telemetry,
     }
     return _json(body)
+
+
+def _journal_bytes(directory: Path) -> int:
+    total = 0
+    for path in directory.glob("*.jsonl"):
+        try:
+            total += path.stat().st_size
+        except FileNotFoundError:
+            pass
+    return total
 
 
 async def metrics(request: web.Request) -> web.Response:

@@ -43,7 +43,13 @@ def is_lock_error(e: BaseException) -> bool:
     return "Could not set lock" in str(e) or "Conflicting lock" in str(e)
 
 
+# The span exporter's thread encodes in pure Python for tens of milliseconds at a time; at the
+# default 5 ms switch interval the writer and the tail wait that long each time they want the GIL
+SWITCH_INTERVAL_S = 0.001
+
+
 async def _main(config: Config, socket_path: str) -> int:
+    sys.setswitchinterval(SWITCH_INTERVAL_S)
     loop = asyncio.get_running_loop()
     stop = asyncio.Event()
     for sig in (signal.SIGTERM, signal.SIGINT):

@@ -100,7 +100,7 @@ def test_the_sinks_process_killed_under_load_loses_and_duplicates_nothing(
     # while it is down calls still flow, and healthz says so
     down = _until(lambda: (h := sidecar.health())["status"] == "degraded" and not h["sinks"]["up"] and h,
                   "healthz to report the sinks process down", timeout=10)
-    assert down["ledger"]["reachable"] is False
+    assert down["ledger"]["reachable"] is False and down["sinks"]["backlog_bytes"] > 0  # the calls that wait
     page = urllib.request.urlopen(f"{sidecar.url}/_meterline/", timeout=10)  # the dashboard is the forwarder's
     assert page.status == 200 and b"<html" in page.read().lower()
     during = len(load.statuses)

@@ -143,8 +143,15 @@ def _json_kwargs(target: Target, observer: Observer | None, signal: str) -> dict
 class _Reporting:
     """What both http transports of ours do after each request: tell the observer how it went."""
 
-    observer: Observer | None
-    signal: str
+    def __init__(self, observer: Observer | None, signal: str, **kwargs: Any) -> None:
+        super().__init__(**kwargs)  # the SDK transport this is mixed into
+        self.observer = observer
+        self.signal = signal
+
+    def request(self, method: str, url: str, **kwargs: Any) -> BaseHTTPResult:
+        result = super().request(method, url, **kwargs)  # type: ignore[misc]
+        self._report(result)
+        return result
 
     def _report(self, result: BaseHTTPResult) -> None:
         observer = self.observer
@@ -172,27 +179,11 @@ class _Reporting:
 
 
 class _ObservedRequestsTransport(_Reporting, RequestsHTTPTransport):
-    def __init__(self, observer: Observer | None, signal: str, **kwargs: Any) -> None:
-        super().__init__(**kwargs)
-        self.observer = observer
-        self.signal = signal
-
-    def request(self, method: str, url: str, **kwargs: Any) -> BaseHTTPResult:
-        result = super().request(method, url, **kwargs)
-        self._report(result)
-        return result
+    """http/protobuf's transport, reporting each attempt."""
 
 
 class _ObservedUrllib3Transport(_Reporting, Urllib3HTTPTransport):
-    def __init__(self, observer: Observer | None, signal: str, **kwargs: Any) -> None:
-        super().__init__(**kwargs)
-        self.observer = observer
-        self.signal = signal
-
-    def request(self, method: str, url: str, **kwargs: Any) -> BaseHTTPResult:
-        result = super().request(method, url, **kwargs)
-        self._report(result)
-        return result
+    """http/json's transport, reporting each attempt."""
 
 
 # the default backoff of a gRPC channel grows to 120 s, during which every call fails at once with

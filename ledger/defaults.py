@@ -23,3 +23,8 @@ def salt_path(db_path: str | Path) -> Path:
 def read_salt(db_path: str | Path) -> bytes:
     """The fingerprint salt a forwarder needs; the sinks process made it when it opened the ledger."""
     return bytes.fromhex(salt_path(db_path).read_text().strip())
+
+
+def is_lock_error(e: BaseException) -> bool:
+    """DuckDB's error when another process holds the ledger file."""
+    return "Could not set lock" in str(e) or "Conflicting lock" in str(e)

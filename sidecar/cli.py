@@ -15,6 +15,7 @@ import httpx2
 import orjson
 
 from exporters import http_client
+from ledger.defaults import is_lock_error
 from jobs import cli_reconcile
 
 from . import config as config_mod
@@ -127,10 +128,6 @@ def _serve(args: argparse.Namespace, cfg: config_mod.Config) -> int:
         return 1
 
 
-def _is_lock_error(e: BaseException) -> bool:
-    return "Could not set lock" in str(e) or "Conflicting lock" in str(e)
-
-
 def _first_line(e: BaseException) -> str:
     text = str(e).strip() or type(e).__name__
     return text.splitlines()[0]
@@ -215,7 +212,7 @@ def _on_file(path: str, fn: Any) -> Any:
     except FileNotFoundError as e:
         raise _Failed(str(e)) from None
     except Exception as e:  # noqa: BLE001 - DuckDB's errors, made one line
-        if _is_lock_error(e):
+        if is_lock_error(e):
             raise _Failed(f"the ledger {path} is in use by another process (a running sidecar?): query it through "
                           "that sidecar with --url HOST:PORT or METERLINE_URL") from None
         raise _Failed(f"cannot open the ledger {path}: {_first_line(e)}") from None

@@ -9,10 +9,11 @@ connections that arrived while it was down wait in the backlog instead of being 
 are forked from this process before it starts any thread or loop, and die with it
 (PR_SET_PDEATHSIG): a killed supervisor leaves nothing holding the ledger or the port.
 
-A child that exits is started again (after 0.1 s, doubling up to 5 s while it keeps failing
-quickly); the first start of the sinks process failing (a ledger in use, a bad file) ends `serve`
-with its message. SIGTERM or SIGINT drains: forwarders first (their calls in flight finish and
-are journaled), then the sinks process (it reads the journals one last time and commits).
+A child that exits is started again: at once if it ran STABLE_S, else after a wait that doubles
+from 0.2 s up to 5 s while it keeps failing quickly. The first start of the sinks process failing
+(a ledger in use, a bad file) ends `serve` with its message. SIGTERM or SIGINT drains: forwarders
+first (their calls in flight finish and are journaled), then the sinks process (it reads the
+journals one last time and commits).
 Children ignore SIGINT: a Ctrl-C reaches the whole process group, and the order matters.
 """
 from __future__ import annotations

@@ -7,6 +7,7 @@ import signal
 import sys
 import time
 
+from ledger.defaults import is_lock_error
 from sidecar.config import Config
 
 from . import rpc
@@ -37,10 +38,6 @@ def describe_start_error(e: BaseException, ledger: str) -> str:
         return (f"the ledger {ledger} is in use by another process (another meterline serve?): "
                 "stop it, or give this one its own --db")
     return f"cannot start: {text.splitlines()[0]}"
-
-
-def is_lock_error(e: BaseException) -> bool:
-    return "Could not set lock" in str(e) or "Conflicting lock" in str(e)
 
 
 # The span exporter's thread encodes in pure Python for tens of milliseconds at a time; at the

@@ -55,7 +55,7 @@ from opentelemetry.sdk.metrics.view import ExplicitBucketHistogramAggregation, V
 from . import semconv
 from .settings import Target, TelemetrySettings
 from .spans import sdk_resource
-from .workers import FailureLog
+from .workers import SDK_LOGS, FailureLog
 
 log = logging.getLogger("meterline.telemetry")
 
@@ -221,54 +221,6 @@ def _plain(value: Number) -> int | float:
 
 # --- the OTLP push ----------------------------------------------------------------------------------
 
-# The SDK exporters' loggers: one line per failed attempt, and per retry. While our exporter runs on a
-# thread, what they say there is held back (FailureLog says it, once, then at most once a minute, with
-# counts; the line is kept as the reason when the export failed before any request); elsewhere they
-# log as usual.
-SDK_EXPORTER_LOGGERS = (
-    "opentelemetry.exporter.otlp.common.http",
-    "opentelemetry.exporter.otlp.proto.http.metric_exporter",
-    "opentelemetry.exporter.otlp.proto.http._common",
-    "opentelemetry.exporter.otlp.proto.grpc.exporter",
-    "opentelemetry.exporter.otlp.proto.grpc.metric_exporter",
-    "opentelemetry.exporter.otlp.proto.common._internal",
-    "opentelemetry.exporter.otlp.proto.common._internal.metrics_encoder",
-    "opentelemetry.exporter.otlp.json.http.metric_exporter",
-    "opentelemetry.exporter.otlp.json.http._internal",
-    "opentelemetry.exporter.otlp.json.common._internal",
-    "opentelemetry.exporter.otlp.json.common._internal.metrics_encoder",
-)
-
-
-class _LogTap(logging.Filter):
-    """Holds back the SDK exporters' records on a thread while it is inside `PushExporter.export`."""
-
-    _local = threading.local()
-
-    def filter(self, record: logging.LogRecord) -> bool:
-        said: list[str] | None = getattr(self._local, "said", None)
-        if said is None:
-            return True
-        if record.levelno >= logging.WARNING:
-            said.append(record.getMessage())
-        return False
-
-    def __enter__(self) -> list[str]:
-        said: list[str] = []
-        self._local.said = said
-        return said
-
-    def __exit__(self, *exc: object) -> None:
-        self._local.said = None
-
-
-_TAP = _LogTap()
-for _name in SDK_EXPORTER_LOGGERS:
-    _logger = logging.getLogger(_name)
-    if not any(isinstance(f, _LogTap) for f in _logger.filters):
-        _logger.addFilter(_TAP)
-
-
 class PushExporter(MetricExporter):
     """The SDK's OTLP metric exporter, counted: pushes, failed attempts (the SDK retries inside one push, each
     attempt is seen through `otlp_exporters.Observer`), the last failure's reason, overflowed metrics."""
@@ -307,7 +259,7 @@ class PushExporter(MetricExporter):
                **kwargs: Any) -> MetricExportResult:
         self.overflowed = count_overflowed(metrics_data)
         self._attempt_failed = False
-        with _TAP as said:
+        with SDK_LOGS as said:
             try:
                 result = self.inner.export(floats(metrics_data), timeout_millis=timeout_millis, **kwargs)
             except Exception as e:  # noqa: BLE001 - the reader's thread must survive anything
@@ -327,7 +279,7 @@ class PushExporter(MetricExporter):
         return self.inner.force_flush(timeout_millis=timeout_millis)
 
     def shutdown(self, timeout_millis: float = 30_000, **kwargs: Any) -> None:
-        with _TAP:
+        with SDK_LOGS:
             self.inner.shutdown(timeout_millis=timeout_millis, **kwargs)
 
 

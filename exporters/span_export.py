@@ -19,36 +19,11 @@ from opentelemetry.sdk.trace.export import BatchSpanProcessor, SpanExporter, Spa
 
 from . import otlp_exporters
 from .settings import Target
-from .workers import FailureLog
+from .workers import SDK_LOGS, FailureLog
 
 log = logging.getLogger("meterline.telemetry")
 
-# the loggers the SDK's OTLP exporters write to while exporting (each line is an attempt we count already)
-SDK_EXPORT_LOGGERS = (
-    "opentelemetry.exporter.otlp.proto.http.trace_exporter",
-    "opentelemetry.exporter.otlp.proto.http.metric_exporter",
-    "opentelemetry.exporter.otlp.json.http.trace_exporter",
-    "opentelemetry.exporter.otlp.json.http.metric_exporter",
-    "opentelemetry.exporter.otlp.proto.grpc.exporter",
-    "opentelemetry.exporter.otlp.common.http",
-)
-
 SHUTDOWN_GRACE_S = 0.5  # after shutdown's timeout, for the request in flight to end (and its batch be counted)
-
-_exporting = threading.local()
-
-
-class _QuietWhileExporting(logging.Filter):
-    """Drops the SDK exporters' records made inside one of our exports (and only those)."""
-
-    def filter(self, record: logging.LogRecord) -> bool:
-        return not getattr(_exporting, "active", False)
-
-
-_QUIET = _QuietWhileExporting()
-for _name in SDK_EXPORT_LOGGERS:
-    logging.getLogger(_name).addFilter(_QUIET)
-
 
 class CountingExporter(SpanExporter):
     """Wraps the SDK's OTLP span exporter: counts what each export did, and each attempt inside it."""
@@ -87,15 +62,13 @@ class CountingExporter(SpanExporter):
         self._idle.clear()
         self._rejected_now = 0
         self._attempt_failed = False
-        _exporting.active = True
         try:
-            result = self.inner.export(spans)
+            with SDK_LOGS:
+                result = self.inner.export(spans)
         except Exception as e:  # noqa: BLE001 - the processor's thread must survive anything a batch does
             result = SpanExportResult.FAILURE
             self.last_error = f"{type(e).__name__}: {e}"
             log.exception("exporting %d spans failed unexpectedly; they are dropped", count)
-        finally:
-            _exporting.active = False
         if result is SpanExportResult.SUCCESS:
             rejected = min(self._rejected_now, count)
             self.exported += count - rejected

@@ -32,6 +32,8 @@ from tests.fakes import Exchange, FakeProvider
 from tests.otlp_receiver import GrpcReceiver, HttpReceiver, Receiver
 from tests.sidecar_process import Sidecar
 
+pytest_plugins = ["tests.fleet_servers"]  # redis_server, redis_url, postgres_server, postgres_url
+
 QUANTUM = Decimal("0.000000000001")  # the ledger's DECIMAL(38, 12)
 CATALOG_SOURCE = f"genai-prices {genai_prices.__version__}"
 CASE_HEADER = "x-e2e-case"  # forwarded to the fake, which records it: finds the call's exchange

@@ -25,7 +25,9 @@ CHAT_PATH = "/openai/v1/chat/completions"
 CALM_PATH = "/calm/v1/chat/completions"  # the concurrent calls' upstream: a fake of its own
 AUTH = {"Authorization": "Bearer sk-e2e", "Content-Type": "application/json"}
 ADDED_LATENCY_MS = 50
-WORST_ADDED_MS = 300
+# a frozen loop holds every concurrent call for seconds; on 2 cores shared with a parallel test run one
+# call can lose the CPU for a few hundred ms (seen: 362 ms), which is not what this test is about
+WORST_ADDED_MS = 1000
 RSS_GROWTH_MB = 100
 
 

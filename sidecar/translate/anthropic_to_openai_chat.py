@@ -32,12 +32,14 @@ STOP_REASONS = {
 
 # OpenAI takes at most four stop sequences; dropping the rest would change where the answer ends.
 MAX_STOP_SEQUENCES = 4
+MAX_USER_LENGTH = 64
 
 # Request fields with no Chat Completions equivalent whose loss leaves the answer's meaning
 # intact: named in x-meterline-dropped (as is any field not handled). Listed for the docs' table.
-_DROP = ("top_k", "service_tier", "speed", "inference_geo", "cache_control")
-# Server-side Anthropic features: dropping them changes the answer, so they are refused.
-_REFUSE = ("container", "mcp_servers", "context_management")
+# Anthropic's server-side features (MCP servers, code-execution containers, context editing)
+# are dropped like its server tools: the call is answered without them, and says so.
+_DROP = ("top_k", "service_tier", "speed", "inference_geo", "cache_control", "container",
+         "mcp_servers", "context_management")
 _HANDLED = {"model", "system", "messages", "max_tokens", "temperature", "top_p", "stop_sequences",
             "tools", "tool_choice", "thinking", "output_config", "output_format", "metadata",
             "stream"}
@@ -226,13 +228,17 @@ def _assistant(content: Any, dropped: Dropped) -> dict | None:
     return message
 
 
-def _tools(tools: list, dropped: Dropped) -> list:
-    out = []
+def _tools(tools: list, dropped: Dropped) -> tuple[list, set]:
+    """(OpenAI tools, names of the Anthropic-typed tools left out)."""
+    out, left_out = [], set()
     for tool in tools:
         if tool.get("type") not in (None, "custom"):
-            # web_search, bash, text_editor, computer, code_execution...: run by Anthropic or
-            # defined by its schema, which an OpenAI model does not know.
-            raise _refuse(f"tool type {tool.get('type')!r} is an Anthropic tool with no Chat Completions equivalent")
+            # web_search, web_fetch, code_execution, bash, text_editor, computer...: run by
+            # Anthropic or defined by its schema, which an OpenAI model does not know. The
+            # call goes on without them and names them (tools[web_search_20250305]).
+            dropped.append(f"tools[{tool.get('type')}]")
+            left_out.add(tool.get("name"))
+            continue
         fn: dict = {"name": tool.get("name")}
         if tool.get("description"):
             fn["description"] = tool["description"]
@@ -243,7 +249,7 @@ def _tools(tools: list, dropped: Dropped) -> list:
             if key not in ("type", "name", "description", "input_schema", "strict"):
                 dropped.append("cache_control" if key == "cache_control" else f"tools[].{key}")
         out.append({"type": "function", "function": fn})
-    return out
+    return out, left_out
 
 
 def _tool_choice(choice: dict) -> Any:
@@ -301,9 +307,6 @@ def request(doc: dict, model: str, *, inline_images_only: bool = False,
     caller was allowed to fetch to (media type, bytes). Raises TranslateError when a field cannot
     be dropped without changing the answer."""
     dropped: Dropped = []
-    for key in _REFUSE:
-        if doc.get(key):
-            raise _refuse(f"{key!r} is an Anthropic server-side feature")
     images = _Images(inline_images_only, fetched_images)
 
     messages: list = []
@@ -337,8 +340,11 @@ def request(doc: dict, model: str, *, inline_images_only: bool = False,
             raise _refuse(f"{len(stop)} stop_sequences (OpenAI takes at most {MAX_STOP_SEQUENCES})")
         out["stop"] = list(stop)
 
-    tools = _tools(doc.get("tools") or [], dropped)
+    tools, left_out = _tools(doc.get("tools") or [], dropped)
     choice = doc.get("tool_choice")
+    if choice and (choice.get("type") == "tool" and choice.get("name") in left_out
+                   or choice.get("type") == "any" and left_out and not tools):
+        raise _refuse("tool_choice requires an Anthropic tool that has no Chat Completions equivalent")
     if tools:
         out["tools"] = tools
         if choice:
@@ -354,9 +360,14 @@ def request(doc: dict, model: str, *, inline_images_only: bool = False,
     fmt = _response_format(doc, dropped)
     if fmt:
         out["response_format"] = fmt
-    metadata = doc.get("metadata") or {}
-    if metadata.get("user_id"):
-        out["user"] = metadata["user_id"]
+    user_id = (doc.get("metadata") or {}).get("user_id")
+    if user_id:
+        # OpenAI refuses a `user` over 64 characters (coding agents send longer ids); it only
+        # serves abuse monitoring, so a longer one is dropped rather than failing the call.
+        if len(user_id) <= MAX_USER_LENGTH:
+            out["user"] = user_id
+        else:
+            dropped.append("metadata.user_id")
     if doc.get("stream"):
         # Always: the Anthropic client expects usage in every stream, and metering reads it
         # from the upstream's own bytes.

@@ -225,6 +225,8 @@ def test_stop_reason_table(finish, tools, refusal, want) -> None:
 def test_unknown_finish_reason_in_a_stream_is_not_end_turn() -> None:
     data = raw("text", "upstream.sse").replace(b'"finish_reason":"stop"', b'"finish_reason":"brand_new_reason"')
     assert events(translate_stream(data, []))[-2]["delta"]["stop_reason"] == "error"
+    # The anthropic SDK passes the reason on rather than failing or turning it into end_turn.
+    assert sdk_stream_final("text", translate_stream(data, [])).stop_reason == "error"
     doc = load("text", "upstream.json")
     doc["choices"][0]["finish_reason"] = "brand_new_reason"
     assert t.response(doc)["stop_reason"] == "error"
@@ -311,10 +313,9 @@ BASE = {"model": "m", "max_tokens": 100, "messages": [{"role": "user", "content"
 
 @pytest.mark.parametrize("doc,needle", [
     ({"stop_sequences": ["a", "b", "c", "d", "e"]}, "at most 4"),
-    ({"tools": [{"type": "web_search_20250305", "name": "web_search"}]}, "Anthropic tool"),
-    ({"tools": [{"type": "bash_20250124", "name": "bash"}]}, "Anthropic tool"),
-    ({"container": "c_1"}, "container"),
-    ({"mcp_servers": [{"type": "url", "url": "https://x", "name": "x"}]}, "mcp_servers"),
+    ({"tools": [{"type": "web_search_20250305", "name": "web_search"}],
+      "tool_choice": {"type": "tool", "name": "web_search"}}, "Anthropic tool"),
+    ({"tools": [{"type": "bash_20250124", "name": "bash"}], "tool_choice": {"type": "any"}}, "Anthropic tool"),
     ({"thinking": {"type": "enabled"}}, "budget_tokens"),
     ({"output_config": {"effort": "ultra"}}, "effort"),
     ({"output_config": {"format": {"type": "json_schema"}}}, "json_schema"),
@@ -344,6 +345,25 @@ def test_dropped_fields_are_named() -> None:
                        "top_k", "service_tier", "some_future_field"]
     assert body["reasoning_effort"] == "low"
     assert not {"tool_choice", "top_k", "service_tier", "some_future_field"} & set(body)
+
+
+def test_anthropic_tools_and_server_features_are_dropped_and_named() -> None:
+    doc = BASE | {"tools": [{"type": "web_search_20250305", "name": "web_search", "max_uses": 3},
+                            {"name": "f", "input_schema": {"type": "object"}, "cache_control": {"type": "ephemeral"}}],
+                  "tool_choice": {"type": "any"}, "container": "c_1", "context_management": {"edits": []},
+                  "mcp_servers": [{"type": "url", "url": "https://x", "name": "x"}]}
+    body, dropped = t.request(doc, "m")
+    assert [tool["function"]["name"] for tool in body["tools"]] == ["f"]
+    assert body["tool_choice"] == "required"
+    assert dropped == ["tools[web_search_20250305]", "cache_control", "container", "context_management",
+                       "mcp_servers"]
+
+
+def test_long_user_id_is_dropped_not_sent() -> None:
+    long_id = "user_" + "a" * 64 + "_account__session_0f0e"
+    body, dropped = t.request(BASE | {"metadata": {"user_id": long_id}}, "m")
+    assert "user" not in body and dropped == ["metadata.user_id"]
+    assert t.request(BASE | {"metadata": {"user_id": "u-1"}}, "m")[0]["user"] == "u-1"
 
 
 def test_tool_choice_mapping() -> None:

@@ -440,7 +440,8 @@ def response(doc: dict, created: int = 0) -> dict:
         if not isinstance(args, dict):
             if finish == "length":
                 continue  # cut by the token limit: stop_reason max_tokens says the answer is partial
-            raise TranslateError(502, f"the upstream tool call {call.get('id')!r} has arguments that are not a JSON object")
+            raise TranslateError(502, f"the upstream tool call {call.get('id')!r} has arguments "
+                                      "that are not a JSON object")
         calls += 1
         content.append({"type": "tool_use", "id": call.get("id"), "name": fn.get("name"), "input": args})
     return {

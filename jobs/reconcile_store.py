@@ -41,8 +41,10 @@ ROW_COLUMNS = {"run_id": "VARCHAR", "bucket": "TIMESTAMPTZ", "width": "VARCHAR",
 _REQUIRED_ROW = ("bucket", "width", "model")
 
 PART_BYTES = 900 * 1024  # under the sidecar's 1 MiB body cap, with room for the header
-MAX_ROWS = 1_000_000  # rows one upload may hold (all parts); 30 days of hourly rows for 1,000 models
-MAX_UPLOADS = 8  # uploads held at once in the sinks process
+# rows held in the sinks process for uploads not finished yet, all together (30 days of hourly rows
+# for 270 models; a typical run has a few thousand): past it a part is refused, memory stays bounded
+MAX_ROWS = 200_000
+MAX_UPLOADS = 4  # uploads held at once
 UPLOAD_IDLE_S = 300.0  # an upload whose next part does not come within this is dropped
 _RUN_ID = re.compile(r"^[A-Za-z0-9_-]{1,64}$")
 _MAX_TEXT = 1000
@@ -213,9 +215,10 @@ class Uploads:
             if part != expected:
                 self._open.pop(run_id, None)
                 raise Refused(f"part {part} of run {run_id} arrived where part {expected} was due: send the run again")
-            if len(held) + len(rows) > MAX_ROWS:
+            if sum(len(h) for _, h, _ in self._open.values()) + len(rows) > MAX_ROWS:
                 self._open.pop(run_id, None)
-                raise Refused(f"run {run_id} has more than {MAX_ROWS:,} rows")
+                raise Refused(f"more than {MAX_ROWS:,} rows are being handed over (this run and others): "
+                              "use a shorter --since, or --bucket 1d")
             if not last:
                 if run_id not in self._open and len(self._open) >= MAX_UPLOADS:
                     raise Refused(f"{MAX_UPLOADS} runs are being handed over already: try again shortly")

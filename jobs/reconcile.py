@@ -123,7 +123,7 @@ class Drift:
 @dataclass(slots=True)
 class Row:
     bucket: datetime
-    width: str  # "1h" (tokens only) or "1d" (tokens and dollars)
+    width: str  # "1h" (counts only) or "1d" (counts and dollars)
     model: str
     drifts: dict[str, Drift]  # compared metrics only
     cause: str | None  # a key of CAUSES, None when within tolerance

@@ -18,8 +18,8 @@ from decimal import Decimal
 from typing import Any
 
 from exporters.alerts import AlertDispatcher
-from jobs import reconcile_store
 from exporters.telemetry import Telemetry
+from jobs import reconcile_store
 from ledger import budget_store, sql
 from ledger.budgets import CrossingNote
 from ledger.records import CallExtras, CallRecord

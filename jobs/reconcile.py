@@ -282,9 +282,10 @@ def store(con: Any, run: Reconciliation) -> None:
     reconcile_store.insert(con, *records(run))
 
 
-def parts(run: Reconciliation, max_bytes: int = reconcile_store.PART_BYTES) -> list[bytes]:
-    """The run as the request bodies a running sidecar stores it from (POST /_meterline/reconciliations)."""
-    return reconcile_store.parts(*records(run), max_bytes=max_bytes)
+def parts(run: Reconciliation, max_bytes: int | None = None) -> list[bytes]:
+    """The run as the request bodies a running sidecar stores it from (POST /_meterline/reconciliations),
+    each of about reconcile_store.PART_BYTES at most."""
+    return reconcile_store.parts(*records(run), max_bytes=max_bytes or reconcile_store.PART_BYTES)
 
 
 def _ratio(value: Decimal | None) -> Decimal | None:

@@ -105,6 +105,24 @@ def test_a_run_in_parts_is_stored_whole_when_its_last_part_arrives(sidecar: Side
     assert stored(sidecar, run.run_id) == (1, len(run.rows))
 
 
+def test_the_cli_hands_a_large_run_over_in_parts(sidecar: Sidecar, monkeypatch: pytest.MonkeyPatch) -> None:
+    from jobs import cli_reconcile
+    from sidecar.cli import _Client
+
+    monkeypatch.setattr(reconcile_store, "PART_BYTES", 5000)
+    run = a_run(72)
+    said = cli_reconcile._store_via_sidecar(_Client(sidecar.url, TOKEN), run)
+    count = len(reconcile.parts(run))
+    assert count >= 5 and said == (f"stored through the sidecar at {sidecar.url} (tables reconciliations, "
+                                   f"reconciliation_rows; {count} parts)")
+    assert stored(sidecar, run.run_id) == (1, len(run.rows))
+    # with the wrong token it says why it was not stored, in one line
+    again = a_run(2)
+    said = cli_reconcile._store_via_sidecar(_Client(sidecar.url, "wrong"), again)
+    assert said.startswith("not stored: missing or wrong admin token") and "\n" not in said
+    assert stored(sidecar, again.run_id) == (0, 0)
+
+
 def test_a_part_out_of_order_drops_the_upload(sidecar: Sidecar) -> None:
     run = a_run(24)
     bodies = reconcile.parts(run, max_bytes=3000)

@@ -18,10 +18,18 @@ from exporters import http_client
 
 from .reconcile_config import ProviderScope
 
-# OpenAI usage endpoints and the ledger operations each one covers (images and audio report no
-# tokens; they are left out of the comparison on both sides for now)
-OPENAI_USAGE = {"completions": ("chat", "text_completion"), "embeddings": ("embeddings",)}
-ANTHROPIC_OPERATIONS = ("chat", "text_completion")
+# What each usage report counts that the ledger counts too (jobs/reconcile.py maps the ledger's
+# operations to these kinds). OpenAI's speech report counts characters, which the ledger does not
+# record: speeches compare requests (and dollars) only.
+KIND_METRICS = {
+    "completions": ("requests", "uncached_input", "cache_read", "output"),
+    "embeddings": ("requests", "uncached_input"),
+    "images": ("requests", "images"),
+    "audio_speeches": ("requests",),
+    "audio_transcriptions": ("requests", "seconds"),
+    "messages": ("uncached_input", "cache_read", "cache_write", "output"),  # Anthropic's counts no requests
+}
+OPENAI_USAGE = ("completions", "embeddings", "images", "audio_speeches", "audio_transcriptions")
 ANTHROPIC_VERSION = "2023-06-01"
 # the largest page each bucket width allows (both providers document the same limits)
 PAGE_LIMIT = {"1d": 31, "1h": 168}
@@ -42,12 +50,11 @@ Key = tuple[datetime, str]  # (bucket start in UTC, model)
 class ProviderReport:
     """The provider's side: token counts per (bucket, model) at the asked width, dollars per (day, model)."""
 
-    usage: dict[Key, dict[str, int]] = field(default_factory=dict)
+    usage: dict[Key, dict[str, int | Decimal]] = field(default_factory=dict)  # only the metrics its report has
     costs: dict[Key, Decimal] = field(default_factory=dict)
-    metrics: tuple[str, ...] = ()  # the token metrics this provider reports (the others are not compared)
     pages: int = 0  # pages read, all endpoints together
 
-    def add_usage(self, key: Key, values: dict[str, int]) -> None:
+    def add_usage(self, key: Key, values: dict[str, int | Decimal]) -> None:
         have = self.usage.setdefault(key, dict.fromkeys(values, 0))
         for name, value in values.items():
             have[name] = have.get(name, 0) + value
@@ -120,10 +127,26 @@ def _scrub(text: str, key: str | None) -> str:
     return text.replace(key, "[admin key]") if key else text
 
 
-# --- OpenAI: /v1/organization/usage/{completions,embeddings} and /v1/organization/costs
+# --- OpenAI: /v1/organization/usage/{completions,embeddings,images,audio_*} and /v1/organization/costs
+
+def _openai_values(kind: str, r: dict[str, Any]) -> dict[str, int | Decimal]:
+    """One usage result in the ledger's terms: OpenAI's input_tokens include the cached ones."""
+    values: dict[str, int | Decimal] = {"requests": int(r.get("num_model_requests") or 0)}
+    if kind in ("completions", "embeddings"):
+        cached = int(r.get("input_cached_tokens") or 0)
+        values["uncached_input"] = int(r.get("input_tokens") or 0) - cached
+        if kind == "completions":
+            values["cache_read"] = cached
+            values["output"] = int(r.get("output_tokens") or 0)
+    elif kind == "images":
+        values["images"] = int(r.get("images") or 0)
+    elif kind == "audio_transcriptions":
+        values["seconds"] = Decimal(r.get("seconds") or 0)  # integers, in the documented shape
+    return values
+
 
 def _openai(client: httpx2.Client, scope: ProviderScope, since: datetime, until: datetime, bucket: str) -> ProviderReport:
-    report = ProviderReport(metrics=("requests", "uncached_input", "cache_read", "output"))
+    report = ProviderReport()
     window = [("start_time", str(int(since.timestamp()))), ("end_time", str(int(until.timestamp())))]
     filters = [(name, v) for name, values in scope.filters.items() for v in values]
     for kind in OPENAI_USAGE:
@@ -133,13 +156,7 @@ def _openai(client: httpx2.Client, scope: ProviderScope, since: datetime, until:
             for b in doc["data"]:
                 start = _from_unix(b["start_time"])
                 for r in b.get("results") or []:
-                    cached = int(r.get("input_cached_tokens") or 0)
-                    report.add_usage((start, r.get("model") or "(no model)"), {
-                        "requests": int(r.get("num_model_requests") or 0),
-                        "uncached_input": int(r.get("input_tokens") or 0) - cached,
-                        "cache_read": cached,
-                        "output": int(r.get("output_tokens") or 0),
-                    })
+                    report.add_usage((start, r.get("model") or "(no model)"), _openai_values(kind, r))
     params = window + [("bucket_width", "1d"), ("group_by", "line_item"), ("limit", str(OPENAI_COSTS_LIMIT))]
     params += [(name, v) for name, values in scope.filters.items() if name == "project_ids" for v in values]
     for doc in _pages(client, "/v1/organization/costs", params, "openai"):
@@ -164,7 +181,7 @@ def _line_item_model(line_item: Any) -> str:
 # --- Anthropic: /v1/organizations/usage_report/messages and /v1/organizations/cost_report
 
 def _anthropic(client: httpx2.Client, scope: ProviderScope, since: datetime, until: datetime, bucket: str) -> ProviderReport:
-    report = ProviderReport(metrics=("uncached_input", "cache_read", "cache_write", "output"))
+    report = ProviderReport()
     window = [("starting_at", _rfc3339(since)), ("ending_at", _rfc3339(until))]
     filters = [(f"{name}[]", v) for name, values in scope.filters.items() for v in values]
     params = window + [("bucket_width", bucket), ("group_by[]", "model"), ("limit", str(PAGE_LIMIT[bucket]))] + filters

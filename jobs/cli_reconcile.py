@@ -70,7 +70,7 @@ def _run(args: argparse.Namespace, cfg: Any) -> int:
 
     query = reconcile.ledger_query(args.provider, since, until, args.bucket, scope.key_fingerprints)
     try:
-        result, db_path = _ledger(args, cfg, query)
+        result, db_path, sidecar = _ledger(args, cfg, query)
     except Exception as e:  # noqa: BLE001 - DuckDB's or the sidecar's own message is the useful one
         return _fail(f"cannot read the ledger: {e}")
     if result.truncated:
@@ -81,10 +81,10 @@ def _run(args: argparse.Namespace, cfg: Any) -> int:
         return _fail(str(e))
 
     scope_doc = {"base_url": scope.base_url, **scope.filters, "key_fingerprints": scope.key_fingerprints,
-                 "ledger": str(db_path) if db_path else "sidecar"}
+                 "ledger": str(db_path) if db_path else f"sidecar at {sidecar.url}"}
     run_ = reconcile.compare(args.provider, report, reconcile.ledger_side(result), since, until, args.bucket,
                              tolerance, scope_doc)
-    run_.stored = _store(db_path, run_)
+    run_.stored = _store(db_path, run_) if sidecar is None else _store_via_sidecar(sidecar, run_)
     if args.format == "json":
         print(reconcile.to_json(run_))
     else:
@@ -94,8 +94,9 @@ def _run(args: argparse.Namespace, cfg: Any) -> int:
     return 1 if run_.over else 0
 
 
-def _ledger(args: argparse.Namespace, cfg: Any, query: str) -> tuple[Any, str | None]:
-    """The ledger's aggregate (a sql.Result): from the file given by --db, else through a running sidecar, else its file."""
+def _ledger(args: argparse.Namespace, cfg: Any, query: str) -> tuple[Any, str | None, Any]:
+    """The ledger's aggregate (a sql.Result): from the file given by --db, else through a running sidecar, else its
+    file; with the file's path, or the sidecar's client (the run is stored where the ledger was read)."""
     from ledger import sql
 
     # late: sidecar.cli imports this module. The same lookup as `meterline sql`: --url, METERLINE_URL,
@@ -107,21 +108,40 @@ def _ledger(args: argparse.Namespace, cfg: Any, query: str) -> tuple[Any, str | 
         if _through_sidecar(client, args.db):
             result = _sql_via_sidecar(client, {"query": query, "max_rows": sql.MAX_EXPORT_ROWS})
             if result is not None:
-                return result, None
+                return result, None, client
     except _Failed as e:
         raise RuntimeError(str(e)) from None
     path = args.db or cfg.ledger_path
     con = sql.open_file(path)
     try:
-        return sql.run(con, query), path
+        return sql.run(con, query), path, None
     finally:
         con.close()
 
 
-def _store(db_path: str | None, run_: Any) -> str:
-    """Appends the run to the ledger file; a running sidecar owns the file (storing through it comes later)."""
-    if db_path is None:
-        return "not stored: a sidecar owns the ledger (storing runs through the sidecar comes later)"
+def _store_via_sidecar(client: Any, run_: Any) -> str:
+    """Hands the finished run to the sidecar that owns the ledger (its sinks process writes it), in parts
+    under its body cap; only the report's rows go there, never the admin key."""
+    from sidecar.cli import _Failed
+
+    from . import reconcile
+
+    bodies = reconcile.parts(run_)
+    try:
+        for body in bodies:
+            answer = client.call("POST", "/_meterline/reconciliations", body, "application/json")
+            if answer is None:
+                return f"not stored: the sidecar at {client.url} went away"
+    except _Failed as e:
+        return f"not stored: {' '.join(str(e).split())[:300]}"
+    if not isinstance(answer, dict) or answer.get("stored") is not True:
+        return f"not stored: {client.url} did not confirm the run"
+    return (f"stored through the sidecar at {client.url} (tables reconciliations, reconciliation_rows; "
+            f"{len(bodies)} part{'s' if len(bodies) != 1 else ''})")
+
+
+def _store(db_path: str, run_: Any) -> str:
+    """Appends the run to the ledger file (no sidecar holds it)."""
     import duckdb
 
     from . import reconcile

@@ -12,12 +12,11 @@ import orjson
 
 from ledger import sql
 
-from .admin_api import ANTHROPIC_OPERATIONS, OPENAI_USAGE, Key, ProviderReport
+from . import reconcile_store
+from .admin_api import KIND_METRICS, Key, ProviderReport
+from .reconcile_store import METRICS
 
-TOKENS = ("requests", "uncached_input", "cache_read", "cache_write", "output")
-METRICS = (*TOKENS, "usd")
-MONEY = "DECIMAL(38, 12)"
-RATIO = "DECIMAL(38, 12)"
+COUNTS = tuple(m for m in METRICS if m != "usd")  # requests, tokens, images, seconds
 
 # what each attributed cause means, for the report and the docs
 CAUSES = {
@@ -29,11 +28,16 @@ CAUSES = {
     "extra_calls": "the ledger counts more: calls the provider did not bill",
 }
 
-
-def ledger_operations(provider: str) -> tuple[str, ...]:
-    if provider == "openai":
-        return tuple(op for ops in OPENAI_USAGE.values() for op in ops)
-    return ANTHROPIC_OPERATIONS
+# the ledger's calls by the usage report that counts them (OpenAI's speech has no operation of its
+# own in the ledger: the adapter records it as `other`, so its endpoint names it)
+_KIND = {
+    "openai": """CASE WHEN operation IN ('chat', 'text_completion') THEN 'completions'
+            WHEN operation = 'embeddings' THEN 'embeddings'
+            WHEN operation = 'image_generation' THEN 'images'
+            WHEN operation = 'transcription' THEN 'audio_transcriptions'
+            WHEN operation = 'other' AND endpoint LIKE '%/audio/speech' THEN 'audio_speeches' END""",
+    "anthropic": "CASE WHEN operation IN ('chat', 'text_completion') THEN 'messages' END",
+}
 
 
 def _quote(value: str) -> str:
@@ -41,51 +45,70 @@ def _quote(value: str) -> str:
 
 
 def ledger_query(provider: str, since: datetime, until: datetime, bucket: str, key_fingerprints: list[str]) -> str:
-    """One read-only SELECT: the provider's billed calls per (bucket, model), in its own token terms.
+    """One read-only SELECT: the provider's billed calls per (bucket, model, kind), in its own terms.
 
     `input_tokens` counts cached tokens too: OpenAI's uncached input is input minus cache reads;
     Anthropic's is input minus cache reads and cache writes. Blocked calls never reached the provider.
+    Images and audio seconds come from `units`; a group where some successful call did not record
+    them (token-billed image or transcription models) has NULL there: not comparable.
     """
     unit = "hour" if bucket == "1h" else "day"
     uncached = "input_tokens - coalesce(cache_read_tokens, 0)"
     if provider == "anthropic":
         uncached += " - coalesce(cache_write_tokens, 0)"
-    ops = ", ".join(_quote(op) for op in ledger_operations(provider))
-    where = [f"provider = {_quote(provider)}", "outcome <> 'blocked'", f"operation IN ({ops})",
+    where = [f"provider = {_quote(provider)}", "outcome <> 'blocked'",
              f"started_at >= to_timestamp({int(since.timestamp())})",
              f"started_at < to_timestamp({int(until.timestamp())})"]
     if key_fingerprints:
         where.append(f"key_fingerprint IN ({', '.join(_quote(k) for k in key_fingerprints)})")
     reported = "(input_tokens IS NOT NULL OR output_tokens IS NOT NULL)"
+    counted = f"(outcome = 'ok' OR {reported})"
+
+    def unit_sum(name: str) -> str:
+        return f"CASE WHEN count(*) FILTER (WHERE outcome = 'ok' AND {name} IS NULL) = 0 THEN coalesce(sum({name}), 0) END"
+
     return f"""
 SELECT CAST(epoch(date_trunc('{unit}', started_at AT TIME ZONE 'UTC')) AS BIGINT) AS bucket,
-       coalesce(response_model, request_model, '(no model)') AS model,
-       count(*) FILTER (WHERE outcome = 'ok' OR {reported}) AS requests,
+       coalesce(response_model, request_model, '(no model)') AS model, kind,
+       count(*) FILTER (WHERE {counted}) AS requests,
        coalesce(sum({uncached}), 0) AS uncached_input,
        coalesce(sum(cache_read_tokens), 0) AS cache_read,
        coalesce(sum(cache_write_tokens), 0) AS cache_write,
        coalesce(sum(output_tokens), 0) AS output,
+       {unit_sum("images")} AS images,
+       {unit_sum("seconds")} AS seconds,
        sum(cost_usd) AS usd,
-       count(*) FILTER (WHERE cost_usd IS NULL AND {reported}) AS unpriced
-FROM calls
-WHERE {' AND '.join(where)}
-GROUP BY ALL ORDER BY 1, 2"""
+       count(*) FILTER (WHERE cost_usd IS NULL AND {counted}) AS unpriced
+FROM (SELECT *, {_KIND[provider]} AS kind,
+             TRY_CAST(json_extract_string(units, '$.images') AS BIGINT) AS images,
+             TRY_CAST(json_extract_string(units, '$.audio_seconds') AS {reconcile_store.SECONDS}) AS seconds
+      FROM calls WHERE {' AND '.join(where)})
+WHERE kind IS NOT NULL
+GROUP BY ALL ORDER BY 1, 2, 3"""
 
 
 @dataclass(slots=True)
 class LedgerSide:
-    usage: dict[Key, dict[str, Any]] = field(default_factory=dict)  # TOKENS + usd + unpriced
+    usage: dict[Key, dict[str, Any]] = field(default_factory=dict)  # the kind's metrics + usd + unpriced
 
 
 def ledger_side(result: sql.Result) -> LedgerSide:
-    """The query's rows (from the file or through the sidecar's JSON) as plain values, money as Decimal."""
+    """The query's rows (from the file or through the sidecar's JSON) as plain values, money as Decimal;
+    each (bucket, model) holds the metrics its kind's usage report has."""
     side = LedgerSide()
     cols = result.columns
     for row in result.rows:
         r = dict(zip(cols, row))
         key = (datetime.fromtimestamp(int(r["bucket"]), timezone.utc), str(r["model"]))
-        side.usage[key] = {**{m: int(r[m] or 0) for m in TOKENS}, "unpriced": int(r["unpriced"] or 0),
-                           "usd": None if r["usd"] is None else Decimal(str(r["usd"]))}
+        have = side.usage.setdefault(key, {"unpriced": 0, "usd": None})
+        have["unpriced"] += int(r["unpriced"] or 0)
+        if r["usd"] is not None:
+            have["usd"] = (have["usd"] or Decimal(0)) + Decimal(str(r["usd"]))
+        for m in KIND_METRICS[r["kind"]]:
+            if r[m] is None:
+                continue  # not recorded by every call: not comparable
+            value = Decimal(str(r[m])) if m == "seconds" else int(r[m])
+            have[m] = have.get(m, 0) + value
     return side
 
 
@@ -100,7 +123,7 @@ class Drift:
 @dataclass(slots=True)
 class Row:
     bucket: datetime
-    width: str  # "1h" (tokens only) or "1d" (tokens and dollars)
+    width: str  # "1h" (counts only) or "1d" (counts and dollars)
     model: str
     drifts: dict[str, Drift]  # compared metrics only
     cause: str | None  # a key of CAUSES, None when within tolerance
@@ -203,15 +226,21 @@ def _by_day(usage: dict[Key, dict[str, Any]]) -> dict[Key, dict[str, Any]]:
     return days
 
 
+def _compared(ledger: dict[str, Any] | None, provider: dict[str, Any] | None) -> tuple[str, ...]:
+    """The counts both sides have for a bucket and model (one side's, when the other has nothing)."""
+    sides = [s for s in (ledger, provider) if s]
+    return tuple(m for m in COUNTS if sides and all(m in s for s in sides))
+
+
 def compare(provider: str, report: ProviderReport, ledger: LedgerSide, since: datetime, until: datetime,
             bucket: str, tolerance: Decimal, scope: dict[str, Any], now: datetime | None = None) -> Reconciliation:
-    """Rows per bucket and model at the asked width (tokens), and per day and model (tokens and dollars):
+    """Rows per bucket and model at the asked width (counts), and per day and model (counts and dollars):
     cost reports come by the day only."""
-    metrics = tuple(m for m in TOKENS if m in report.metrics)
     rows: list[Row] = []
     if bucket == "1h":
         for key in sorted(set(report.usage) | set(ledger.usage)):
-            rows.append(_row(key[0], "1h", key[1], ledger.usage.get(key), report.usage.get(key), metrics, tolerance))
+            lv, pv = ledger.usage.get(key), report.usage.get(key)
+            rows.append(_row(key[0], "1h", key[1], lv, pv, _compared(lv, pv), tolerance))
     provider_days = _by_day(report.usage)
     for key, usd in report.costs.items():
         provider_days.setdefault(key, {})["usd"] = usd
@@ -219,7 +248,7 @@ def compare(provider: str, report: ProviderReport, ledger: LedgerSide, since: da
     covered = Decimal(0)
     for key in sorted(set(provider_days) | set(ledger_days)):
         p, lv = provider_days.get(key), ledger_days.get(key)
-        rows.append(_row(key[0], "1d", key[1], lv, p, (*metrics, "usd"), tolerance))
+        rows.append(_row(key[0], "1d", key[1], lv, p, (*_compared(lv, p), "usd"), tolerance))
         pu, lu = (p or {}).get("usd") or Decimal(0), (lv or {}).get("usd") or Decimal(0)
         covered += max(Decimal(0), min(pu, lu))
     provider_usd = sum((d.get("usd") or Decimal(0) for d in provider_days.values()), Decimal(0))
@@ -228,43 +257,35 @@ def compare(provider: str, report: ProviderReport, ledger: LedgerSide, since: da
                           tolerance, scope, rows, ledger_usd, provider_usd, covered)
 
 
-# --- storage: the `reconciliations` table and its `reconciliation_rows`, in the ledger file
+# --- storage: the `reconciliations` table and its `reconciliation_rows` (jobs/reconcile_store.py)
 
-CREATE = [
-    f"""CREATE TABLE IF NOT EXISTS reconciliations (
-  run_id VARCHAR PRIMARY KEY, ran_at TIMESTAMPTZ, provider VARCHAR, since TIMESTAMPTZ, until TIMESTAMPTZ,
-  bucket VARCHAR, tolerance {RATIO}, scope JSON, ledger_usd {MONEY}, provider_usd {MONEY},
-  covered_share {RATIO}, rows_over INTEGER, max_drift {RATIO}, status VARCHAR)""",
-    "CREATE TABLE IF NOT EXISTS reconciliation_rows (\n  run_id VARCHAR, bucket TIMESTAMPTZ, width VARCHAR, model VARCHAR,\n  "
-    + ",\n  ".join(f"ledger_{m} {MONEY if m == 'usd' else 'BIGINT'}, provider_{m} {MONEY if m == 'usd' else 'BIGINT'}"
-                   for m in METRICS)
-    + f",\n  unpriced_calls BIGINT, max_drift {RATIO}, cause VARCHAR)",
-]
+def records(run: Reconciliation) -> tuple[dict[str, Any], list[dict[str, Any]]]:
+    """The run as its `reconciliations` row and its `reconciliation_rows`, plain values, money as Decimal.
+    `max_drift` None: unbounded (the provider reports 0 where the ledger has some)."""
+    head = {"run_id": run.run_id, "ran_at": run.ran_at, "provider": run.provider, "since": run.since,
+            "until": run.until, "bucket": run.bucket, "tolerance": run.tolerance, "scope": run.scope,
+            "ledger_usd": run.ledger_usd, "provider_usd": run.provider_usd, "covered_share": _ratio(run.covered_share),
+            "rows_over": len(run.over), "max_drift": _ratio(run.max_drift), "status": run.status}
+    rows = []
+    for r in run.rows:
+        row: dict[str, Any] = {"bucket": r.bucket, "width": r.width, "model": r.model}
+        for m in METRICS:
+            d = r.drifts.get(m)
+            row[f"ledger_{m}"], row[f"provider_{m}"] = (d.ledger, d.provider) if d else (None, None)
+        row.update(unpriced_calls=r.unpriced, max_drift=_ratio(r.max_drift), cause=r.cause)
+        rows.append(row)
+    return head, rows
 
 
 def store(con: Any, run: Reconciliation) -> None:
-    """Appends the run and its rows in one transaction. `max_drift` NULL: unbounded (the provider reports 0)."""
-    for statement in CREATE:
-        con.execute(statement)
-    con.execute("BEGIN")
-    try:
-        con.execute("INSERT INTO reconciliations VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)", [
-            run.run_id, run.ran_at, run.provider, run.since, run.until, run.bucket, run.tolerance,
-            orjson.dumps(run.scope).decode(), run.ledger_usd, run.provider_usd, _ratio(run.covered_share),
-            len(run.over), _ratio(run.max_drift), run.status])
-        values = []
-        for r in run.rows:
-            sides: list[Any] = []
-            for m in METRICS:
-                d = r.drifts.get(m)
-                sides += [d.ledger, d.provider] if d else [None, None]
-            values.append([run.run_id, r.bucket, r.width, r.model, *sides, r.unpriced, _ratio(r.max_drift), r.cause])
-        if values:
-            con.executemany(f"INSERT INTO reconciliation_rows VALUES ({', '.join('?' * len(values[0]))})", values)
-        con.execute("COMMIT")
-    except Exception:
-        con.execute("ROLLBACK")
-        raise
+    """Appends the run and its rows to the ledger file in one transaction."""
+    reconcile_store.insert(con, *records(run))
+
+
+def parts(run: Reconciliation, max_bytes: int | None = None) -> list[bytes]:
+    """The run as the request bodies a running sidecar stores it from (POST /_meterline/reconciliations),
+    each of about reconcile_store.PART_BYTES at most."""
+    return reconcile_store.parts(*records(run), max_bytes=max_bytes or reconcile_store.PART_BYTES)
 
 
 def _ratio(value: Decimal | None) -> Decimal | None:
@@ -274,11 +295,11 @@ def _ratio(value: Decimal | None) -> Decimal | None:
 
 # --- output
 
-def _num(value: Any) -> str:
+def _num(value: Any, money: bool = True) -> str:
     if value is None:
         return "-"
     if isinstance(value, Decimal):
-        return f"${value.normalize():f}"
+        return f"${value.normalize():f}" if money else f"{value.normalize():,f}"
     return f"{value:,}"
 
 
@@ -286,24 +307,30 @@ def _pct(value: Decimal | None) -> str:
     return "unbounded" if value is None else f"{value * 100:+.2f}%"
 
 
-def _cell(d: Drift | None) -> str:
+def _cell(d: Drift | None, metric: str) -> str:
     if d is None:
         return ""
+    money = metric == "usd"
     if not d.absolute:
-        return f"{_num(d.ledger if d.ledger is not None else 0)} ="
-    return f"{_num(d.ledger)} / {_num(d.provider)} ({_num(d.absolute) if not isinstance(d.absolute, Decimal) else _signed_usd(d.absolute)}, {_pct(d.relative)})"
+        return f"{_num(d.ledger if d.ledger is not None else 0, money)} ="
+    sign = "+" if d.absolute > 0 else "-"
+    return (f"{_num(d.ledger, money)} / {_num(d.provider, money)} "
+            f"({sign}{_num(abs(d.absolute), money)}, {_pct(d.relative)})")
 
 
-def _signed_usd(value: Decimal) -> str:
-    return ("+" if value > 0 else "-") + _num(abs(value))
+_HEADINGS = {"requests": "requests", "uncached_input": "uncached in", "cache_read": "cache read",
+             "cache_write": "cache write", "output": "output", "images": "images", "seconds": "audio s", "usd": "usd"}
 
 
 def table(run: Reconciliation) -> sql.Result:
-    cols = ["bucket", "model", "requests", "uncached in", "cache read", "cache write", "output", "usd", "max drift", "cause"]
+    """The rows for people: a column per metric some row compares (images and audio seconds only when present)."""
+    shown = [m for m in METRICS if m in ("requests", "uncached_input", "cache_read", "cache_write", "output", "usd")
+             or any(m in r.drifts for r in run.rows)]
+    cols = ["bucket", "model", *(_HEADINGS[m] for m in shown), "max drift", "cause"]
     rows = []
     for r in run.rows:
         stamp = r.bucket.strftime("%Y-%m-%d %H:00" if r.width == "1h" else "%Y-%m-%d")
-        rows.append((stamp, r.model, *(_cell(r.drifts.get(m)) for m in METRICS),
+        rows.append((stamp, r.model, *(_cell(r.drifts.get(m), m) for m in shown),
                      "unbounded" if r.max_drift is None else f"{r.max_drift * 100:.2f}%", r.cause or ""))
     return sql.Result(cols, rows)
 

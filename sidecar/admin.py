@@ -1,4 +1,4 @@
-"""The sidecar's own endpoints under /_meterline/: health, read-only SQL, metrics and the budget API.
+"""The sidecar's own endpoints under /_meterline/: health, read-only SQL, metrics, the budget API and reconciliation runs.
 
 SQL, metrics and most of health are answered by the sinks process (over sinks/link.py); the budget
 API by this forwarder's guard.
@@ -37,6 +37,7 @@ def add_routes(app: web.Application) -> None:
     app.router.add_put(f"{PREFIX}/budgets/{{name}}", replace_budget)
     app.router.add_delete(f"{PREFIX}/budgets/{{name}}", delete_budget)
     app.router.add_post(f"{PREFIX}/budgets/{{name}}/topup", topup_budget)
+    app.router.add_post(f"{PREFIX}/reconciliations", store_reconciliation)
 
 
 async def healthz(request: web.Request) -> web.Response:
@@ -148,6 +149,26 @@ async def _give_up_waits(app: web.Application) -> None:
 
 def _error(status: int, message: str) -> web.Response:
     return _json({"error": message}, status)
+
+
+# --- reconciliation runs ----------------------------------------------------------------------
+
+async def store_reconciliation(request: web.Request) -> web.Response:
+    """POST one part of a finished `meterline reconcile` run (the CLI fetched the provider's reports
+    itself; only the report's rows come here). The sinks process, which owns the ledger file, checks
+    every value and stores the run whole when its last part arrives: 201 then, 202 before. The admin
+    token is needed as for budget changes."""
+    denied = _check_admin(request) or _json_typed(request)
+    if denied:
+        return denied
+    rt = request.app[proxy.RUNTIME]
+    try:
+        kind, answer = await rt.link.call("reconciliation", await request.read())
+    except (rpc.Unavailable, rpc.Failed) as e:
+        return _error(503, f"the ledger is unavailable: {e}")
+    if kind == "ok":
+        return _json(answer, status=201 if answer.get("stored") else 202)
+    return _error(400, answer)
 
 
 # --- budgets ---------------------------------------------------------------------------------

@@ -19,6 +19,7 @@ from typing import Any
 
 from exporters.alerts import AlertDispatcher
 from exporters.telemetry import Telemetry
+from jobs import reconcile_store
 from ledger import budget_store, sql
 from ledger.budgets import CrossingNote
 from ledger.records import CallExtras, CallRecord
@@ -50,6 +51,7 @@ class Sinks:
         self.telemetry = Telemetry(config.telemetry, os.environ, config.app)
         self.alerts = AlertDispatcher(config.alerts, persist=self._persist_alert)
         self.queries = Queries(config.sql_max_concurrent, config.sql_timeout_s)
+        self.reconciliations = reconcile_store.Uploads()  # runs `meterline reconcile` hands over, part by part
         self.loop: asyncio.AbstractEventLoop | None = None
         self.started_at = time.time()
         self._polling = threading.Lock()  # the tail thread and `sync` take turns reading the journals
@@ -187,6 +189,11 @@ class Sinks:
             if fn is None:
                 raise ValueError(f"no ledger function {name!r}")
             return await loop.run_in_executor(None, self._db, fn, rest)
+        if op == "reconciliation":  # one part of a finished run (jobs/reconcile_store.py), as the CLI sent it
+            try:
+                return ("ok", await loop.run_in_executor(None, self._db, self.reconciliations.receive, list(args)))
+            except reconcile_store.Refused as e:
+                return ("refused", str(e))
         if op == "sync":
             return await loop.run_in_executor(None, self._sync, float(args[0]) if args else 10.0)
         if op == "lines":  # a forwarder whose journal disk is full sends its lines instead

@@ -40,6 +40,9 @@ class Call:
     fingerprint: str | None = "kf-app"
     workspace_id: str | None = None
     outcome: str = "ok"
+    endpoint: str = "/v1/x"
+    units: dict[str, Any] | None = None  # images, audio_seconds
+    project_id: str | None = None
     extra: dict[str, Any] = field(default_factory=dict)
 
     @property
@@ -55,17 +58,31 @@ def make_ledger(path: Path, provider: str, calls: list[Call]) -> None:
             "INSERT INTO calls (call_id, started_at, ended_at, upstream, provider, operation, endpoint, request_model, "
             "response_model, stream, status_code, outcome, input_tokens, output_tokens, cache_read_tokens, "
             "cache_write_tokens, input_cost_usd, output_cost_usd, cost_usd, key_fingerprint, tags, request_bytes, "
-            "response_bytes) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, false, 200, ?, ?, ?, ?, ?, ?, ?, ?, ?, MAP {}, 100, 100)",
-            [f"c{i}", c.at, c.at + timedelta(seconds=1), provider, provider, c.operation, "/v1/x", c.model, c.model,
-             c.outcome, c.uncached + c.cache_read + c.cache_write, c.output, c.cache_read, c.cache_write,
-             c.usd_in, c.usd_out, c.usd, c.fingerprint])
+            "response_bytes, units) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, false, 200, ?, ?, ?, ?, ?, ?, ?, ?, ?, MAP {}, "
+            "100, 100, ?)",
+            [f"c{i}", c.at, c.at + timedelta(seconds=1), provider, provider, c.operation, c.endpoint, c.model, c.model,
+             c.outcome, *_tokens(c), c.usd_in, c.usd_out, c.usd, c.fingerprint,
+             json.dumps(c.units) if c.units else None])
     con.close()
 
 
+def _tokens(c: Call) -> list[int | None]:
+    """input, output, cache read, cache write tokens; NULL for calls billed in other units (dall-e, whisper, tts)."""
+    if c.units is not None or c.endpoint.endswith("/audio/speech"):
+        return [None, None, None, None]
+    return [c.uncached + c.cache_read + c.cache_write, c.output, c.cache_read, c.cache_write]
+
+
+OPENAI_KINDS = {"embeddings": "embeddings", "image_generation": "images", "transcription": "audio_transcriptions",
+                "other": "audio_speeches"}
+
+
 def openai_event(c: Call) -> UsageEvent:
+    units = c.units or {}
     return UsageEvent(c.at, c.model, uncached_input=c.uncached, cache_read=c.cache_read, output=c.output,
-                      kind="embeddings" if c.operation == "embeddings" else "completions",
-                      costs={"input": c.usd_in, "output": c.usd_out})
+                      kind=OPENAI_KINDS.get(c.operation, "completions"), project_id=c.project_id,
+                      images=units.get("images", 0), seconds=units.get("audio_seconds", 0),
+                      characters=c.extra.get("characters", 0), costs={"input": c.usd_in, "output": c.usd_out})
 
 
 def anthropic_event(c: Call) -> UsageEvent:
@@ -299,7 +316,7 @@ def test_config_errors_name_the_key():
     assert scope.filters == {"project_ids": ["proj_1"]} and "s3cret" not in repr(scope)
 
 
-def test_with_a_sidecar_running_the_ledger_is_read_through_it_and_the_run_not_stored(tmp_path, api, start_sidecar):
+def test_with_a_sidecar_running_the_ledger_is_read_and_the_run_stored_through_it(tmp_path, api, start_sidecar):
     calls = openai_calls()
     workdir = tmp_path / "sc"
     workdir.mkdir()
@@ -311,10 +328,20 @@ def test_with_a_sidecar_running_the_ledger_is_read_through_it_and_the_run_not_st
     assert out.returncode == 0, out.stderr
     doc = json.loads(out.stdout)
     assert Decimal(doc["ledger_usd"]) == Decimal(doc["provider_usd"]) == sum(c.usd for c in calls)
-    assert doc["stored"].startswith("not stored: a sidecar owns the ledger")
-    assert "not stored" in out.stderr
-    tables = {r["table_name"] for r in sidecar.sql("SELECT table_name FROM information_schema.tables")}
-    assert "calls" in tables and "reconciliations" not in tables
+    assert doc["stored"].startswith(f"stored through the sidecar at {sidecar.url}")
+    assert f"run {doc['run_id']} stored through the sidecar" in out.stderr
+    # the sinks process wrote it: the run, its rows, exact money; the calls untouched
+    runs = sidecar.sql("SELECT run_id, status, ledger_usd, provider_usd, covered_share, rows_over, "
+                       "scope->>'ledger' AS ledger FROM reconciliations")
+    assert runs == [{"run_id": doc["run_id"], "status": "ok", "ledger_usd": f"{sum(c.usd for c in calls):.12f}",
+                     "provider_usd": f"{sum(c.usd for c in calls):.12f}", "covered_share": "1.000000000000",
+                     "rows_over": 0, "ledger": f"sidecar at {sidecar.url}"}]
+    rows = sidecar.sql(f"SELECT model, width, ledger_usd, provider_usd, ledger_requests, cause FROM reconciliation_rows "
+                       f"WHERE run_id = '{doc['run_id']}' ORDER BY model")
+    assert len(rows) == len(doc["rows"]) == 3 and all(r["cause"] is None for r in rows)
+    mini = next(r for r in rows if r["model"] == "gpt-4o-mini-2024-07-18")
+    assert Decimal(mini["ledger_usd"]) == calls[0].usd + calls[1].usd and mini["ledger_requests"] == 2
+    assert sidecar.sql("SELECT count(*) AS n FROM calls") == [{"n": len(calls)}]
 
 
 def test_a_report_not_in_the_documented_shape_is_one_line_and_exit_2(tmp_path):
@@ -363,3 +390,94 @@ def test_anthropic_drift_unpriced_extra_and_not_at_provider(tmp_path, api):
     causes = {r["model"]: r["cause"] for r in json.loads(out.stdout)["rows"]}
     assert causes == {"claude-sonnet-4-20250514": "unpriced", "claude-haiku-4-5-20251001": "extra_calls",
                       "claude-opus-4-1-20250805": "not_at_provider"}
+
+
+def test_openai_images_and_audio_compare_what_both_sides_count(tmp_path, api):
+    h = timedelta(hours=1)
+    dalle = Call(DAY0 + h, "dall-e-3", 0, 0, Decimal("0.08"), Decimal(0), operation="image_generation",
+                 endpoint="/v1/images/generations", units={"images": 2})
+    # token-billed images: the ledger has tokens, not an image count; the provider counts its image
+    gpt_image = Call(DAY0 + 2 * h, "gpt-image-1", 50, 4000, Decimal("0.00025"), Decimal("0.16"),
+                     operation="image_generation", endpoint="/v1/images/generations")
+    whisper = Call(DAY0 + 3 * h, "whisper-1", 0, 0, Decimal("0.0042"), Decimal(0), operation="transcription",
+                   endpoint="/v1/audio/transcriptions", units={"audio_seconds": 42, "input_audio_seconds": 42})
+    # speech: the adapter records it as `other`, priced unknown; the provider counts characters
+    tts = Call(DAY0 + 4 * h, "tts-1", 0, 0, None, None, operation="other", endpoint="/v1/audio/speech",  # type: ignore[arg-type]
+               extra={"characters": 1200})
+    chat = openai_calls()[0]
+    db = tmp_path / "ledger.duckdb"
+    make_ledger(db, "openai", [dalle, gpt_image, whisper, tts, chat])
+    api.events += [openai_event(c) for c in (dalle, whisper, chat)]
+    api.events.append(UsageEvent(gpt_image.at, "gpt-image-1", kind="images", images=1,
+                                 costs={"input": gpt_image.usd_in, "output": gpt_image.usd_out}))
+    api.events.append(UsageEvent(tts.at, "tts-1", kind="audio_speeches", characters=1200,
+                                 costs={"characters": Decimal("0.018")}))
+
+    out = reconcile(tmp_path, "openai", *WINDOW, "--base-url", api.base_url, "--db", str(db), "--format", "json")
+    assert out.returncode == 1, out.stderr  # only the speech's dollars differ: the ledger has no price for it
+    doc = json.loads(out.stdout)
+    rows = {r["model"]: r for r in doc["rows"]}
+    assert set(rows["dall-e-3"]["metrics"]) == {"requests", "images", "usd"}
+    assert rows["dall-e-3"]["metrics"]["images"] == {"ledger": 2, "provider": 2, "drift": 0, "drift_relative": "0"}
+    assert set(rows["gpt-image-1"]["metrics"]) == {"requests", "usd"}  # no image count in the ledger: not compared
+    assert rows["whisper-1"]["metrics"]["seconds"]["provider"] == "42" and rows["whisper-1"]["cause"] is None
+    assert set(rows["tts-1"]["metrics"]) == {"requests", "usd"} and rows["tts-1"]["metrics"]["requests"]["drift"] == 0
+    assert rows["tts-1"]["cause"] == "unpriced" and rows["tts-1"]["unpriced_calls"] == 1
+    assert [r["cause"] for m, r in rows.items() if m != "tts-1"] == [None] * 4
+    kinds = {p.removeprefix("/v1/organization/usage/") for p, _ in api.requests if "/usage/" in p}
+    assert kinds == {"completions", "embeddings", "images", "audio_speeches", "audio_transcriptions"}
+    # stored with the new columns
+    con = duckdb.connect(str(db), read_only=True)
+    stored_rows = con.execute("SELECT model, ledger_images, provider_images, ledger_seconds, provider_seconds "
+                              "FROM reconciliation_rows ORDER BY model").fetchall()
+    con.close()
+    assert ("dall-e-3", 2, 2, None, None) in stored_rows
+    assert ("whisper-1", None, None, Decimal("42.000"), Decimal("42.000")) in stored_rows
+
+    # the provider made three images where the ledger saw two: a missing call, in the table too
+    api.events.append(UsageEvent(dalle.at, "dall-e-3", kind="images", images=1, costs={"input": Decimal("0.04")}))
+    out = reconcile(tmp_path, "openai", *WINDOW, "--base-url", api.base_url, "--db", str(db))
+    assert out.returncode == 1
+    line = next(line for line in out.stdout.splitlines() if "dall-e-3" in line)
+    assert "2 / 3 (-1, -33.33%)" in line and "missing_calls" in line
+    header = out.stdout.splitlines()[1]
+    assert "images" in header and "audio s" in header
+
+
+def test_scoping_to_the_apps_project_and_key_covers_the_providers_whole_spend(tmp_path, api):
+    """Another client on the same organization: unscoped, the report says which share the ledger covers;
+    scoped to the app's project (provider side) and key (ledger side), the two agree."""
+    h = timedelta(hours=1)
+    mine = [Call(DAY0 + h, "gpt-4o-mini", 1000, 100, Decimal("0.00015"), Decimal("0.00006"), project_id="proj_app"),
+            Call(DAY0 + 26 * h, "gpt-4o-mini", 3000, 300, Decimal("0.00045"), Decimal("0.00018"), project_id="proj_app")]
+    # the other client: the same model the same day, through its own key, never through the sidecar
+    theirs = Call(DAY0 + 2 * h, "gpt-4o-mini", 1000, 100, Decimal("0.00015"), Decimal("0.00006"),
+                  project_id="proj_other", fingerprint="kf-other")
+    # and a call on another key that did go through this sidecar (another app sharing it)
+    neighbour = Call(DAY0 + 27 * h, "gpt-4o-mini", 500, 50, Decimal("0.000075"), Decimal("0.00003"),
+                     project_id="proj_other", fingerprint="kf-neighbour")
+    db = tmp_path / "ledger.duckdb"
+    make_ledger(db, "openai", [*mine, neighbour])
+    api.events += [openai_event(c) for c in (*mine, theirs, neighbour)]
+
+    out = reconcile(tmp_path, "openai", *WINDOW, "--base-url", api.base_url, "--db", str(db))
+    assert out.returncode == 1
+    total = sum(c.usd for c in (*mine, theirs, neighbour))
+    covered = sum(c.usd for c in (*mine, neighbour))
+    share = covered / total * 100
+    assert f"the ledger covers {share:.2f}% of the provider's spend" in out.stdout
+    assert "missing_calls: 1 row" in out.stdout  # day one: the provider counts the other client's call too
+
+    config = ("listen: 127.0.0.1:1\nreconcile:\n  openai:\n"
+              f"    base_url: {api.base_url}\n    project_ids: [proj_app]\n    key_fingerprints: [kf-app]\n")
+    scoped = reconcile(tmp_path, "openai", *WINDOW, "--db", str(db), "--format", "json", config=config)
+    assert scoped.returncode == 0, scoped.stderr
+    doc = json.loads(scoped.stdout)
+    assert Decimal(doc["covered_share"]) == 1 and Decimal(doc["provider_usd"]) == sum(c.usd for c in mine)
+    assert doc["scope"]["project_ids"] == ["proj_app"] and doc["scope"]["key_fingerprints"] == ["kf-app"]
+    usage = [q for p, q in api.requests if p.startswith("/v1/organization/")]
+    assert usage and all(q.get("project_ids") == ["proj_app"] for q in usage[-6:])
+    con = duckdb.connect(str(db), read_only=True)
+    scopes = con.execute("SELECT covered_share, scope->>'project_ids' FROM reconciliations ORDER BY ran_at").fetchall()
+    con.close()
+    assert scopes[-1] == (Decimal(1), '["proj_app"]') and scopes[0][0] == (covered / total).quantize(Decimal("1e-12"))

@@ -1,5 +1,5 @@
 /* meterline dashboard. Reads the ledger only through POST /_meterline/sql (the same read-only path as
-   `meterline sql`) and budgets through GET /_meterline/budgets. Sums and ratios are computed in SQL;
+   `meterline sql`; reconciliation runs too) and budgets through GET /_meterline/budgets. Sums and ratios are computed in SQL;
    DECIMAL money arrives as exact strings, parsed here only to display it. */
 "use strict";
 (() => {
@@ -662,6 +662,88 @@
     for (const tr of document.querySelectorAll("#calls-table tbody tr.selected")) tr.classList.remove("selected");
   }
 
+  // --- ledger vs provider: the runs `meterline reconcile` stored (tables reconciliations, reconciliation_rows)
+
+  const RECON_METRICS = [
+    ["requests", "requests"], ["uncached_input", "uncached in"], ["cache_read", "cache read"],
+    ["cache_write", "cache write"], ["output", "output"], ["images", "images"], ["seconds", "audio s"], ["usd", "usd"],
+  ];
+  const RECON_MAX_ROWS = 300;
+  const recon = { selected: null };
+
+  async function loadReconciliation(gen) {
+    // a ledger no run was stored in has no such table: the card says how to make one
+    const [t] = await sql(`SELECT count(*) AS n FROM information_schema.tables WHERE table_name = 'reconciliations'`);
+    const runs = num(t.n) > 0 ? await sql(`
+      SELECT run_id, ran_at, provider, strftime(since AT TIME ZONE 'UTC', '%Y-%m-%d %H:%M') AS since,
+             strftime(until AT TIME ZONE 'UTC', '%Y-%m-%d %H:%M') AS until, bucket, tolerance, status, ledger_usd, provider_usd,
+             covered_share, rows_over, max_drift
+      FROM reconciliations ORDER BY ran_at DESC, run_id LIMIT 10`) : [];
+    if (gen !== state.gen) return;
+    $("#recon-empty").hidden = runs.length > 0;
+    $("#recon-runs").hidden = runs.length === 0;
+    if (!runs.some((r) => r.run_id === recon.selected)) recon.selected = runs.length ? runs[0].run_id : null;
+    $("#recon-runs tbody").replaceChildren(...runs.map((r) => {
+      const tr = el("tr", { "data-run-id": r.run_id, "data-status": r.status,
+                            class: ("clickable " + (r.run_id === recon.selected ? "selected" : "")).trim() },
+        el("td", { title: r.ran_at, text: clock(r.ran_at) }),
+        el("td", { text: r.provider }),
+        el("td", { text: `${r.since.endsWith("00:00") ? day(r.since) : r.since} .. ${r.until.endsWith("00:00") ? day(r.until) : r.until} · ${r.bucket}` }),
+        el("td", {}, el("span", { class: "recon-status " + r.status, title: `tolerance ${pct(r.tolerance, 2)}`,
+                                  text: r.status === "ok" ? "agrees" : "drift" })),
+        el("td", { class: "num", "data-usd": r.ledger_usd, title: `$${r.ledger_usd}`, text: money(r.ledger_usd) }),
+        el("td", { class: "num", "data-usd": r.provider_usd, title: `$${r.provider_usd}`, text: money(r.provider_usd) }),
+        el("td", { class: "num", "data-share": r.covered_share === null ? "" : r.covered_share,
+                   title: "the share of the provider's spend the ledger accounts for", text: pct(r.covered_share, 1) }),
+        el("td", { class: "num", text: int(r.rows_over) }));
+      tr.addEventListener("click", () => { recon.selected = r.run_id; loadReconciliation(state.gen); });
+      return tr;
+    }));
+    if (!recon.selected) { $("#recon-rows").hidden = $("#recon-rows-note").hidden = true; return; }
+    const run = runs.find((r) => r.run_id === recon.selected);
+    const rows = await sql(`
+      SELECT *, strftime(bucket AT TIME ZONE 'UTC', '%Y-%m-%d %H:00') AS bucket_utc, count(*) OVER () AS total
+      FROM reconciliation_rows WHERE run_id = ${lit(run.run_id)}
+      ORDER BY cause IS NULL, width, bucket, model LIMIT ${RECON_MAX_ROWS}`);
+    if (gen !== state.gen || recon.selected !== run.run_id) return;
+    drawReconRows(run, rows);
+  }
+
+  const day = (iso) => String(iso).slice(0, 10);
+
+  function drawReconRows(run, rows) {
+    // a column per metric some row compares (images and audio seconds only for their models)
+    const shown = RECON_METRICS.filter(([m]) => rows.some((r) => r["ledger_" + m] !== null || r["provider_" + m] !== null));
+    $("#recon-rows thead tr").replaceChildren(el("th", { text: "bucket" }), el("th", { text: "model" }),
+      ...shown.map(([, label]) => el("th", { class: "num", text: label })),
+      el("th", { class: "num", text: "max drift" }), el("th", { text: "cause" }));
+    $("#recon-rows tbody").replaceChildren(...rows.map((r) => el("tr", {
+        "data-model": r.model, "data-width": r.width, "data-bucket": r.bucket_utc, "data-cause": r.cause || "",
+        class: r.cause ? "drift" : null },
+      el("td", { title: r.bucket_utc + " UTC", text: r.width === "1h" ? r.bucket_utc : day(r.bucket_utc) }),
+      el("td", { class: "model", title: r.model, text: r.model }),
+      ...shown.map(([m]) => reconCell(m, r["ledger_" + m], r["provider_" + m])),
+      el("td", { class: "num", text: r.max_drift === null ? (r.cause ? "unbounded" : "") : pct(r.max_drift, 2) }),
+      el("td", {}, r.cause ? el("span", { class: "recon-cause", text: r.cause }) : ""))));
+    $("#recon-rows").hidden = rows.length === 0;
+    const total = rows.length ? num(rows[0].total) : 0;
+    const note = $("#recon-rows-note");
+    note.hidden = false;
+    note.textContent = `run ${run.run_id}: ${int(total)} rows` + (total > rows.length ? `, the first ${int(rows.length)} shown (rows past the tolerance first)` : "")
+      + "; ledger / provider in each cell, '=' when they agree";
+  }
+
+  function reconCell(metric, ledger, provider) {
+    const usd = metric === "usd";
+    const show = (v) => (v === null ? "–" : usd ? money(v) : int(v));
+    const attrs = { class: "num", "data-metric": metric, "data-ledger": ledger === null ? "" : String(ledger),
+                    "data-provider": provider === null ? "" : String(provider) };
+    if (ledger === null && provider === null) return el("td", attrs);
+    if (num(ledger) === num(provider) && String(ledger) === String(provider)) return el("td", { ...attrs, text: show(ledger) + " =" });
+    const exact = usd ? `ledger $${ledger ?? "–"}, provider $${provider ?? "–"}` : `ledger ${ledger ?? "–"}, provider ${provider ?? "–"}`;
+    return el("td", { ...attrs, class: "num differs", title: exact, text: `${show(ledger)} / ${show(provider)}` });
+  }
+
   // --- the loop ------------------------------------------------------------------------------
 
   function setStatus(kind, text) {
@@ -675,7 +757,8 @@
     state.busy = true;
     const gen = state.gen;
     try {
-      const jobs = [loadKpis(gen), loadSeries(gen), loadBudgets(gen), loadAlerts(gen), loadTokens(gen), loadLatency(gen), loadCalls(gen)];
+      const jobs = [loadKpis(gen), loadSeries(gen), loadBudgets(gen), loadAlerts(gen), loadTokens(gen), loadLatency(gen), loadCalls(gen),
+                    loadReconciliation(gen)];
       if (state.polls % 5 === 0) jobs.push(loadOptions());
       state.polls += 1;
       const results = await Promise.allSettled(jobs);

@@ -26,6 +26,8 @@ from urllib.parse import parse_qs, urlsplit
 WIDTHS = {"1m": timedelta(minutes=1), "1h": timedelta(hours=1), "1d": timedelta(days=1)}
 LIMITS = {"1m": (60, 1440), "1h": (24, 168), "1d": (7, 31)}  # (default, max) buckets per page
 OPENAI_USAGE_KINDS = ("completions", "embeddings", "images", "audio_speeches", "audio_transcriptions", "moderations")
+# group_by values each OpenAI usage endpoint takes beyond project_id, user_id, api_key_id and model
+OPENAI_GROUPS = {"completions": ("batch", "service_tier"), "images": ("size", "source")}
 
 
 @dataclass
@@ -41,6 +43,9 @@ class UsageEvent:
     cache_write_5m: int = 0
     cache_write_1h: int = 0
     output: int = 0
+    images: int = 0  # OpenAI images
+    characters: int = 0  # OpenAI audio_speeches
+    seconds: int = 0  # OpenAI audio_transcriptions
     requests: int = 1
     kind: str = "completions"  # OpenAI usage endpoint
     project_id: str | None = None
@@ -195,7 +200,7 @@ class FakeAdminApi:
         if width not in WIDTHS:
             raise self._openai_bad(f"invalid bucket_width {width!r}")
         groups = query.get("group_by", [])
-        allowed = {"project_id", "user_id", "api_key_id", "model", "batch", "service_tier"}
+        allowed = {"project_id", "user_id", "api_key_id", "model", *OPENAI_GROUPS.get(kind, ())}
         if set(groups) - allowed:
             raise self._openai_bad(f"invalid group_by {sorted(set(groups) - allowed)[0]!r}")
         events = [e for e in self._events(start, end, query, {"project_ids": "project_id", "api_key_ids": "api_key_id",
@@ -208,24 +213,39 @@ class FakeAdminApi:
                 if not b_start <= e.at < b_end:
                     continue
                 dims = {"project_id": e.project_id, "user_id": None, "api_key_id": e.api_key_id, "model": e.model,
-                        "batch": None, "service_tier": None}
+                        "batch": None, "service_tier": None, "size": "1024x1024", "source": "image.generation"}
                 key = tuple(dims[g] for g in groups)
                 r = grouped.setdefault(key, self._openai_result(kind, {g: dims[g] for g in groups}))
                 r["num_model_requests"] += e.requests
-                r["input_tokens"] += e.uncached_input + e.cache_read
+                if kind in ("completions", "embeddings", "moderations"):
+                    r["input_tokens"] += e.uncached_input + e.cache_read
                 if kind == "completions":
                     r["input_cached_tokens"] += e.cache_read
                     r["output_tokens"] += e.output
+                elif kind == "images":
+                    r["images"] += e.images
+                elif kind == "audio_speeches":
+                    r["characters"] += e.characters
+                elif kind == "audio_transcriptions":
+                    r["seconds"] += e.seconds
             data.append({"object": "bucket", "start_time": int(b_start.timestamp()), "end_time": int(b_end.timestamp()),
                          "results": list(grouped.values())})
         return {"object": "page", "data": data, "has_more": more, "next_page": token}
 
     @staticmethod
     def _openai_result(kind: str, dims: dict[str, Any]) -> dict[str, Any]:
-        r: dict[str, Any] = {"object": f"organization.usage.{kind}.result", "input_tokens": 0, "num_model_requests": 0}
+        r: dict[str, Any] = {"object": f"organization.usage.{kind}.result", "num_model_requests": 0}
+        if kind in ("completions", "embeddings", "moderations"):
+            r["input_tokens"] = 0
         if kind == "completions":
             r.update({"output_tokens": 0, "input_cached_tokens": 0, "input_audio_tokens": 0, "output_audio_tokens": 0,
                       "batch": None, "service_tier": None})
+        elif kind == "images":
+            r.update({"images": 0, "size": None, "source": None})
+        elif kind == "audio_speeches":
+            r["characters"] = 0
+        elif kind == "audio_transcriptions":
+            r["seconds"] = 0
         r.update({"project_id": None, "user_id": None, "api_key_id": None, "model": None})
         r.update(dims)
         return r

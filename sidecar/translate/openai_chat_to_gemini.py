@@ -46,6 +46,9 @@ STOP_REASONS = {
     "TOO_MANY_TOOL_CALLS": "error",
     "MISSING_THOUGHT_SIGNATURE": "error",
     "MALFORMED_RESPONSE": "error",
+    "NO_IMAGE": "error",
+    "IMAGE_OTHER": "error",
+    "PUP_LIMITED_DISABLED": "error",  # the account is limited: no answer, and not a content filter
     "OTHER": "error",
     "FINISH_REASON_UNSPECIFIED": "error",
 }

@@ -457,11 +457,14 @@ def response(doc: dict, created: int) -> dict:
     for part in (candidate.get("content") or {}).get("parts") or []:
         if "functionCall" in part:
             calls.append(_tool_call(part, response_id, len(calls)))
-        elif part.get("thought"):
+            continue
+        if part.get("thought"):
             thoughts.append(part.get("text", ""))
         elif "text" in part:
             texts.append(part["text"])
-            text_sig = part.get("thoughtSignature") or text_sig
+        # Gemini documents one signature outside function calls (on the answer's last part);
+        # the first is kept, as the stream keeps it (see StreamTranslator._signature_delta).
+        text_sig = text_sig or part.get("thoughtSignature")
     message: dict = {"role": "assistant", "content": "".join(texts) if texts else None, "refusal": None}
     if calls:
         message["tool_calls"] = calls
@@ -516,6 +519,7 @@ class StreamTranslator:
         self._model = None
         self._usage: dict = {}
         self._started = False    # the role chunk was sent
+        self._signed = False     # a text or thought signature was sent
         self._tools = 0          # function calls seen so far (their OpenAI index)
         self._finished = False   # a finish_reason chunk was sent
         self._done = False       # an error event: nothing more is translated
@@ -525,6 +529,15 @@ class StreamTranslator:
                 "model": self._model,
                 "choices": [{"index": 0, "delta": delta, "logprobs": None, "finish_reason": finish}]}
         return b"data: " + orjson.dumps(body) + b"\n\n"
+
+    def _signature_delta(self, part: dict) -> dict:
+        # Clients such as the openai SDK join a field's string deltas: a second signature would
+        # be glued to the first and break both, so only the first one goes out.
+        sig = part.get("thoughtSignature")
+        if not sig or self._signed:
+            return {}
+        self._signed = True
+        return {_EXTRA: {"google": {"thought_signature": sig}}}
 
     def _event(self, ev: dict) -> bytes:
         if "error" in ev:
@@ -545,14 +558,12 @@ class StreamTranslator:
                 call = _tool_call(part, self._id, self._tools)
                 out.append(self._chunk({"tool_calls": [{"index": self._tools, **call}]}))
                 self._tools += 1
-            elif part.get("thought"):
-                if part.get("text"):
-                    out.append(self._chunk({"reasoning_content": part["text"]}))
-            elif part.get("text") or part.get("thoughtSignature"):
-                delta: dict = {"content": part.get("text", "")}
-                if part.get("thoughtSignature"):
-                    delta[_EXTRA] = {"google": {"thought_signature": part["thoughtSignature"]}}
-                out.append(self._chunk(delta))
+            else:
+                key = "reasoning_content" if part.get("thought") else "content"
+                delta: dict = {key: part["text"]} if part.get("text") else {}
+                delta.update(self._signature_delta(part))
+                if delta:
+                    out.append(self._chunk(delta))
         reason = candidate.get("finishReason")
         if not self._finished and (reason is not None or _blocked(ev)):  # one finish chunk per stream
             self._finished = True

@@ -321,6 +321,23 @@ def test_thought_signatures_survive_the_round_trip_byte_intact() -> None:
     assert call["extra_content"] == {"google": {"thought_signature": upstream[1]["thoughtSignature"]}}
 
 
+def test_a_second_text_signature_is_not_glued_to_the_first() -> None:
+    # The SDK joins string deltas of one field; two signatures must not become one broken string.
+    parts = [{"text": "Thinking", "thought": True, "thoughtSignature": "SIGA"},
+             {"text": "Answer", "thoughtSignature": "SIGB"}]
+    doc = {"candidates": [{"content": {"role": "model", "parts": parts}, "finishReason": "STOP"}],
+           "usageMetadata": {"promptTokenCount": 1, "candidatesTokenCount": 1, "totalTokenCount": 2},
+           "modelVersion": MODEL, "responseId": "r"}
+    want = {"google": {"thought_signature": "SIGA"}}
+    assert t.response(doc, CREATED)["choices"][0]["message"]["extra_content"] == want
+    events = [dict(doc, candidates=[{"content": {"role": "model", "parts": [p]}}]) for p in parts]
+    events[-1]["candidates"][0]["finishReason"] = "STOP"
+    raw = "".join(f"data: {json.dumps(e)}\r\n\r\n" for e in events).encode()
+    message = sdk_snapshot(translate_stream(raw, [], False)).choices[0].message.model_dump()
+    assert message["extra_content"] == want
+    assert (message["content"], message["reasoning_content"]) == ("Answer", "Thinking")
+
+
 # ---------------------------------------------------------------- request mapping
 
 @pytest.mark.parametrize("doc,needle", [

@@ -138,6 +138,49 @@ def test_stream_golden_at_random_splits(case: str, pieces: list[int]) -> None:
     assert translate_stream(raw_sse(case), pieces, include_usage(case)) == want_sse(case)
 
 
+# ---------------------------------------------------------------- google-genai's own types
+
+# The REST fields of a GenerateContentRequest (ai.google.dev/api/generate-content).
+_REQUEST_FIELDS = {"contents", "systemInstruction", "tools", "toolConfig", "generationConfig",
+                   "safetySettings", "cachedContent"}
+
+
+def _gemini_types():
+    # google-genai's pydantic models forbid unknown fields and take the REST camelCase names,
+    # so they catch a misspelt or misplaced field in the corpus or in our requests.
+    from google.genai import types
+    return types
+
+
+@pytest.mark.parametrize("case", CASES)
+def test_upstream_files_parse_as_google_genai_responses(case: str) -> None:
+    types = _gemini_types()
+    events = [json.loads(d) for d in SseData().feed(raw_sse(case))]
+    assert events
+    for ev in events if case != "error" else events[:-1]:
+        types.GenerateContentResponse.model_validate(ev)
+    if case != "error":
+        types.GenerateContentResponse.model_validate(load(case, "upstream.json"))
+
+
+@pytest.mark.parametrize("case", CASES)
+def test_translated_requests_fit_google_genai_types(case: str) -> None:
+    types = _gemini_types()
+    body = load(case, "upstream_request.json")["body"]
+    assert set(body) <= _REQUEST_FIELDS
+    for content in body["contents"]:
+        assert content["role"] in ("user", "model")
+        types.Content.model_validate(content)
+    if "systemInstruction" in body:
+        types.Content.model_validate(body["systemInstruction"])
+    for tool in body.get("tools", []):
+        types.Tool.model_validate(tool)
+    if "toolConfig" in body:
+        types.ToolConfig.model_validate(body["toolConfig"])
+    if "generationConfig" in body:
+        types.GenerationConfig.model_validate(body["generationConfig"])
+
+
 # ---------------------------------------------------------------- independent checks
 
 def test_stream_first_chunk_is_assistant_role_and_ids_are_stable() -> None:
@@ -425,6 +468,7 @@ def test_json_object_mode() -> None:
 def test_reasoning_effort_to_thinking_config(model, effort, want) -> None:
     body, _ = t.request({"messages": [{"role": "user", "content": "hi"}], "reasoning_effort": effort}, model)
     assert body["generationConfig"]["thinkingConfig"] == want
+    _gemini_types().GenerationConfig.model_validate(body["generationConfig"])
 
 
 def test_upstream_path() -> None:

@@ -496,3 +496,93 @@ def test_error_in_a_json_array_and_not_in_gemini_shape() -> None:
     assert {"status": got, "body": body} == load("error", "expected.json")
     got, body = t.error(502, "<html>bad gateway</html>")
     assert got == 502 and body["error"]["message"] == "<html>bad gateway</html>"
+
+
+# ---------------------------------------------------------------- against the Gemini fake
+
+@pytest.fixture(scope="module")
+def gemini_fake():
+    # The project's fake Gemini (tests/fakes/gemini_api.py) answers the translated requests, so
+    # the translator reads the same bytes the sidecar will get from it once the route is wired.
+    from tests.fakes.server import FakeProvider
+    server = FakeProvider().start_in_thread()
+    try:
+        yield server
+    finally:
+        server.stop_thread()
+
+
+def call_fake(fake, body: dict, stream: bool, scenario: str = "") -> tuple[int, bytes]:
+    headers = {"x-goog-api-key": "gm-translate-test", "x-fake-chunk-delay-ms": "0",
+               "content-type": "application/json"}
+    if scenario:
+        headers["x-fake-scenario"] = scenario
+    url = fake.gemini_base_url + "/v1beta" + t.upstream_path(MODEL, stream)
+    got = []
+    with httpx.Client(timeout=10) as client:
+        with client.stream("POST", url, content=json.dumps(body).encode(), headers=headers) as response:
+            try:
+                for piece in response.iter_raw():
+                    got.append(piece)
+            except httpx.RemoteProtocolError:
+                pass  # the "reset" scenario drops the connection mid-stream: keep what arrived
+    return response.status_code, b"".join(got)
+
+
+def openai_client_answered_by(status: int, body: bytes, content_type: str = "application/json") -> openai.OpenAI:
+    transport = httpx.MockTransport(lambda request: httpx.Response(
+        status, headers={"content-type": content_type}, content=body))
+    return openai.OpenAI(api_key="x", base_url="http://localhost/v1", max_retries=0,
+                         http_client=httpx.Client(transport=transport))
+
+
+@pytest.mark.parametrize("scenario", ["", "cache,reasoning"])
+def test_fake_gemini_stream_and_json_translate_to_the_same_answer(gemini_fake, scenario: str) -> None:
+    request = load("text", "request.json")
+    body, _ = t.request(request, MODEL)
+    status, raw = call_fake(gemini_fake, body, stream=True, scenario=scenario)
+    assert status == 200
+    last_meta = json.loads(SseData().feed(raw)[-1])["usageMetadata"]
+    sse = translate_stream(raw, [13] * (len(raw) // 13 + 1), True)
+    status, doc = call_fake(gemini_fake, body, stream=False, scenario=scenario)
+    assert status == 200
+    # The openai SDK, as an app would call it, over the translated JSON...
+    reply = openai_client_answered_by(200, json.dumps(t.response(json.loads(doc), CREATED)).encode()) \
+        .chat.completions.create(model="gemini/gemini-2.5-flash", messages=request["messages"])
+    # ...and over the translated stream.
+    final = sdk_snapshot(sse)
+    assert final.choices[0].message.content == reply.choices[0].message.content != ""
+    assert final.choices[0].finish_reason == reply.choices[0].finish_reason == "stop"
+    assert final.usage.model_dump(exclude_none=True) == reply.usage.model_dump(exclude_none=True) == t.usage(last_meta)
+    if scenario:
+        assert reply.usage.prompt_tokens_details.cached_tokens == last_meta["cachedContentTokenCount"] > 0
+        assert reply.usage.completion_tokens_details.reasoning_tokens == last_meta["thoughtsTokenCount"] > 0
+
+
+def test_fake_gemini_errors_reach_the_openai_sdk_as_its_own_errors(gemini_fake) -> None:
+    body, _ = t.request(load("text", "request.json"), MODEL)
+    status, raw = call_fake(gemini_fake, body, stream=False, scenario="error429")
+    assert status == 429
+    new_status, doc = t.error(status, json.loads(raw))
+    client = openai_client_answered_by(new_status, json.dumps(doc).encode())
+    with pytest.raises(openai.RateLimitError) as info:
+        client.chat.completions.create(model="m", messages=[{"role": "user", "content": "hi"}])
+    assert info.value.code == "RESOURCE_EXHAUSTED"
+    # An error event in the middle of a stream: the SDK raises after the text before it.
+    status, raw = call_fake(gemini_fake, body, stream=True, scenario="stream-error")
+    assert status == 200
+    with pytest.raises(openai.APIError, match="internal error"):
+        for _ in sdk_stream(translate_stream(raw, [], True)):
+            pass
+
+
+def test_fake_gemini_stream_cut_off_ends_in_an_error_for_the_sdk(gemini_fake) -> None:
+    body, _ = t.request(load("text", "request.json"), MODEL)
+    _, raw = call_fake(gemini_fake, body, stream=True, scenario="reset")
+    assert raw.count(b"data: ") >= 1  # some content arrived before the cut
+    out = chunks(translate_stream(raw, [], True))
+    assert any(c["choices"] and c["choices"][0]["delta"].get("content") for c in out)
+    assert out[-1]["error"]["code"] == "incomplete_stream"
+    with pytest.raises(openai.APIError, match="ended before its finish reason"):
+        for _ in sdk_stream(translate_stream(raw, [], True)):
+            pass

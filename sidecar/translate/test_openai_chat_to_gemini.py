@@ -440,6 +440,16 @@ def test_dropped_fields_are_named() -> None:
     assert t.request(doc | {"parallel_tool_calls": True}, MODEL)[1].count("parallel_tool_calls") == 0
 
 
+def test_every_listed_drop_is_named_and_documented() -> None:
+    docs = (Path(__file__).resolve().parents[2] / "docs" / "one-api.md").read_text()
+    section = docs[docs.index("## OpenAI Chat Completions client → Gemini"):]
+    dropped_paragraph = section[section.index("**Dropped**"):section.index("**Refused")]
+    for key in t._DROP:
+        doc = {"messages": [{"role": "user", "content": "hi"}], key: 1}
+        assert t.request(doc, MODEL)[1] == [key]
+        assert f"`{key}`" in dropped_paragraph
+
+
 def test_tool_choice_mapping() -> None:
     base = {"messages": [{"role": "user", "content": "hi"}],
             "tools": [{"type": "function", "function": {"name": "f"}}]}

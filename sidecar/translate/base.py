@@ -30,3 +30,33 @@ def map_stop(table: Mapping[str, str], reason: str | None, unknown: str = "error
     if reason is None:
         return None
     return table.get(reason, unknown)
+
+
+class SseData:
+    """Incremental SSE reader for stream translators: bytes in, split anywhere (LF or CRLF line
+    ends), the `data:` payload of each complete event out. Keeps only the unfinished line and
+    the data lines of the event being read between feeds."""
+
+    def __init__(self) -> None:
+        self._buf = b""
+        self._data: list[bytes] = []
+
+    def feed(self, chunk: bytes) -> list[bytes]:
+        buf = self._buf + chunk if self._buf else chunk
+        out: list[bytes] = []
+        start = 0
+        while True:
+            end = buf.find(b"\n", start)
+            if end < 0:
+                break
+            line = buf[start:end]
+            start = end + 1
+            if line.endswith(b"\r"):
+                line = line[:-1]
+            if line.startswith(b"data:"):
+                self._data.append(line[6:] if line[5:6] == b" " else line[5:])
+            elif not line and self._data:
+                out.append(b"\n".join(self._data))
+                self._data = []
+        self._buf = buf[start:]
+        return out

@@ -4,6 +4,7 @@ Anthropic's (paged) when the client sends `anthropic-version`. Pure; docs/one-ap
 from __future__ import annotations
 
 from typing import Iterable, Mapping, NamedTuple
+from urllib.parse import unquote
 
 from sidecar.translate.base import TranslateError
 
@@ -44,11 +45,19 @@ def _models(entries: Iterable[tuple[str, str, str]], routes: Iterable[str]) -> l
     return list(out.items())
 
 
+def _openai_model(mid: str, owner: str) -> dict:
+    return {"id": mid, "object": "model", "created": EPOCH_SECONDS, "owned_by": owner}
+
+
+def _anthropic_model(mid: str) -> dict:
+    return {"type": "model", "id": mid, "display_name": mid, "created_at": EPOCH_RFC3339,
+            "lifecycle": "active"}
+
+
 def openai_list(entries: Iterable[tuple[str, str, str]], routes: Iterable[str] = ()) -> dict:
     """OpenAI's `GET /v1/models`: `{"object": "list", "data": [{id, object, created, owned_by}]}`."""
     return {"object": "list",
-            "data": [{"id": mid, "object": "model", "created": EPOCH_SECONDS, "owned_by": owner}
-                     for mid, owner in _models(entries, routes)]}
+            "data": [_openai_model(mid, owner) for mid, owner in _models(entries, routes)]}
 
 
 def _limit(value: str | int | None) -> int:
@@ -86,8 +95,7 @@ def anthropic_list(entries: Iterable[tuple[str, str, str]], routes: Iterable[str
     else:
         start = ids.index(after_id) + 1 if after_id else 0
         page, more = ids[start:start + size], start + size < len(ids)
-    return {"data": [{"type": "model", "id": mid, "display_name": mid, "created_at": EPOCH_RFC3339,
-                      "lifecycle": "active"} for mid in page],
+    return {"data": [_anthropic_model(mid) for mid in page],
             "has_more": more,
             "first_id": page[0] if page else None,
             "last_id": page[-1] if page else None}
@@ -112,3 +120,15 @@ def models_list(entries: Iterable[tuple[str, str, str]], routes: Iterable[str],
                               after_id=query.get("after_id"), before_id=query.get("before_id"),
                               lifecycle=_all(query, "lifecycle[]") + _all(query, "lifecycle"))
     return openai_list(entries, routes)
+
+
+def retrieve(entries: Iterable[tuple[str, str, str]], routes: Iterable[str], model_id: str,
+             anthropic: bool = False) -> dict:
+    """`GET /v1/models/{model_id}`: one model in the client's format. Both SDKs percent-encode the
+    slash of `<upstream>/<model>` (`anthropic%2Fclaude-sonnet-4-5`), so the id is unquoted here.
+    Raises TranslateError (404) for a model the config does not reach."""
+    wanted = unquote(model_id)
+    for mid, owner in _models(entries, routes):
+        if mid == wanted:
+            return _anthropic_model(mid) if anthropic else _openai_model(mid, owner)
+    raise TranslateError(404, f"model {wanted!r} is not a route or an <upstream>/<model> this config reaches")

@@ -85,15 +85,25 @@ def test_format_follows_the_anthropic_version_header() -> None:
 # ---------------------------------------------------------------- the SDKs over MockTransport
 
 def transport(seen: list) -> httpx.MockTransport:
-    """A sidecar stand-in: GET /v1/models answered by models_list from the request's own headers."""
+    """A sidecar stand-in: GET /v1/models (models_list) and /v1/models/{id} (retrieve), in the
+    format the request's own headers ask for."""
     def handler(request: httpx.Request) -> httpx.Response:
-        assert (request.method, request.url.path) == ("GET", "/v1/models")
+        assert request.method == "GET"
         seen.append(request)
+        path = request.url.raw_path.decode().partition("?")[0]
         try:
-            body = m.models_list(ENTRIES, ROUTES, request.headers, MultiDict(request.url.params.multi_items()))
-        except TranslateError as exc:
-            return httpx.Response(exc.status, json={"type": "error", "error": {
-                "type": "invalid_request_error", "message": exc.message}})
+            if path == "/v1/models":
+                body = m.models_list(ENTRIES, ROUTES, request.headers, MultiDict(request.url.params.multi_items()))
+            else:
+                assert path.startswith("/v1/models/")
+                body = m.retrieve(ENTRIES, ROUTES, path[len("/v1/models/"):],
+                                  m.wants_anthropic(request.headers))
+        except TranslateError as exc:  # each client's own error shape
+            if m.wants_anthropic(request.headers):
+                return httpx.Response(exc.status, json={"type": "error", "error": {
+                    "type": "invalid_request_error", "message": exc.message}})
+            return httpx.Response(exc.status, json={"error": {
+                "message": exc.message, "type": "invalid_request_error", "param": None, "code": None}})
         return httpx.Response(200, content=json.dumps(body).encode(), headers={"content-type": "application/json"})
     return httpx.MockTransport(handler)
 
@@ -128,3 +138,27 @@ def test_anthropic_sdk_lifecycle_filter_and_bad_limit() -> None:
     assert len(list(client.models.list(lifecycle=["active", "deprecated"]))) == len(IDS)
     with pytest.raises(anthropic.BadRequestError, match="limit"):
         client.models.list(limit=5000)
+
+
+def test_retrieve_in_both_formats_and_404() -> None:
+    assert m.retrieve(ENTRIES, ROUTES, "cheap") == {"id": "cheap", "object": "model", "created": 0,
+                                                     "owned_by": "meterline"}
+    assert m.retrieve(ENTRIES, ROUTES, "gemini%2Fgemini-2.5-flash", anthropic=True)["id"] == "gemini/gemini-2.5-flash"
+    with pytest.raises(TranslateError, match="not a route") as info:
+        m.retrieve(ENTRIES, ROUTES, "openai/gpt-5")
+    assert info.value.status == 404
+
+
+def test_sdks_retrieve_an_upstream_model_by_its_slashed_id() -> None:
+    seen: list = []
+    oa = openai.OpenAI(api_key="x", base_url="http://sidecar.test/v1", max_retries=0,
+                       http_client=httpx.Client(transport=transport(seen)))
+    got = oa.models.retrieve("anthropic/claude-sonnet-4-5")
+    assert (got.id, got.owned_by) == ("anthropic/claude-sonnet-4-5", "anthropic")
+    assert seen[-1].url.raw_path == b"/v1/models/anthropic%2Fclaude-sonnet-4-5"  # why retrieve unquotes
+    an = anthropic.Anthropic(api_key="x", base_url="http://sidecar.test", max_retries=0,
+                             http_client=httpx.Client(transport=transport(seen)))
+    info = an.models.retrieve("gemini/gemini-embedding-001")
+    assert (info.id, info.type) == ("gemini/gemini-embedding-001", "model")
+    with pytest.raises(openai.NotFoundError, match="not a route"):
+        oa.models.retrieve("openai/gpt-5")

@@ -165,6 +165,8 @@ def test_two_sidecars_share_one_fleet_ledger(fake: Any, fleet_sidecars: Any, pos
     status, body = post_sql(b, {"query": "SELECT DISTINCT instance FROM calls"})  # this sidecar only
     assert body["rows"] == [["web-b"]], body
 
+    dashboard_switches_between_sidecar_and_fleet(b, local_calls=4, fleet_calls=10)
+
     health = a.health()
     assert health["fleet"]["instance"] == "web-a"
     assert health["fleet"]["postgres"]["up"] and health["fleet"]["postgres"]["backlog_rows"] == 0, health
@@ -278,3 +280,31 @@ def test_sigkill_mid_burst_then_restart_ships_every_completed_call_once(fake: An
     response_ids = dict(pg(postgres_url, "SELECT tags->>'n', response_id FROM calls WHERE outcome = 'ok'"))
     for i, response_id in done.items():
         assert response_ids[str(i)] == response_id
+
+
+def dashboard_switches_between_sidecar_and_fleet(sidecar: Sidecar, local_calls: int, fleet_calls: int) -> None:
+    """The page in Chromium: "whole fleet" shows every sidecar's calls, "this sidecar" its own."""
+    from tests.test_dashboard import CHROMIUM, CHROMIUM_ARGS
+    if not CHROMIUM.exists():
+        pytest.skip(f"{CHROMIUM} is not installed (Debian package: chromium)")
+    from playwright.sync_api import sync_playwright
+
+    kpi = "n => document.querySelector('[data-kpi=calls_today]').dataset.value === String(n)"
+    with sync_playwright() as pw:
+        browser = pw.chromium.launch(executable_path=str(CHROMIUM), args=CHROMIUM_ARGS)
+        try:
+            page = browser.new_page()
+            page.set_default_timeout(15_000)
+            problems: list[str] = []
+            page.on("pageerror", lambda e: problems.append(f"page error: {e}"))
+            page.goto(f"{sidecar.url}/_meterline/#scope=fleet")
+            page.wait_for_function(kpi, arg=fleet_calls)
+            for instance in ("web-a", "web-b"):
+                page.wait_for_selector(f'#fleet-table tbody tr[data-instance="{instance}"]')
+            assert page.is_visible("#fleet-card") and not page.is_visible("#spend-card")
+            page.select_option("#scope", "local")
+            page.wait_for_function(kpi, arg=local_calls)
+            assert not page.is_visible("#fleet-card") and page.is_visible("#spend-card")
+            assert problems == []
+        finally:
+            browser.close()

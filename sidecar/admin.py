@@ -65,8 +65,10 @@ async def healthz(request: web.Request) -> web.Response:
         sinks_part = {"up": True, "pid": sinks["pid"], "backlog_bytes": sinks["backlog_bytes"],
                       "open_calls": sinks["open_calls"], "interrupted": sinks["interrupted"]}
     # the fleet ledger down degrades shipping only: its rows wait in this ledger (fleet.postgres.backlog_rows)
-    fleet = sinks.get("fleet") if sinks is not None else {"instance": rt.config.fleet.instance, "postgres": None}
-    if fleet and fleet.get("postgres") is not None and not fleet["postgres"]["up"]:
+    fleet = sinks.get("fleet") if sinks is not None else {
+        "instance": rt.config.fleet.instance,  # the sinks process ships: while it is down, nothing is known
+        "postgres": {"up": None, "backlog_rows": None, "lag_s": None} if rt.config.fleet.postgres else None}
+    if fleet and fleet.get("postgres") is not None and fleet["postgres"]["up"] is False:
         degraded = True
     degraded = degraded or j.unwritten or j.lost
     body = {

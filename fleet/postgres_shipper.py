@@ -68,7 +68,7 @@ class Shipper:
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
         # visible state (healthz, metrics); written by the shipping thread
-        self.up = False
+        self.up: bool | None = None  # None until the first try: not yet known
         self.shipped = 0  # rows sent and committed (copies dropped by the key included)
         self.failures = 0
         self.last_error: str | None = None

@@ -28,6 +28,7 @@ from .urls import redact, scrub
 
 log = logging.getLogger("meterline.fleet")
 
+STATEMENT_TIMEOUT_MS = 120_000  # one batch's COPY and INSERT, or a migration step waiting for its lock
 CREATE_CURSOR = ("CREATE TABLE IF NOT EXISTS fleet_cursor (tbl VARCHAR, target VARCHAR, shipped_rowid BIGINT, "
                  "shipped_at TIMESTAMPTZ, PRIMARY KEY (tbl, target))")
 
@@ -88,6 +89,7 @@ class Shipper:
         self._measure()
 
     def start(self) -> None:
+        log.info("fleet ledger: shipping to %s", self.target)
         self._thread = threading.Thread(target=self._run, name="meterline-fleet-pg", daemon=True)
         self._thread.start()
 
@@ -166,7 +168,9 @@ class Shipper:
             import psycopg  # only the sinks process of a fleet loads it
 
             con = psycopg.connect(self.settings.url, connect_timeout=max(1, round(self.settings.connect_timeout_s)),
-                                  options="-c TimeZone=UTC", application_name="meterline")
+                                  # a Postgres that hangs rather than fails must not hold the thread forever
+                                  options=f"-c TimeZone=UTC -c statement_timeout={STATEMENT_TIMEOUT_MS}",
+                                  application_name="meterline")
             try:
                 found = pgs.migrate(con)
                 if found < pgs.VERSION:

@@ -66,8 +66,9 @@ class FleetConfig:
     here, after `${NAME}` expansion: show them only through fleet.urls.redact."""
 
     instance: str = field(default_factory=socket.gethostname)  # every row's `instance` column
-    postgres: str | None = None  # the fleet ledger; None: rows stay in this sidecar's DuckDB only
-    redis: str | None = None  # shared budget accounts (fleet/redis_*.py)
+    # repr=False: a Config printed or logged by accident shows no password
+    postgres: str | None = field(default=None, repr=False)  # the fleet ledger; None: rows stay in this DuckDB only
+    redis: str | None = field(default=None, repr=False)  # shared budget accounts (fleet/redis_*.py)
     on_redis_down: str | None = None
     ship_interval_s: float = 1.0  # how often new rows go to Postgres
     retry_s: float = 5.0  # wait after Postgres failed (down, refused) before trying again

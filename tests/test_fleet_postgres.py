@@ -297,14 +297,20 @@ def dashboard_switches_between_sidecar_and_fleet(sidecar: Sidecar, local_calls: 
             page.set_default_timeout(15_000)
             problems: list[str] = []
             page.on("pageerror", lambda e: problems.append(f"page error: {e}"))
-            page.goto(f"{sidecar.url}/_meterline/#scope=fleet")
+            page.goto(f"{sidecar.url}/_meterline/#scope=fleet&metric=calls&by=provider")
             page.wait_for_function(kpi, arg=fleet_calls)
             for instance in ("web-a", "web-b"):
                 page.wait_for_selector(f'#fleet-table tbody tr[data-instance="{instance}"]')
-            assert page.is_visible("#fleet-card") and not page.is_visible("#spend-card")
+            # the chart draws from the fleet ledger too; budgets, tokens and latency are per sidecar
+            legend = "([n, s]) => (document.querySelector(`#spend-legend [data-series='${s}'] b`) || {}).textContent === String(n)"
+            page.wait_for_selector("#spend-chart canvas")
+            page.wait_for_function(legend, arg=[fleet_calls, "openai"])
+            assert page.is_visible("#fleet-card") and not page.is_visible("#budgets-card")
+            assert not page.is_visible("#tokens-card") and page.is_visible("#spend-empty") is False
             page.select_option("#scope", "local")
             page.wait_for_function(kpi, arg=local_calls)
-            assert not page.is_visible("#fleet-card") and page.is_visible("#spend-card")
+            assert not page.is_visible("#fleet-card") and page.is_visible("#budgets-card")
+            page.wait_for_function(legend, arg=[local_calls, "openai"])
             assert problems == []
         finally:
             browser.close()

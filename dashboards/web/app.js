@@ -315,13 +315,20 @@
     return BUCKETS.find((b) => range / b <= 120) || BUCKETS[BUCKETS.length - 1];
   }
 
+  // a call's bucket, as seconds since the epoch (DuckDB's time_bucket or Postgres arithmetic: the
+  // same buckets for every width that divides a day)
+  function bucketStart(bucket) {
+    return fleetMode() ? `CAST(floor(extract(epoch FROM started_at) / ${bucket}) * ${bucket} AS bigint)`
+      : `epoch(time_bucket(INTERVAL '${bucket} seconds', started_at))`;
+  }
+
   async function loadSeries(gen) {
     const bucket = bucketFor(state.range);
     const metric = { cost: "sum(cost_usd)", calls: "count(*)",
                      tokens: "sum(coalesce(input_tokens, 0) + coalesce(output_tokens, 0))" }[state.metric];
     // per bucket and series: the value, and the running total up the stack (both summed in SQL)
     const rows = await sql(`
-      WITH f AS (SELECT epoch(time_bucket(INTERVAL '${bucket} seconds', started_at)) AS t,
+      WITH f AS (SELECT ${bucketStart(bucket)} AS t,
                         coalesce(${groupExpr()}, '(none)') AS k, cost_usd, input_tokens, output_tokens,
                         price_source = 'unpriced' AS unpriced
                  FROM calls WHERE ${where()}),
@@ -712,8 +719,8 @@
     state.busy = true;
     const gen = state.gen;
     try {
-      // the fleet view: the panels whose SQL runs on Postgres too; budgets and the rest stay per sidecar
-      const jobs = fleetMode() ? [loadKpis(gen), loadFleet(gen), loadCalls(gen)]
+      // the fleet view: the panels whose SQL runs on Postgres too; budgets, tokens and latency stay per sidecar
+      const jobs = fleetMode() ? [loadKpis(gen), loadSeries(gen), loadFleet(gen), loadCalls(gen)]
         : [loadKpis(gen), loadSeries(gen), loadBudgets(gen), loadAlerts(gen), loadTokens(gen), loadLatency(gen), loadCalls(gen)];
       if (state.polls % 5 === 0) jobs.push(loadOptions());
       state.polls += 1;

@@ -22,7 +22,9 @@ VERSION = 1  # what this code's MIGRATIONS bring a database to
 class ShippedTable:
     """A DuckDB ledger table whose rows go to Postgres. Rows must never change after insert (the
     shipper's cursor is the DuckDB rowid); `key` makes a row unique fleet-wide (it holds the
-    partition column, as Postgres requires of a partitioned table's keys)."""
+    partition column, as Postgres requires of a partitioned table's keys). A table whose rows do change
+    (jobs, as their state moves) needs more than a line here: a column that grows with every change
+    for the cursor, and ON CONFLICT DO UPDATE; not built yet."""
 
     name: str
     columns: tuple[tuple[str, str], ...]  # (name, DuckDB type), in the DuckDB table's order

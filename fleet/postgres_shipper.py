@@ -93,11 +93,19 @@ class Shipper:
         self._thread = threading.Thread(target=self._run, name="meterline-fleet-pg", daemon=True)
         self._thread.start()
 
-    def stop(self, timeout: float = 10.0) -> None:
+    def stop(self, timeout: float = 10.0, final: bool = True) -> None:
+        """Ends the thread; with `final`, first ships what the ledger committed last (once the writer
+        has), unless the fleet ledger is known to be down: a pod scaled away may never come back to
+        ship it, and a dead Postgres must not hold up shutdown."""
         self._stop.set()
         if self._thread is not None:
             self._thread.join(timeout)
             self._thread = None
+        if final and self.up:
+            try:
+                self.ship_pending(final=True)
+            except Exception as e:  # noqa: BLE001 - shipped at the next start instead
+                self._failed(e)
         self._close()
 
     def health(self) -> dict[str, Any]:
@@ -121,11 +129,11 @@ class Shipper:
             except Exception:  # noqa: BLE001 - the ledger is closing
                 pass
 
-    def ship_pending(self) -> int:
+    def ship_pending(self, final: bool = False) -> int:
         """Ships every row past the cursors, batch by batch. Returns rows shipped; raises on failure."""
         total = 0
         for table in pgs.SHIPPED:
-            while not self._stop.is_set():
+            while final or not self._stop.is_set():
                 rows, last_rowid = self._read(table)
                 if not rows:
                     break

@@ -124,6 +124,8 @@ class Sinks:
         await loop.run_in_executor(None, self._poll_once)
         await self.alerts.stop()
         if self.shipper is not None:  # before the ledger closes: it reads from it
+            # the last poll's records committed first, so that the shipper's last pass sends them
+            await loop.run_in_executor(None, self.writer.wait_written, self.writer.submitted, 5.0)
             await loop.run_in_executor(None, self.shipper.stop)
         await loop.run_in_executor(None, self.writer.stop)
         await loop.run_in_executor(None, self.telemetry.shutdown, 5.0)

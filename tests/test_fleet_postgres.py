@@ -314,3 +314,18 @@ def dashboard_switches_between_sidecar_and_fleet(sidecar: Sidecar, local_calls: 
             assert problems == []
         finally:
             browser.close()
+
+
+def test_a_sidecar_stopping_ships_its_last_rows(fake: Any, fleet_sidecars: Any, postgres_url: str) -> None:
+    # a pass every minute: only the pass at start (nothing to send) and the one at shutdown run
+    s = fleet_sidecars(postgres_url, "web-last", ship_interval_s=60)
+    e2e = E2E(fake, s)
+    deadline = time.monotonic() + 15
+    while not s.health()["fleet"]["postgres"]["up"]:
+        assert time.monotonic() < deadline
+        time.sleep(0.1)
+    sent = [call(e2e, i, "fleet=last") for i in range(3)]
+    s.rows("true", len(sent))  # in the local ledger
+    assert wait_pg(postgres_url, 1, timeout=0.5) == []  # not shipped yet
+    s.stop()  # SIGTERM: drains, commits, ships
+    assert len(wait_pg(postgres_url, len(sent), timeout=0)) == len(sent)

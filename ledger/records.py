@@ -119,6 +119,7 @@ class CallRecord:
     response_bytes: int
     anomaly: str | None = None
     service_tier: str | None = None
+    instance: str | None = None  # the sidecar that metered it (fleet.instance; default the host name)
 
 
 @dataclass(slots=True)

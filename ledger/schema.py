@@ -53,6 +53,7 @@ COLUMNS: list[tuple[str, str, pa.DataType]] = [
     ("response_bytes", "BIGINT", pa.int64()),
     ("anomaly", "VARCHAR", pa.string()),
     ("service_tier", "VARCHAR", pa.string()),
+    ("instance", "VARCHAR", pa.string()),
 ]
 assert [c[0] for c in COLUMNS] == [f.name for f in dataclasses.fields(CallRecord)], "schema and CallRecord drifted"
 

@@ -84,6 +84,7 @@ class LedgerWriter:
         self.queue: queue.SimpleQueue[Any] = queue.SimpleQueue()
         self.con: duckdb.DuckDBPyConnection | None = None
         self.thread: threading.Thread | None = None
+        self.instance: str | None = None  # fleet.instance: fills the `instance` of records without one
         self.salt = b""  # salt for API-key fingerprints, kept beside the ledger so they stay stable
         self.sinks: list[Sink] = []  # telemetry and the like; a failing sink never stops the ledger
         # visible state, for health and metrics
@@ -304,6 +305,10 @@ class LedgerWriter:
         return count, []
 
     def _insert(self, cur: duckdb.DuckDBPyConnection, records: list[CallRecord], new_only: bool) -> int:
+        if self.instance is not None:  # records of an older forwarder's journal name no instance
+            for record in records:
+                if record.instance is None:
+                    record.instance = self.instance
         try:
             table = schema.to_arrow(records)
         except Exception as e:  # noqa: BLE001 - a value Arrow cannot hold: the data's fault

@@ -65,6 +65,12 @@ async def healthz(request: web.Request) -> web.Response:
         telemetry = sinks["telemetry"]
         sinks_part = {"up": True, "pid": sinks["pid"], "backlog_bytes": sinks["backlog_bytes"],
                       "open_calls": sinks["open_calls"], "interrupted": sinks["interrupted"]}
+    # the fleet ledger down degrades shipping only: its rows wait in this ledger (fleet.postgres.backlog_rows)
+    fleet = sinks.get("fleet") if sinks is not None else {
+        "instance": rt.config.fleet.instance,  # the sinks process ships: while it is down, nothing is known
+        "postgres": {"up": None, "backlog_rows": None, "lag_s": None} if rt.config.fleet.postgres else None}
+    if fleet and fleet.get("postgres") is not None and fleet["postgres"]["up"] is False:
+        degraded = True
     degraded = degraded or j.unwritten or j.lost
     body = {
         "status": "degraded" if degraded else "ok",
@@ -75,6 +81,7 @@ async def healthz(request: web.Request) -> web.Response:
         "sinks": sinks_part,
         "anomalies": dict(rt.anomalies),
         "telemetry": telemetry,
+        "fleet": fleet,
     }
     return _json(body)
 
@@ -114,11 +121,13 @@ async def run_sql(request: web.Request) -> web.Response:
         return _error(413, "query too long")
     query: object = raw.decode("utf-8", "replace")
     max_rows: object = request.query.get("max_rows", defaults.MAX_ROWS)
+    fleet: object = request.query.get("fleet", "") in ("1", "true")  # the fleet ledger (fleet.postgres)
     if request.content_type == "application/json":
         try:
             doc = orjson.loads(raw)
             query = doc["query"]
             max_rows = doc.get("max_rows", max_rows)
+            fleet = doc.get("fleet", fleet)
         except (orjson.JSONDecodeError, KeyError, TypeError, AttributeError):
             return _error(400, 'expected a JSON body {"query": "SELECT ..."}')
     if not isinstance(query, str) or not query.strip():
@@ -133,12 +142,15 @@ async def run_sql(request: web.Request) -> web.Response:
     try:
         # the sinks process times the query out itself (sql.timeout_s); a client that goes away
         # cancels this handler, which closes the connection, which interrupts the query there
-        kind, answer = await rt.link.call("sql", query, min(rows_wanted, defaults.MAX_EXPORT_ROWS), timeout=None)
+        if fleet is not True and fleet is not False:
+            return _error(400, '"fleet" must be true or false')
+        kind, answer = await rt.link.call("fleet_sql" if fleet else "sql", query,
+                                          min(rows_wanted, defaults.MAX_EXPORT_ROWS), timeout=None)
     except (rpc.Unavailable, rpc.Failed) as e:
         return _error(503, f"the ledger is unavailable: {e}")
     if kind == "ok":
         return web.Response(body=answer, content_type="application/json")
-    status = {"busy": 503, "refused": 403, "interrupted": 400}.get(kind, 400)
+    status = {"busy": 503, "refused": 403, "interrupted": 400, "unavailable": 503}.get(kind, 400)
     prefix = {"refused": "refused: ", "interrupted": "query interrupted: "}.get(kind, "")
     return _error(status, prefix + answer)
 

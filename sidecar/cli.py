@@ -51,6 +51,8 @@ def main(argv: list[str] | None = None) -> int:
     q.add_argument("--config", help=f"config file (default: ./{DEFAULT_CONFIG} if present)")
     q.add_argument("--url", help=URL_HELP)
     q.add_argument("--db", help=DB_HELP)
+    q.add_argument("--fleet", action="store_true",
+                   help="query the fleet ledger (fleet.postgres: every sidecar's rows) instead of this one's")
 
     b = sub.add_parser("budgets", help="budget rules with spend, limit and window",
                        description="Every budget rule and split key: spend, limit, percent used and time to reset. "
@@ -159,6 +161,8 @@ def _demo(args: argparse.Namespace) -> int:
 def _sql(args: argparse.Namespace, cfg: config_mod.Config) -> int:
     from ledger import sql  # DuckDB loads only for the commands that read the ledger
     export = args.format in ("csv", "json")  # every row, or a warning that they were cut
+    if args.fleet:
+        return _sql_fleet(args, cfg, export)
     try:
         client = _Client(_base_url(args.url, cfg), cfg.admin_token)
         result = None
@@ -201,6 +205,31 @@ def _budgets(args: argparse.Namespace, cfg: config_mod.Config) -> int:
         (r["rule"], r["key"] or "", r["window"], r["action"], _spent(r), _limit(r),
          f"{r['utilization']:.1%}", _duration(r["seconds_to_reset"])) for r in rows])
     print(sql.render(table, "table"))
+    return 0
+
+
+def _sql_fleet(args: argparse.Namespace, cfg: config_mod.Config, export: bool) -> int:
+    """`meterline sql --fleet`: the query goes straight to the fleet ledger (no sidecar needed)."""
+    from fleet import postgres_query
+    from ledger import sql
+
+    if not cfg.fleet.postgres:
+        print("meterline: --fleet needs the fleet ledger: set config key 'fleet.postgres' "
+              "(e.g. postgres: ${METERLINE_POSTGRES_URL})", file=sys.stderr)
+        return 2
+    try:
+        result = postgres_query.run(cfg.fleet.postgres, args.query, sql.MAX_EXPORT_ROWS if export else sql.MAX_ROWS,
+                                    cfg.sql_timeout_s, cfg.fleet.connect_timeout_s)
+    except sql.QueryRefused as e:
+        print(f"meterline: refused: {e}", file=sys.stderr)
+        return 1
+    except (sql.QueryInterrupted, postgres_query.FleetUnavailable, ValueError) as e:
+        print(f"meterline: {e}", file=sys.stderr)
+        return 1
+    print(sql.render(result, args.format))
+    if result.truncated:
+        print(f"meterline: output cut at {len(result.rows):,} rows; narrow the query, "
+              "or page through it with LIMIT and OFFSET", file=sys.stderr)
     return 0
 
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 import math
 import os
 import re
+import socket
 from dataclasses import dataclass, field
 from decimal import Decimal
 from pathlib import Path
@@ -20,6 +21,8 @@ from ledger.pricing import PriceRule
 from ledger.defaults import DEFAULT_MEMORY_LIMIT, DEFAULT_THREADS
 
 from jobs.reconcile_config import ReconcileConfig, ReconcileConfigError, parse as parse_reconcile
+from jobs.reconcile_config import _expand as expand_env  # `${NAME}` in a value reads the environment
+from fleet.urls import redact
 
 from .hostcheck import allowed_hosts
 from .upstream import Origin, origin_of
@@ -39,6 +42,7 @@ BUILTIN_UPSTREAMS = {
     "gemini": ("https://generativelanguage.googleapis.com", "gemini", "google"),
 }
 RESERVED_NAMES = ("_meterline",)
+INSTANCE_MAX = 200  # characters of `fleet.instance`
 
 
 class ConfigError(ValueError):
@@ -54,6 +58,22 @@ class Upstream:
     host: str = ""  # of base_url, for telemetry's server.address / server.port
     port: int = 0
     origin: Origin | None = None  # where the hot path's client sends its requests
+
+
+@dataclass(slots=True)
+class FleetConfig:
+    """`fleet:` many sidecars sharing budgets (Redis) and a ledger (Postgres). URLs keep their secrets
+    here, after `${NAME}` expansion: show them only through fleet.urls.redact."""
+
+    instance: str = field(default_factory=socket.gethostname)  # every row's `instance` column
+    # repr=False: a Config printed or logged by accident shows no password
+    postgres: str | None = field(default=None, repr=False)  # the fleet ledger; None: rows stay in this DuckDB only
+    redis: str | None = field(default=None, repr=False)  # shared budget accounts (fleet/redis_*.py)
+    on_redis_down: str | None = None
+    ship_interval_s: float = 1.0  # how often new rows go to Postgres
+    retry_s: float = 5.0  # wait after Postgres failed (down, refused) before trying again
+    batch_rows: int = 5000  # rows per COPY
+    connect_timeout_s: float = 5.0
 
 
 @dataclass(slots=True)
@@ -83,10 +103,12 @@ class Config:
     sql_timeout_s: float = 30.0  # sql.timeout_s: a query running longer is interrupted
     sql_max_concurrent: int = 4  # sql.max_concurrent: queries at once (each on a thread of its own); 503 past it
     workers: int = 1  # forwarder processes on the one port (`--workers`); see check_workers
+    fleet: FleetConfig = field(default_factory=FleetConfig)
 
 
 _TOP_KEYS = {"listen", "app", "ledger", "upstreams", "prices", "budgets", "alerts", "telemetry", "timeouts",
-             "admin_token", "default_max_output_tokens", "allowed_hosts", "reconcile", "sql", "workers"}
+             "admin_token", "default_max_output_tokens", "allowed_hosts", "reconcile", "sql", "workers",
+             "fleet"}
 MAX_WORKERS = 64
 
 
@@ -176,6 +198,7 @@ def parse(doc: Any) -> Config:
     if isinstance(most, bool) or not isinstance(most, int) or not 0 < most <= 64:
         raise ConfigError(f"config key 'sql.max_concurrent': expected a whole number from 1 to 64, got {most!r}")
     cfg.sql_max_concurrent = most
+    cfg.fleet = parse_fleet(_map(doc, "fleet"))
     if "workers" in doc:
         cfg.workers = doc["workers"]
     check_workers(cfg, "workers")
@@ -197,6 +220,55 @@ def parse(doc: Any) -> Config:
             raise ConfigError(f"config key 'telemetry.jaeger_ui_url': expected an http(s) URL, got {jaeger!r}")
         cfg.jaeger_ui_url = jaeger.rstrip("/")
     return cfg
+
+
+_FLEET_KEYS = ("instance", "postgres", "redis", "on_redis_down", "ship_interval_s", "retry_s", "batch_rows",
+               "connect_timeout_s")
+
+
+def parse_fleet(doc: dict[str, Any], environ: Any = None) -> FleetConfig:
+    """The `fleet:` mapping. Errors name the key and never show a URL's password."""
+    env = os.environ if environ is None else environ
+    unknown = set(doc) - set(_FLEET_KEYS)
+    if unknown:
+        raise ConfigError(f"unknown config key 'fleet.{sorted(map(str, unknown))[0]}' (known: {', '.join(_FLEET_KEYS)})")
+    fleet = FleetConfig()
+
+    def text(key: str) -> str | None:
+        if doc.get(key) is None:
+            return None
+        try:
+            return expand_env(doc[key], f"fleet.{key}", env).strip() or None
+        except ReconcileConfigError as e:
+            raise ConfigError(str(e)) from None
+
+    instance = text("instance")
+    if instance is not None:
+        if len(instance) > INSTANCE_MAX or not instance.isprintable():
+            raise ConfigError(f"config key 'fleet.instance': expected a printable name of at most {INSTANCE_MAX} "
+                              f"characters, got {instance[:40]!r}")
+        fleet.instance = instance
+    fleet.postgres = text("postgres")
+    if fleet.postgres is not None:
+        scheme = urlsplit(fleet.postgres).scheme if "://" in fleet.postgres else ""
+        if scheme not in ("postgresql", "postgres"):
+            raise ConfigError("config key 'fleet.postgres': expected a URL such as "
+                              f"postgresql://USER:PASSWORD@HOST:5432/DB, got {redact(fleet.postgres)!r}")
+    fleet.redis = text("redis")
+    fleet.on_redis_down = text("on_redis_down")
+    for key in ("ship_interval_s", "retry_s", "connect_timeout_s"):
+        if key in doc:
+            value = doc[key]
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 < value < 3600:
+                raise ConfigError(f"config key 'fleet.{key}': expected a positive number of seconds below 3600, "
+                                  f"got {value!r}")
+            setattr(fleet, key, float(value))
+    if "batch_rows" in doc:
+        value = doc["batch_rows"]
+        if isinstance(value, bool) or not isinstance(value, int) or not 0 < value <= 100_000:
+            raise ConfigError(f"config key 'fleet.batch_rows': expected a whole number from 1 to 100000, got {value!r}")
+        fleet.batch_rows = value
+    return fleet
 
 
 def _listen(value: Any) -> tuple[str, int]:

@@ -142,7 +142,9 @@ def _etags(header: str) -> set[str]:
 async def config(request: web.Request) -> web.Response:
     """What the page needs besides SQL: where traces live, and how often to poll."""
     cfg = request.app[proxy.RUNTIME].config
-    body = {"jaeger_ui_url": jaeger_ui_url(cfg.telemetry), "poll_s": POLL_S, "app": cfg.app}
+    # fleet: whether the page offers "whole fleet" (the fleet ledger, fleet.postgres) beside this sidecar
+    body = {"jaeger_ui_url": jaeger_ui_url(cfg.telemetry), "poll_s": POLL_S, "app": cfg.app,
+            "fleet": bool(cfg.fleet.postgres), "instance": cfg.fleet.instance}
     return web.Response(body=orjson.dumps(body), content_type="application/json",
                         headers={"Cache-Control": "no-store"})
 

@@ -442,7 +442,7 @@ def _record(rt: Runtime, call: _Call, base: dict[str, Any], provisional: bool) -
         user_id=base["user_id"], key_fingerprint=base["key_fingerprint"], tags=base["tags"],
         trace_id=base["trace_id"], span_id=base["span_id"], request_bytes=base["request_bytes"],
         response_bytes=call.response_bytes, anomaly=None if provisional else seen.anomaly,
-        service_tier=seen.service_tier,
+        service_tier=seen.service_tier, instance=rt.config.fleet.instance,
     )
     if not provisional:
         validate.mark(record, bad)

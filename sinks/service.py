@@ -19,6 +19,8 @@ from typing import Any
 
 from exporters.alerts import AlertDispatcher
 from exporters.telemetry import Telemetry
+from fleet import postgres_query
+from fleet.postgres_shipper import Shipper, ShipperSettings
 from jobs import reconcile_store
 from ledger import budget_store, sql
 from ledger.budgets import CrossingNote
@@ -48,6 +50,7 @@ class Sinks:
                                    threads=config.ledger_threads)
         self.tail = JournalTail(journal_dir(config.ledger_path))
         self.writer.on_committed = self.tail.committed
+        self.writer.instance = config.fleet.instance
         self.telemetry = Telemetry(config.telemetry, os.environ, config.app)
         self.alerts = AlertDispatcher(config.alerts, persist=self._persist_alert)
         self.queries = Queries(config.sql_max_concurrent, config.sql_timeout_s)
@@ -64,12 +67,28 @@ class Sinks:
                                       "Call records not yet committed to the ledger", lambda: self.writer.pending)
         self.telemetry.register_gauge("meterline.ledger.write_lag", "s", "From a call's end to its row being committed",
                                       lambda: self.writer.last_lag_s)
+        self.shipper: Shipper | None = None  # rows to the fleet ledger (fleet.postgres)
+        fleet = config.fleet
+        if fleet.postgres:
+            self.shipper = Shipper(ShipperSettings(fleet.postgres, fleet.ship_interval_s, fleet.retry_s,
+                                                   fleet.batch_rows, fleet.connect_timeout_s), self.writer.cursor)
+            shipper = self.shipper
+            self.telemetry.register_gauge("meterline.fleet.postgres.backlog", "{row}",
+                                          "Ledger rows not yet shipped to the fleet ledger", lambda: shipper.backlog_rows)
+            self.telemetry.register_gauge("meterline.fleet.postgres.lag", "s",
+                                          "Age of the oldest ledger row not yet shipped to the fleet ledger",
+                                          lambda: shipper.lag_s)
+            self.telemetry.register_gauge("meterline.fleet.postgres.up", "1",
+                                          "1 while the fleet ledger takes rows, 0 while it fails",
+                                          lambda: 1 if shipper.up else 0)
 
     # --- life ----------------------------------------------------------------------------------
 
     def open(self) -> int:
         """Opens the ledger and writes what the journals hold that it lacks (a thread, not the loop)."""
         self.writer.open()
+        if self.shipper is not None:
+            self.shipper.open()
         self.telemetry.start()
         # What the journals held at start may be in the ledger already (this process was killed
         # after a commit, before the segments went): read up to there writing only the calls the
@@ -94,6 +113,8 @@ class Sinks:
         self.writer.start()
         self._thread = threading.Thread(target=self._tail_loop, name="meterline-tail", daemon=True)
         self._thread.start()
+        if self.shipper is not None:
+            self.shipper.start()
 
     async def stop(self) -> None:
         """Reads the journals one last time, commits, flushes telemetry, closes the ledger."""
@@ -104,6 +125,10 @@ class Sinks:
             await loop.run_in_executor(None, self._thread.join, 10.0)
         await loop.run_in_executor(None, self._poll_once)
         await self.alerts.stop()
+        if self.shipper is not None:  # before the ledger closes: it reads from it
+            # the last poll's records committed first, so that the shipper's last pass sends them
+            await loop.run_in_executor(None, self.writer.wait_written, self.writer.submitted, 5.0)
+            await loop.run_in_executor(None, self.shipper.stop)
         await loop.run_in_executor(None, self.writer.stop)
         await loop.run_in_executor(None, self.telemetry.shutdown, 5.0)
 
@@ -183,6 +208,8 @@ class Sinks:
                 return ("interrupted", str(e))
             except Exception as e:  # noqa: BLE001 - a bad query is the caller's error, shown as DuckDB says it
                 return ("error", str(e))
+        if op == "fleet_sql":
+            return await self._fleet_sql(*args)
         if op == "db":
             name, *rest = args
             fn = DB_FUNCTIONS.get(name)
@@ -201,6 +228,25 @@ class Sinks:
         if op == "ping":
             return os.getpid()
         raise ValueError(f"unknown request {op!r}")
+
+    async def _fleet_sql(self, query: str, max_rows: int) -> tuple[str, Any]:
+        """The dashboard's "whole fleet": one read-only query on the fleet ledger (fleet/postgres_query.py)."""
+        fleet = self.config.fleet
+        if not fleet.postgres:
+            return ("unavailable", "no fleet ledger: config key 'fleet.postgres' is not set")
+        loop = asyncio.get_running_loop()
+        try:
+            result = await loop.run_in_executor(None, postgres_query.run, fleet.postgres, query, max_rows,
+                                                self.config.sql_timeout_s, fleet.connect_timeout_s)
+        except sql.QueryRefused as e:
+            return ("refused", str(e))
+        except sql.QueryInterrupted as e:
+            return ("interrupted", str(e))
+        except postgres_query.FleetUnavailable as e:
+            return ("unavailable", str(e))
+        except ValueError as e:
+            return ("error", str(e))
+        return ("ok", sql.to_json(result))
 
     def _take_sent(self, worker: str, lines: list[bytes]) -> int:
         with self._polling:
@@ -231,6 +277,8 @@ class Sinks:
             "open_calls": self.tail.open_calls,
             "interrupted": self.tail.interrupted,
             "telemetry": self.telemetry.stats(),
+            "fleet": {"instance": self.config.fleet.instance,
+                      "postgres": self.shipper.health() if self.shipper is not None else None},
             "alerts": {"fired": self.alerts.stats.fired, "delivered": self.alerts.stats.delivered,
                        "failed": self.alerts.stats.failed, "dropped": self.alerts.stats.dropped},
         }

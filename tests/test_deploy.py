@@ -869,3 +869,99 @@ def test_systemd_unit_passes_systemd_analyze_verify(tmp_path):
 def option(args: list[str], name: str) -> str | None:
     """The value after `name` in an argument list (None when absent)."""
     return args[args.index(name) + 1] if name in args else None
+
+
+# --- the fleet: deploy/fleet (compose) and deploy/k8s/fleet-*.yaml ---------------------------------
+
+FLEET = DEPLOY / "fleet"
+
+
+def _fleet_config(text: str, env: dict[str, str]) -> config_mod.Config:
+    """The sidecar's own parsing of a fleet config, with `${NAME}` read from `env`."""
+    old = {k: os.environ.get(k) for k in env}
+    os.environ.update(env)
+    try:
+        return config_mod.parse(yaml.safe_load(text))
+    finally:
+        for k, v in old.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
+
+
+def test_fleet_compose_runs_two_app_replicas_with_sidecars_beside_redis_and_postgres():
+    doc = yaml.safe_load((FLEET / "docker-compose.yml").read_text())
+    services = doc["services"]
+    assert {"meterline-1", "meterline-2", "app-1", "app-2", "postgres", "redis", "fake-llm"} <= set(services)
+    instances, ledgers = set(), set()
+    for n in ("1", "2"):
+        sidecar, app = services[f"meterline-{n}"], services[f"app-{n}"]
+        args = sidecar["command"]
+        assert args[0] == "serve" and option(args, "--host") == "127.0.0.1" and option(args, "--port") == str(PORT)
+        # the app shares its sidecar's network namespace and calls it on loopback, once it is healthy
+        assert app["network_mode"] == f"service:meterline-{n}"
+        assert app["environment"]["OPENAI_BASE_URL"].startswith(f"http://127.0.0.1:{PORT}/")
+        assert app["depends_on"][f"meterline-{n}"]["condition"] == "service_healthy"
+        assert {"postgres", "redis"} <= set(sidecar["depends_on"])
+        mounts = {m.split(":")[1]: m.split(":")[0] for m in sidecar["volumes"]}
+        ledger = mounts[Path(option(args, "--db")).parent.as_posix()]
+        assert ledger in doc["volumes"]  # each sidecar its own ledger volume
+        config_file = FLEET / mounts[option(args, "--config")]
+        env = sidecar["environment"]
+        pg = env["METERLINE_POSTGRES_URL"]
+        assert pg.startswith("postgresql://") and "@postgres:5432/" in pg and "${POSTGRES_PASSWORD" in pg
+        assert env["METERLINE_REDIS_URL"].startswith("redis://redis:6379")
+        cfg = _fleet_config(config_file.read_text(), {k: str(v) for k, v in env.items()})
+        assert cfg.fleet.postgres == pg and cfg.fleet.redis == env["METERLINE_REDIS_URL"]
+        instances.add(cfg.fleet.instance)
+        assert (cfg.upstreams["demo"].host, cfg.upstreams["demo"].port) == ("fake-llm", 9000)
+        ledgers.add(ledger)
+    assert instances == {"app-1", "app-2"} and len(ledgers) == 2
+    # the config file holds no secret: the URLs come from the environment
+    text = (FLEET / "meterline.yaml").read_text()
+    assert "${METERLINE_POSTGRES_URL}" in text and "postgresql://" not in text
+    assert services["postgres"]["environment"]["POSTGRES_PASSWORD"].startswith("${POSTGRES_PASSWORD")
+    assert services["postgres"]["healthcheck"] and services["redis"]["healthcheck"]
+    for name, service in services.items():
+        image = service.get("image", "x:pinned")
+        assert ":" in image and not image.endswith(":latest"), name
+        assert not service.get("ports"), f"{name} publishes a port"
+
+
+def test_fleet_compose_file_follows_the_compose_spec():
+    pytest.importorskip("check_jsonschema", reason="check-jsonschema not installed (pip install check-jsonschema)")
+    out = subprocess.run([sys.executable, "-m", "check_jsonschema", "--builtin-schema", "vendor.compose-spec",
+                          str(FLEET / "docker-compose.yml")], check=False, capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stdout + out.stderr
+
+
+def test_k8s_fleet_takes_its_urls_from_a_secret_and_names_each_pod_its_instance():
+    docs = k8s_docs(K8S / "fleet-statefulset.yaml")
+    (sts,) = [d for d in docs if d["kind"] == "StatefulSet"]
+    (cm,) = [d for d in docs if d["kind"] == "ConfigMap"]
+    (secret,) = k8s_docs(K8S / "fleet-secret.yaml")
+    assert secret["kind"] == "Secret"
+    spec = sts["spec"]["template"]["spec"]
+    (c,) = [c for c in spec["initContainers"] if c["name"] == "meterline"]
+    assert c["restartPolicy"] == "Always"
+    args = c["args"]
+    assert option(args, "--host") == "127.0.0.1" and option(args, "--port") == str(PORT)
+    env = {e["name"]: e for e in c["env"]}
+    for name, key in (("METERLINE_POSTGRES_URL", "postgres-url"), ("METERLINE_REDIS_URL", "redis-url")):
+        ref = env[name]["valueFrom"]["secretKeyRef"]
+        assert ref["name"] == secret["metadata"]["name"] and key in secret["stringData"] and "value" not in env[name]
+    assert env["POD_NAME"]["valueFrom"]["fieldRef"]["fieldPath"] == "metadata.name"
+    # each pod's ledger on a claim of its own
+    (claim,) = sts["spec"]["volumeClaimTemplates"]
+    mounts = {m["mountPath"]: m["name"] for m in c["volumeMounts"]}
+    assert mounts[Path(option(args, "--db")).parent.as_posix()] == claim["metadata"]["name"]
+    volumes = {v["name"]: v for v in spec["volumes"]}
+    assert volumes[mounts[Path(option(args, "--config")).parent.as_posix()]]["configMap"]["name"] == cm["metadata"]["name"]
+    text = cm["data"][Path(option(args, "--config")).name]
+    cfg = _fleet_config(text, {"POD_NAME": "checkout-2", "METERLINE_POSTGRES_URL": secret["stringData"]["postgres-url"],
+                               "METERLINE_REDIS_URL": secret["stringData"]["redis-url"]})
+    assert cfg.fleet.instance == "checkout-2" and cfg.fleet.postgres == secret["stringData"]["postgres-url"]
+    assert "CHANGE-ME" not in text
+    (app,) = spec["containers"]
+    assert {e["name"]: e.get("value") for e in app["env"]}["OPENAI_BASE_URL"] == f"http://127.0.0.1:{PORT}/openai/v1"

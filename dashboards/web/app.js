@@ -19,6 +19,7 @@
   const state = {
     cfg: { jaeger_ui_url: null, poll_s: POLL_DEFAULT_S },
     range: 3600, metric: "cost", groupBy: "provider",
+    scope: "local", // "fleet": the fleet ledger (Postgres, every sidecar's rows) through this sidecar
     filters: { provider: "", model: "", app: "", outcome: "", tag: "" },
     gen: 0, busy: false, polls: 0, timer: null,
     chart: null, chartKey: "", colors: new Map(), legend: [],
@@ -134,8 +135,11 @@
 
   async function sql(query) {
     const sentWith = sessionStorage.getItem(TOKEN_KEY) || "";
-    const resp = await fetch("sql", { method: "POST", headers: { "content-type": "text/plain", ...tokenHeaders() },
-                                      body: query, signal: AbortSignal.timeout(FETCH_TIMEOUT_MS) });
+    const fleet = fleetMode();
+    const resp = await fetch("sql", { method: "POST",
+                                      headers: { "content-type": fleet ? "application/json" : "text/plain", ...tokenHeaders() },
+                                      body: fleet ? JSON.stringify({ query, fleet: true }) : query,
+                                      signal: AbortSignal.timeout(FETCH_TIMEOUT_MS) });
     let doc = null;
     try { doc = await resp.json(); } catch (e) { /* not JSON */ }
     if (resp.status === 401) throw needToken(sentWith);
@@ -160,6 +164,11 @@
 
   // --- filters and the state in the URL ------------------------------------------------------
 
+  // the fleet ledger is asked only when the sidecar has one (dashboard/config says so)
+  const fleetMode = () => state.scope === "fleet" && Boolean(state.cfg.fleet);
+  // a tag's value: DuckDB's MAP or the fleet ledger's (Postgres) jsonb
+  const tagExpr = (key) => (fleetMode() ? `(tags->>${lit(key)})` : `tags[${lit(key)}]`);
+
   function filterParts() {
     const f = state.filters, parts = [];
     if (f.provider) parts.push(`provider = ${lit(f.provider)}`);
@@ -168,7 +177,7 @@
     if (f.outcome) parts.push(`outcome = ${lit(f.outcome)}`);
     if (f.tag) {
       const i = f.tag.indexOf("=");
-      parts.push(`tags[${lit(f.tag.slice(0, i))}] = ${lit(f.tag.slice(i + 1))}`);
+      parts.push(`${tagExpr(f.tag.slice(0, i))} = ${lit(f.tag.slice(i + 1))}`);
     }
     return parts;
   }
@@ -180,7 +189,7 @@
     if (g === "model") return MODEL;
     if (g === "app") return "coalesce(app, '(no app)')";
     if (g === "user") return "coalesce(user_id, '(no user)')";
-    if (g.startsWith("tag:")) return `coalesce(tags[${lit(g.slice(4))}], '(untagged)')`;
+    if (g.startsWith("tag:")) return `coalesce(${tagExpr(g.slice(4))}, '(untagged)')`;
     return "provider";
   }
 
@@ -191,6 +200,7 @@
     if (RANGES.includes(range)) state.range = range;
     if (["cost", "calls", "tokens"].includes(p.get("metric"))) state.metric = p.get("metric");
     if (p.get("by")) state.groupBy = p.get("by");
+    state.scope = p.get("scope") === "fleet" ? "fleet" : "local";
     for (const k of Object.keys(state.filters)) state.filters[k] = p.get(k) || "";
   }
   function writeHash() {
@@ -198,6 +208,7 @@
     p.set("range", state.range);
     p.set("metric", state.metric);
     p.set("by", state.groupBy);
+    if (state.scope === "fleet") p.set("scope", "fleet");
     for (const [k, v] of Object.entries(state.filters)) if (v) p.set(k, v);
     history.replaceState(null, "", "#" + p.toString());
   }
@@ -209,6 +220,10 @@
 
   function syncControls() {
     $("#range").value = String(state.range);
+    $("#scope-label").hidden = !state.cfg.fleet;
+    $("#scope").value = fleetMode() ? "fleet" : "local";
+    $("#fleet-row").hidden = !fleetMode();
+    for (const row of document.querySelectorAll("[data-local-only]")) row.hidden = fleetMode();
     $("#metric").value = state.metric;
     ensureOption($("#group-by"), state.groupBy, state.groupBy.replace("tag:", "tag: "));
     $("#group-by").value = state.groupBy;
@@ -223,15 +238,18 @@
 
   async function loadOptions() {
     const w = `started_at >= now() - INTERVAL '${state.range} seconds'`;
+    // written to run on DuckDB and on the fleet ledger's Postgres alike (but for the tags' type)
+    const tags = fleetMode()
+      ? `SELECT 'tag', t.key || '=' || t.value, count(*) FROM calls, jsonb_each_text(coalesce(tags, '{}'::jsonb)) AS t(key, value) WHERE ${w} GROUP BY 1, 2`
+      : `SELECT 'tag', entry.key || '=' || entry.value, count(*) FROM calls, unnest(map_entries(tags)) AS t(entry) WHERE ${w} GROUP BY 1, 2`;
     const rows = await sql(`
       SELECT f, v, n FROM (
-        SELECT 'provider' AS f, provider AS v, count(*) AS n FROM calls WHERE ${w} GROUP BY ALL
-        UNION ALL SELECT 'model', ${MODEL}, count(*) FROM calls WHERE ${w} GROUP BY ALL
-        UNION ALL SELECT 'app', app, count(*) FROM calls WHERE ${w} GROUP BY ALL
-        UNION ALL SELECT 'outcome', outcome, count(*) FROM calls WHERE ${w} GROUP BY ALL
-        UNION ALL SELECT 'tag', entry.key || '=' || entry.value, count(*)
-          FROM calls, unnest(map_entries(tags)) AS t(entry) WHERE ${w} GROUP BY ALL
-      ) WHERE v IS NOT NULL ORDER BY f, n DESC, v LIMIT 2000`);
+        SELECT 'provider' AS f, provider AS v, count(*) AS n FROM calls WHERE ${w} GROUP BY 1, 2
+        UNION ALL SELECT 'model', ${MODEL}, count(*) FROM calls WHERE ${w} GROUP BY 1, 2
+        UNION ALL SELECT 'app', app, count(*) FROM calls WHERE ${w} GROUP BY 1, 2
+        UNION ALL SELECT 'outcome', outcome, count(*) FROM calls WHERE ${w} GROUP BY 1, 2
+        UNION ALL ${tags}
+      ) AS o WHERE v IS NOT NULL ORDER BY f, n DESC, v LIMIT 2000`);
     const by = { provider: [], model: [], app: [], outcome: [], tag: [] };
     for (const r of rows) if (by[r.f] && by[r.f].length < 200) by[r.f].push(r.v);
     for (const select of document.querySelectorAll("select[data-filter]")) {
@@ -297,13 +315,20 @@
     return BUCKETS.find((b) => range / b <= 120) || BUCKETS[BUCKETS.length - 1];
   }
 
+  // a call's bucket, as seconds since the epoch (DuckDB's time_bucket or Postgres arithmetic: the
+  // same buckets for every width that divides a day)
+  function bucketStart(bucket) {
+    return fleetMode() ? `CAST(floor(extract(epoch FROM started_at) / ${bucket}) * ${bucket} AS bigint)`
+      : `epoch(time_bucket(INTERVAL '${bucket} seconds', started_at))`;
+  }
+
   async function loadSeries(gen) {
     const bucket = bucketFor(state.range);
     const metric = { cost: "sum(cost_usd)", calls: "count(*)",
                      tokens: "sum(coalesce(input_tokens, 0) + coalesce(output_tokens, 0))" }[state.metric];
     // per bucket and series: the value, and the running total up the stack (both summed in SQL)
     const rows = await sql(`
-      WITH f AS (SELECT epoch(time_bucket(INTERVAL '${bucket} seconds', started_at)) AS t,
+      WITH f AS (SELECT ${bucketStart(bucket)} AS t,
                         coalesce(${groupExpr()}, '(none)') AS k, cost_usd, input_tokens, output_tokens,
                         price_source = 'unpriced' AS unpriced
                  FROM calls WHERE ${where()}),
@@ -492,6 +517,25 @@
     parts.push(el("span", { class: "reset", text: duration(r.seconds_to_reset) }));
     node.append(el("div", { class: "budget-foot" }, ...parts));
     return node;
+  }
+
+  // the whole fleet: one line per sidecar (the fleet ledger's `instance` column)
+  async function loadFleet(gen) {
+    const rows = await sql(`
+      SELECT coalesce(instance, '(unknown)') AS instance, count(*) AS calls, coalesce(sum(cost_usd), 0) AS cost,
+             count(cost_usd) AS priced, count(*) FILTER (WHERE price_source = 'unpriced') AS unpriced,
+             max(started_at) AS last
+      FROM calls WHERE ${where()} GROUP BY 1 ORDER BY 2 DESC, 1 LIMIT 200`);
+    if (gen !== state.gen) return;
+    $("#fleet-empty").hidden = rows.length > 0;
+    $("#fleet-table").hidden = rows.length === 0;
+    $("#fleet-table tbody").replaceChildren(...rows.map((r) => el("tr", { "data-instance": r.instance },
+      el("td", { text: r.instance }),
+      el("td", { class: "num", text: int(r.calls) }),
+      el("td", { class: "num", "data-value": String(r.cost),
+                 text: num(r.priced) === 0 && num(r.unpriced) > 0 ? "unpriced" : money(r.cost) }),
+      el("td", { class: "num", text: int(r.unpriced) }),
+      el("td", { title: r.last, text: r.last ? clock(r.last) : "" }))));
   }
 
   async function loadAlerts(gen) {
@@ -757,8 +801,11 @@
     state.busy = true;
     const gen = state.gen;
     try {
-      const jobs = [loadKpis(gen), loadSeries(gen), loadBudgets(gen), loadAlerts(gen), loadTokens(gen), loadLatency(gen), loadCalls(gen),
-                    loadReconciliation(gen)];
+      // the fleet view: the panels whose SQL runs on Postgres too; budgets, tokens, latency and the
+      // reconciliation card (DuckDB-only SQL) stay per sidecar
+      const jobs = fleetMode() ? [loadKpis(gen), loadSeries(gen), loadFleet(gen), loadCalls(gen)]
+        : [loadKpis(gen), loadSeries(gen), loadBudgets(gen), loadAlerts(gen), loadTokens(gen), loadLatency(gen), loadCalls(gen),
+           loadReconciliation(gen)];
       if (state.polls % 5 === 0) jobs.push(loadOptions());
       state.polls += 1;
       const results = await Promise.allSettled(jobs);
@@ -790,6 +837,7 @@
 
   function wire() {
     $("#range").addEventListener("change", (e) => { state.range = Number(e.target.value); changed(); });
+    $("#scope").addEventListener("change", (e) => { state.scope = e.target.value === "fleet" ? "fleet" : "local"; changed(); });
     $("#metric").addEventListener("change", (e) => { state.metric = e.target.value; changed(); });
     $("#group-by").addEventListener("change", (e) => { state.groupBy = e.target.value; changed(); });
     for (const select of document.querySelectorAll("select[data-filter]")) {
@@ -822,6 +870,7 @@
     wire();
     syncControls();
     await loadConfig();
+    syncControls(); // the config says whether a fleet ledger is there to switch to
     await refresh(true);
     const every = Math.min(5, Math.max(2, Number(state.cfg.poll_s) || POLL_DEFAULT_S)) * 1000;
     state.timer = setInterval(() => refresh(false), every);

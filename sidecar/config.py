@@ -22,6 +22,7 @@ from ledger.defaults import DEFAULT_MEMORY_LIMIT, DEFAULT_THREADS
 from jobs.reconcile_config import ReconcileConfig, ReconcileConfigError, parse as parse_reconcile
 
 from .hostcheck import allowed_hosts
+from .routes.config import Route, RouteConfigError, parse_routes
 from .upstream import Origin, origin_of
 
 DEFAULT_HOST = "127.0.0.1"
@@ -83,10 +84,12 @@ class Config:
     sql_timeout_s: float = 30.0  # sql.timeout_s: a query running longer is interrupted
     sql_max_concurrent: int = 4  # sql.max_concurrent: queries at once (each on a thread of its own); 503 past it
     workers: int = 1  # forwarder processes on the one port (`--workers`); see check_workers
+    routes: dict[str, Route] = field(default_factory=dict)  # routes: model names standing for targets
 
 
 _TOP_KEYS = {"listen", "app", "ledger", "upstreams", "prices", "budgets", "alerts", "telemetry", "timeouts",
-             "admin_token", "default_max_output_tokens", "allowed_hosts", "reconcile", "sql", "workers"}
+             "admin_token", "default_max_output_tokens", "allowed_hosts", "reconcile", "sql", "workers",
+             "routes"}
 MAX_WORKERS = 64
 
 
@@ -134,6 +137,7 @@ def parse(doc: Any) -> Config:
         cfg.ledger_threads = threads
     cfg.upstreams = _upstreams(_map(doc, "upstreams"))
     cfg.prices = [_price(i, p) for i, p in enumerate(_list(doc, "prices"))]
+    cfg.routes = _routes(doc.get("routes"), cfg.upstreams)
     timeouts = _map(doc, "timeouts")
     unknown = set(timeouts) - set(_TIMEOUT_KEYS)
     if unknown:
@@ -239,6 +243,13 @@ def _upstreams(doc: dict[str, Any]) -> dict[str, Upstream]:
         except ValueError as e:
             raise ConfigError(f"config key '{key}.base_url': {e}, got {url!r}") from None
     return result
+
+
+def _routes(doc: Any, upstreams: dict[str, Upstream]) -> dict[str, Route]:
+    try:
+        return parse_routes(doc, upstreams)
+    except RouteConfigError as e:
+        raise ConfigError(str(e)) from None
 
 
 def _upstream(name: str, url: str, adapter: str, provider: str) -> Upstream:

@@ -18,6 +18,7 @@ from ledger import defaults  # the endpoint's row limits (the forwarder loads no
 from ledger.budgets import RuleError, parse_rule
 from sinks import rpc
 
+from .routes import attempts as route_attempts
 from . import proxy, web_guard
 
 PREFIX = "/_meterline"
@@ -75,6 +76,8 @@ async def healthz(request: web.Request) -> web.Response:
         "anomalies": dict(rt.anomalies),
         "telemetry": telemetry,
     }
+    if rt.routes:  # circuit states are this forwarder's (each worker keeps its own)
+        body["routes"] = route_attempts.status(rt.routes)
     return _json(body)
 
 

@@ -3,7 +3,10 @@ two fake upstreams fail on command, and the ledger's `calls` and `attempts` rows
 from __future__ import annotations
 
 import itertools
+import subprocess
+import sys
 import time
+import urllib.request
 from decimal import Decimal
 from pathlib import Path
 from typing import Any, Iterator
@@ -256,6 +259,14 @@ def test_circuit_opens_then_closes_after_cooldown(sidecar: Sidecar, fakes: tuple
         raw, _, user = chat(sidecar, "circ")
         assert raw.headers["x-meterline-attempts"] == "1"
     assert len(a.exchanges) == 2 and len(b.exchanges) == 5
+    with urllib.request.urlopen(f"{sidecar.url}/_meterline/metrics", timeout=10) as r:
+        scrape = r.read().decode()
+    assert 'meterline_route_circuit_state{route="circ",target="openai/gpt-4o-mini",state="open"} 1' in scrape
+    shown = subprocess.run([sys.executable, "-m", "sidecar.cli", "routes", "--url", sidecar.url],
+                           capture_output=True, text=True, timeout=60, cwd=Path(__file__).parents[1])
+    assert shown.returncode == 0, shown.stderr
+    line = next(x for x in shown.stdout.splitlines() if "circ" in x and "openai/gpt-4o-mini" in x)
+    assert "open" in line and "100.0% of 2" in line
     a.fail_with("")
     time.sleep(1.6)  # the cooldown: the next call probes the first target, which answers
     raw, _, _ = chat(sidecar, "circ")

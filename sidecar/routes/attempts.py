@@ -49,6 +49,26 @@ def status(states: dict[str, RouteState]) -> dict[str, Any]:
     return {name: {"strategy": s.route.strategy, "targets": s.status()} for name, s in states.items()}
 
 
+def metrics_text(states: dict[str, RouteState], body: bytes) -> bytes:
+    """The scrape's text with each target's circuit state and openings added (before an OpenMetrics `# EOF`)."""
+    def label(value: str) -> str:
+        return value.replace("\\", "\\\\").replace('"', '\\"').replace("\n", "\\n")
+    lines = ["# HELP meterline_route_circuit_state A route target's circuit state in this forwarder (1 for the current one)",
+             "# TYPE meterline_route_circuit_state gauge"]
+    opened = ["# HELP meterline_route_circuit_opened Times a route target's circuit opened in this forwarder",
+              "# TYPE meterline_route_circuit_opened gauge"]
+    for name, state in states.items():
+        for key, breaker in state.breakers.items():
+            labels = f'route="{label(name)}",target="{label(key)}"'
+            lines.append(f'meterline_route_circuit_state{{{labels},state="{breaker.state}"}} 1')
+            opened.append(f"meterline_route_circuit_opened{{{labels}}} {breaker.opened}")
+    text = ("\n".join(lines + opened) + "\n").encode()
+    if body.rstrip().endswith(b"# EOF"):
+        head = body.rstrip()[:-len(b"# EOF")]
+        return head + text + b"# EOF\n"
+    return body + (b"" if body.endswith(b"\n") or not body else b"\n") + text
+
+
 @dataclasses.dataclass(slots=True)
 class Opened:
     """The committed attempt's upstream response, its body (the first bytes already read) and the headers it adds."""

@@ -54,6 +54,8 @@ def sidecar(fakes: tuple[FakeProvider, FakeProvider], tmp_path_factory: pytest.T
             "openai": {"base_url": a.base_url}, "anthropic": {"base_url": a.base_url},
             "backup": {"base_url": b.base_url, "adapter": "openai", "provider": "openai"},
             "backup-anthropic": {"base_url": b.base_url, "adapter": "anthropic", "provider": "anthropic"},
+            "gemini": {"base_url": a.base_url},
+            "backup-gemini": {"base_url": b.base_url, "adapter": "gemini", "provider": "google"},
         },
         "routes": {
             "fb": _route("openai/gpt-4o-mini", "backup/gpt-4o"),
@@ -62,6 +64,7 @@ def sidecar(fakes: tuple[FakeProvider, FakeProvider], tmp_path_factory: pytest.T
             "ttft": _route("openai/gpt-4o-mini", "backup/gpt-4o", timeouts={"ttft_s": 0.5}),
             "circ": {**_route("openai/gpt-4o-mini", "backup/gpt-4o"),
                      "circuit": {"failures": 2, "window_s": 60, "cooldown_s": 1.5}},
+            "gem": _route("gemini/gemini-2.5-flash", "backup-gemini/gemini-2.5-pro"),
             "claude": _route("anthropic/claude-haiku-4-5", "backup-anthropic/claude-sonnet-4-5"),
             "cheap": {**_route("openai/gpt-4o", "backup/gpt-4o-mini"), "strategy": "cheapest"},
             "ruled": {**_route("openai/gpt-4o", "backup/gpt-4o-mini"),
@@ -235,6 +238,23 @@ def test_anthropic_route_falls_back(sidecar: Sidecar, fakes: tuple[FakeProvider,
     row, tries = row_of(sidecar, user)
     assert [(t["status_code"], t["provider"]) for t in tries] == [(529, "anthropic"), (200, "anthropic")]
     assert row["cost_usd"] is not None
+
+
+def test_gemini_route_rewrites_the_model_in_the_path(sidecar: Sidecar, fakes: tuple[FakeProvider, FakeProvider]) -> None:
+    from google import genai
+    from google.genai import types as gtypes
+    a, b = fakes
+    a.fail_with("error503")
+    c = genai.Client(api_key="gm-route", http_options=gtypes.HttpOptions(
+        base_url=f"{sidecar.url}/gemini", retry_options=gtypes.HttpRetryOptions(attempts=1)))
+    resp = c.models.generate_content(model="gem", contents="hello")
+    assert resp.text
+    assert [e.path.split("/models/")[1] for e in a.exchanges] == ["gemini-2.5-flash:generateContent"]
+    assert [e.path.split("/models/")[1] for e in b.exchanges] == ["gemini-2.5-pro:generateContent"]
+    rows = sidecar.rows("route = 'gem' AND outcome = 'ok'")
+    assert rows[-1]["served_by"] == "backup-gemini/gemini-2.5-pro" and rows[-1]["provider"] == "google"
+    assert rows[-1]["endpoint"].endswith("/models/gemini-2.5-pro:generateContent")
+    assert rows[-1]["cost_usd"] is not None
 
 
 def test_a_route_of_another_wire_format_is_refused(sidecar: Sidecar) -> None:

@@ -217,12 +217,18 @@ async def run(rt: Any, rc: RoutedCall, call: Any, incoming: Any, adapter: Any, i
         except UpstreamError as e:
             kind, detail = records.NETWORK_ERROR, str(e)
             network_kind = e.kind
+        except BaseException:  # the app left (CancelledError): the try's probe and reservation go back
+            if up is not None:
+                up.close()
+            breaker.release()
+            _release(rt, decision, started_at)
+            raise
         if kind is not None:
             if up is not None:
                 up.close()
             allowed = route.fallback_on.timeout if kind == records.TIMEOUT else route.fallback_on.network
             breaker.record(False)
-            _release(rt, decision, started_at)
+            _hold(rt, rc, decision, started_at)
             rc.attempts.append(Attempt(base["call_id"], len(rc.attempts) + 1, target.upstream, upstream.provider,
                                        target.model, started_at, duration_ms=(time.perf_counter() - t_try) * 1000,
                                        outcome=kind,
@@ -239,7 +245,7 @@ async def run(rt: Any, rc: RoutedCall, call: Any, incoming: Any, adapter: Any, i
             obs = _observe(adapter, tinfo, up, data, rewritten is not None)
             up.close()
             breaker.record(False)
-            _release(rt, decision, started_at)
+            _hold(rt, rc, decision, started_at)
             cost = _price(rt, tinfo, obs, started_at)
             rc.attempts.append(_failed_attempt(base["call_id"], len(rc.attempts) + 1, target, upstream.provider,
                                                started_at, t_try, up.status, obs, cost))
@@ -250,7 +256,8 @@ async def run(rt: Any, rc: RoutedCall, call: Any, incoming: Any, adapter: Any, i
             continue
         # committed: this response is the call's
         rc.committed, rc.t_commit, rc.started_commit = True, t_try, started_at
-        rc.breaker, rc.target, rc.reservation = breaker, target, decision
+        _hold(rt, rc, decision, started_at)
+        rc.breaker, rc.target = breaker, target
         call.info, call.upstream = tinfo, target.upstream
         return await exchange(rt, incoming.method, adapter, upstream.origin, path, raw, headers, call,
                               rewritten is not None, reply, opened=Opened(up, _chain(first, chunks), rc.headers()))
@@ -352,9 +359,17 @@ def _failed_attempt(call_id: str, n: int, target: Target, provider: str, started
 
 
 def _release(rt: Any, decision: Any, at: datetime) -> None:
-    """A failed try's reservation goes back; what it cost is settled with the call (on the served try's accounts)."""
-    if decision.holds:
+    """A try's reservation goes back unspent."""
+    if decision is not None and decision.holds:
         rt.guard.budgets.settle(decision, Tally(Decimal(0), 0, 0), at)
+
+
+def _hold(rt: Any, rc: RoutedCall, decision: Any, at: datetime) -> None:
+    """The latest try's reservation is the call's: the one before goes back. The call settles its
+    whole cost (billed failures included) on it at the end, on the accounts of the try that
+    answered, or of the last try when none did."""
+    _release(rt, rc.reservation, at)
+    rc.reservation = decision
 
 
 async def _backoff(route: Any, k: int, up: UpstreamResponse | None, waited: float) -> float | None:

@@ -213,3 +213,20 @@ def test_bad_attempt_values_become_null_not_a_refused_batch() -> None:
                  "input_tokens": 2 ** 70, "cost_usd": "nan", "status_code": "x"}, "junk",
                 {"started_at": "not a time"}], "c3")
     assert len(got) == 1 and got[0].input_tokens is None and got[0].cost_usd is None and got[0].status_code is None
+
+
+def test_a_routed_call_span_has_a_child_per_attempt() -> None:
+    from exporters.settings import load_settings
+    from exporters.spans import SpanBuilder
+    record = _record("c4")
+    record.trace_id, record.span_id = "ab" * 16, "cd" * 8
+    tries = [Attempt("c4", 1, "openai", "openai", "gpt-4o-mini", NOW, None, 3.0, 503, "upstream_error", "http_503"),
+             Attempt("c4", 2, "backup", "openai", "gpt-4o", NOW, 1.0, 4.0, 200, "ok", None, 30, 7)]
+    got = journal.read_line(journal.encode_final(record, CallExtras(attempts=tries)))  # as the sinks process reads it
+    spans = SpanBuilder(load_settings({}, {})).build_all([(got.record, got.extras)])
+    call, first, second = spans
+    assert call.attributes["meterline.route"] == "fb" and call.attributes["meterline.route.served_by"] == "backup/gpt-4o"
+    assert first.parent.span_id == second.parent.span_id == call.context.span_id
+    assert first.context.trace_id == call.context.trace_id and first.context.span_id != second.context.span_id
+    assert first.attributes["http.response.status_code"] == 503 and not first.status.is_ok
+    assert second.attributes["gen_ai.request.model"] == "gpt-4o" and second.status.is_unset

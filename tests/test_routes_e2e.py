@@ -257,6 +257,27 @@ def test_gemini_route_rewrites_the_model_in_the_path(sidecar: Sidecar, fakes: tu
     assert rows[-1]["cost_usd"] is not None
 
 
+def test_a_stream_broken_after_its_first_bytes_is_billed_and_not_continued(
+        sidecar: Sidecar, fakes: tuple[FakeProvider, FakeProvider]) -> None:
+    from datetime import datetime
+    a, b = fakes
+    a.fail_with("reset")  # Anthropic's message_start carries the input's usage before the break
+    user = f"u-billed-{time.monotonic_ns()}"
+    c = anthropic.Anthropic(api_key="sk-ant-route", base_url=f"{sidecar.url}/anthropic", max_retries=0)
+    with pytest.raises((anthropic.APIError, httpx2.HTTPError)):
+        with c.messages.stream(model="claude", max_tokens=64, messages=MESSAGES, metadata={"user_id": user}) as s:
+            for _ in s:
+                pass
+    assert not b.exchanges
+    row, tries = row_of(sidecar, user)
+    assert row["outcome"] == "network_error" and len(tries) == 1 and tries[0]["outcome"] == "network_error"
+    assert row["input_tokens"] and row["cost_usd"] is not None
+    usage = genai_prices.Usage(input_tokens=row["input_tokens"], output_tokens=row["output_tokens"])
+    price = genai_prices.calc_price(usage, "claude-haiku-4-5", provider_id="anthropic",
+                                    genai_request_timestamp=datetime.fromisoformat(row["started_at"]))
+    assert Decimal(row["cost_usd"]) == Decimal(tries[0]["cost_usd"]) == q(price.input_price) + q(price.output_price)
+
+
 def test_a_route_of_another_wire_format_is_refused(sidecar: Sidecar) -> None:
     c = anthropic.Anthropic(api_key="sk-ant-route", base_url=f"{sidecar.url}/anthropic", max_retries=0)
     with pytest.raises(anthropic.BadRequestError) as err:

@@ -230,3 +230,44 @@ def test_a_routed_call_span_has_a_child_per_attempt() -> None:
     assert first.context.trace_id == call.context.trace_id and first.context.span_id != second.context.span_id
     assert first.attributes["http.response.status_code"] == 503 and not first.status.is_ok
     assert second.attributes["gen_ai.request.model"] == "gpt-4o" and second.status.is_unset
+
+
+def _state() -> RouteState:
+    return route_of({"targets": targets("openai/gpt-4o-mini", "groq/llama")})
+
+
+def test_the_call_costs_the_sum_of_its_attempts_billed_failures_included() -> None:
+    from sidecar.routes.attempts import RoutedCall
+    rc = RoutedCall(_state())
+    rc.attempts.append(Attempt("c5", 1, "openai", "openai", "gpt-4o-mini", NOW, None, 3.0, 500, "upstream_error",
+                               "server_error", input_tokens=100, output_tokens=0,
+                               input_cost_usd=Decimal("0.000015"), output_cost_usd=Decimal("0"),
+                               cost_usd=Decimal("0.000015"), price_source="genai-prices"))
+    rc.committed, rc.target, rc.t_commit = True, rc.state.route.targets[0], 0.0
+    record = _record("c5")
+
+    class Call:
+        ttft = 0.5
+        t0 = 0.0
+
+    rc.finish(record, Call())
+    assert record.attempts == 2 and record.served_by == "openai/gpt-4o-mini" and record.route == "r"
+    assert record.cost_usd == Decimal("0.000015") + Decimal("0.000145")
+    assert record.input_tokens == 130 and record.output_tokens == 7
+    assert [a.cost_usd for a in rc.attempts] == [Decimal("0.000015"), Decimal("0.000145")]
+
+
+def test_an_unpriced_attempt_with_usage_leaves_the_call_cost_unknown() -> None:
+    from sidecar.routes.attempts import RoutedCall
+    rc = RoutedCall(_state())
+    rc.attempts.append(Attempt("c6", 1, "groq", "groq", "llama", NOW, None, 3.0, 500, "upstream_error", None,
+                               input_tokens=100, price_source="unpriced"))
+    rc.committed, rc.target, rc.t_commit = True, rc.state.route.targets[0], 0.0
+    record = _record("c6")
+
+    class Call:
+        ttft = None
+        t0 = 0.0
+
+    rc.finish(record, Call())
+    assert record.cost_usd is None and record.price_source == "unpriced"

@@ -137,6 +137,14 @@ async def forward(rt: Runtime, incoming: Incoming, reply: Reply, t0: float) -> N
         routed = attempts.RoutedCall(routed)
         decision = NO_RESERVATION  # each try is admitted at its own model's price (routes/attempts.py)
         rewritten = None
+        traceparent = f"00-{trace_id}-{span_id}-{'01' if sampled else '00'}" \
+            if parent_span is not None or rt.tracing else None
+
+        def upstream_headers(identity: bool) -> dict[str, str]:  # per try: its body may be rewritten or not
+            out = _forward_headers(headers, identity=identity)
+            if traceparent is not None:
+                out["traceparent"] = traceparent
+            return out
     else:
         decision = rt.guard.admit(info, _attrs(info, record_base), started_at) if rt.guard.active else NO_RESERVATION
         if isinstance(decision, Refusal):
@@ -145,17 +153,10 @@ async def forward(rt: Runtime, incoming: Incoming, reply: Reply, t0: float) -> N
         rewritten = adapter.prepare(info, body)
         if rewritten is not None:
             raw = rewritten
-    traceparent = f"00-{trace_id}-{span_id}-{'01' if sampled else '00'}" \
-        if parent_span is not None or rt.tracing else None
-
-    def upstream_headers(identity: bool) -> dict[str, str]:
-        out = _forward_headers(headers, identity=identity)
-        if traceparent is not None:
+        out_headers = _forward_headers(headers, identity=rewritten is not None)
+        if parent_span is not None or rt.tracing:
             # the upstream request is a child of the call's span, which is a child of the app's
-            out["traceparent"] = traceparent
-        return out
-
-    out_headers = upstream_headers(rewritten is not None) if routed is None else {}
+            out_headers["traceparent"] = f"00-{trace_id}-{span_id}-{'01' if sampled else '00'}"
     segment = rt.journal.begin(_record(rt, call, record_base, provisional=True))
 
     def conclude(lazily: bool = False) -> None:
@@ -197,11 +198,14 @@ async def forward(rt: Runtime, incoming: Incoming, reply: Reply, t0: float) -> N
         memory.after_call(len(raw) + call.response_bytes)
     if call.outcome in (records.NETWORK_ERROR, records.TIMEOUT) and (not started or reply.unsent()):
         # nothing reached the app yet (a non-streamed head waits for its body): it gets an error it can read
+        if routed is not None:  # the last target tried
+            upstream = rt.config.upstreams.get(call.upstream, upstream)
         where = f"{upstream.origin.host}:{upstream.origin.port}" if upstream.origin else upstream.base_url
         message = f"meterline: upstream {upstream.name} ({where}) failed: {call.error_detail or call.error_type}"
         log.warning("%s", message.removeprefix("meterline: "))
         status = 504 if call.outcome == records.TIMEOUT else 502
-        reply.simple(status, adapter.error_body(status, message, "api_error"))
+        reply.simple(status, adapter.error_body(status, message, "api_error"),
+                     None if routed is None else dict(routed.headers()))
         return
     if call.outcome in (records.CANCELLED, records.BLOCKED):  # BLOCKED: a route whose every try was refused
         return

@@ -210,6 +210,20 @@ def test_stream_that_stalls_before_its_first_chunk_times_out_and_falls_back(
     assert Decimal(row["cost_usd"]) == catalog_cost(b.exchanges[-1].usage, "gpt-4o", row["started_at"])
 
 
+def test_every_target_stalls_the_app_gets_a_504(sidecar: Sidecar, fakes: tuple[FakeProvider, FakeProvider]) -> None:
+    for f in fakes:
+        f.fail_with("stall")
+    user = f"u-504-{time.monotonic_ns()}"
+    with pytest.raises(openai.APIStatusError) as err:
+        client(sidecar).chat.completions.create(model="ttft", messages=MESSAGES, user=user, stream=True)
+    assert err.value.status_code == 504
+    assert err.value.response.headers["x-meterline-attempts"] == "2"
+    assert "backup" in str(err.value)  # the last target tried is named
+    row, tries = row_of(sidecar, user)
+    assert (row["outcome"], row["served_by"]) == ("timeout", "backup/gpt-4o")
+    assert [t["outcome"] for t in tries] == ["timeout", "timeout"]
+
+
 def test_no_retry_after_the_first_byte(sidecar: Sidecar, fakes: tuple[FakeProvider, FakeProvider]) -> None:
     a, b = fakes
     a.fail_with("reset")  # a stream resets after a few content chunks

@@ -267,7 +267,10 @@ async def run(rt: Any, rc: RoutedCall, call: Any, incoming: Any, adapter: Any, i
         rc.target = target
         call.info, call.upstream, call.status, call.observation = tinfo, target.upstream, up.status, obs
         call.outcome = records.UPSTREAM_ERROR
-        keep = [(key, value) for key, value in up.headers if key.lower() not in _DROP_REPLAYED]
+        # the body as the upstream sent it (still compressed, if it was); its length only if it is whole
+        cut = len(data) > _MAX_ERROR_BODY
+        keep = [(key, value) for key, value in up.headers
+                if (lower := key.lower()) not in _DROP_REPLAYED and not (cut and lower == "content-length")]
         await reply.start(up.status, up.reason, keep + rc.headers(), whole=True)
         return True, data
     if failure is not None:
@@ -289,9 +292,9 @@ async def run(rt: Any, rc: RoutedCall, call: Any, incoming: Any, adapter: Any, i
     return False, None
 
 
-# the replayed failure's body is sent whole with its own length
+# hop-by-hop headers of a replayed failure (as sidecar/proxy.py drops them from every response)
 _DROP_REPLAYED = frozenset({"connection", "keep-alive", "proxy-connection", "te", "trailer", "transfer-encoding",
-                            "upgrade", "content-length", "content-encoding"})
+                            "upgrade"})
 
 
 async def _chain(first: bytes | None, rest: AsyncIterator[bytes] | None) -> AsyncIterator[bytes]:

@@ -271,3 +271,32 @@ def test_an_unpriced_attempt_with_usage_leaves_the_call_cost_unknown() -> None:
 
     rc.finish(record, Call())
     assert record.cost_usd is None and record.price_source == "unpriced"
+
+
+def test_a_fake_is_told_to_fail_over_its_control_endpoint() -> None:
+    import urllib.error
+    import urllib.request
+
+    from tests.fakes import FakeProvider
+    from tests.fakes.server import set_scenario
+    fake = FakeProvider().start_in_thread()
+    try:
+        set_scenario(fake.base_url, "error503", retry_after="7")
+        req = urllib.request.Request(f"{fake.base_url}/v1/chat/completions", method="POST",
+                                     data=b'{"model":"gpt-4o-mini","messages":[{"role":"user","content":"hi"}]}',
+                                     headers={"Authorization": "Bearer k", "Content-Type": "application/json"})
+        with pytest.raises(urllib.error.HTTPError) as err:
+            urllib.request.urlopen(req, timeout=5)
+        assert err.value.code == 503
+        set_scenario(fake.base_url, "error429", retry_after="7")
+        with pytest.raises(urllib.error.HTTPError) as err:
+            urllib.request.urlopen(req, timeout=5)
+        assert err.value.code == 429 and err.value.headers["retry-after"] == "7"
+        set_scenario(fake.base_url, "")
+        with urllib.request.urlopen(req, timeout=5) as r:
+            assert r.status == 200
+        with pytest.raises(urllib.error.HTTPError) as err:
+            set_scenario(fake.base_url, "no-such-token")
+        assert err.value.code == 400
+    finally:
+        fake.stop_thread()

@@ -58,7 +58,9 @@ def sidecar(fakes: tuple[FakeProvider, FakeProvider], tmp_path_factory: pytest.T
             "backup-gemini": {"base_url": b.base_url, "adapter": "gemini", "provider": "google"},
         },
         "routes": {
-            "fb": _route("openai/gpt-4o-mini", "backup/gpt-4o"),
+            "fb": {**_route("openai/gpt-4o-mini", "backup/gpt-4o"), "targets": [
+                {"upstream": "openai", "model": "gpt-4o-mini"},
+                {"upstream": "backup", "model": "gpt-4o", "api_key": "sk-backup-own"}]},
             "retry": _route("openai/gpt-4o-mini", "backup/gpt-4o",
                             retry={"attempts": 2, "backoff_ms": 10, "max_wait_s": 5}),
             "ttft": _route("openai/gpt-4o-mini", "backup/gpt-4o", timeouts={"ttft_s": 0.5}),
@@ -136,6 +138,8 @@ def test_fallback_on_503(sidecar: Sidecar, fakes: tuple[FakeProvider, FakeProvid
     assert raw.headers["x-meterline-attempts"] == "2"
     assert raw.headers["x-meterline-served-by"] == "backup/gpt-4o"
     assert models_seen(a) == ["gpt-4o-mini"] and models_seen(b) == ["gpt-4o"]  # the body's model rewritten
+    # the app's key went to the first target; the backup got the key its target is configured with
+    assert a.exchanges[-1].api_key == "sk-route" and b.exchanges[-1].api_key == "sk-backup-own"
     row, tries = row_of(sidecar, user)
     assert (row["route"], row["attempts"], row["served_by"], row["outcome"]) == ("fb", 2, "backup/gpt-4o", "ok")
     assert [(t["upstream"], t["model"], t["status_code"], t["outcome"]) for t in tries] == [

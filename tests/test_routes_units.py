@@ -81,6 +81,16 @@ def test_a_target_of_another_wire_format_is_refused_naming_it() -> None:
     assert "routes.r.targets[1]" in message and "anthropic/claude-haiku-4-5" in message and "One API" in message
 
 
+def test_a_target_key_comes_from_the_environment(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("ROUTE_TEST_KEY", "gsk-123")
+    route = parse({"r": {"targets": [{"upstream": "groq", "model": "m", "api_key": "${ROUTE_TEST_KEY}"}]}}).routes["r"]
+    assert route.targets[0].api_key == "gsk-123" and "gsk-123" not in repr(route)
+    monkeypatch.delenv("ROUTE_TEST_KEY")
+    with pytest.raises(config.ConfigError) as err:
+        parse({"r": {"targets": [{"upstream": "groq", "model": "m", "api_key": "${ROUTE_TEST_KEY}"}]}})
+    assert "'routes.r.targets[0].api_key'" in str(err.value) and "ROUTE_TEST_KEY is not set" in str(err.value)
+
+
 def test_defaults_never_fall_back_on_400_or_401() -> None:
     route = parse({"r": {"targets": targets("openai/a", "groq/b")}}).routes["r"]
     on = route.fallback_on

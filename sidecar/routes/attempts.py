@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import random
+import re
 import time
 from datetime import datetime, timezone
 from decimal import Decimal
@@ -190,6 +191,9 @@ async def run(rt: Any, rc: RoutedCall, call: Any, incoming: Any, adapter: Any, i
         more = i + 1 < len(plan)  # another try may follow (circuits and budgets permitting)
         raw, rewritten, path = _request(adapter, tinfo, body, incoming, route.name, target.model)
         headers = forward_headers(rewritten is not None)
+        key = target.api_key or getattr(upstream, "api_key", None)
+        if key:
+            path = _with_key(headers, path, adapter, key)
         t_try = time.perf_counter()
         up: UpstreamResponse | None = None
         first: bytes | None = None
@@ -326,6 +330,24 @@ def _request(adapter: Any, tinfo: CallInfo, body: Any, incoming: Any, route: str
         rewritten = adapter.prepare(tinfo, body)
         return (rewritten if rewritten is not None else orjson.dumps(body)), rewritten, path
     return incoming.body, None, path
+
+
+_KEY_HEADERS = frozenset({"authorization", "x-api-key", "x-goog-api-key", "api-key"})
+_QUERY_KEY = re.compile(r"(?<=[?&])key=[^&]*&?")
+_AUTH = {"openai": ("Authorization", "Bearer {}"), "anthropic": ("x-api-key", "{}"),
+         "gemini": ("x-goog-api-key", "{}")}
+
+
+def _with_key(headers: dict[str, str], path: str, adapter: Any, key: str) -> str:
+    """The target's own key replaces the app's, in the header its wire format uses (a Gemini `?key=` goes too)."""
+    for name in [h for h in headers if h.lower() in _KEY_HEADERS]:
+        del headers[name]
+    fmt = adapter.__name__.rsplit(".", 1)[-1]
+    header, value = _AUTH[fmt]
+    headers[header] = value.format(key)
+    if fmt == "gemini" and "key=" in path:
+        path = _QUERY_KEY.sub("", path).rstrip("?&")
+    return path
 
 
 def _observe(adapter: Any, tinfo: CallInfo, up: UpstreamResponse, data: bytes, rewritten: bool) -> Observation:

@@ -2,6 +2,8 @@
 from __future__ import annotations
 
 import math
+import os
+import re
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -23,6 +25,9 @@ class Target:
     upstream: str
     model: str
     weight: float = 1.0
+    # the provider key this target's tries carry instead of the app's (`api_key: ${GROQ_API_KEY}`);
+    # None: the app's own key is passed on
+    api_key: str | None = field(default=None, repr=False)
 
     @property
     def key(self) -> str:
@@ -142,9 +147,10 @@ def _route(name: str, spec: Any, upstreams: dict[str, Any]) -> Route:
 def _target(key: str, spec: Any, upstreams: dict[str, Any]) -> Target:
     if not isinstance(spec, dict):
         raise RouteConfigError(f"config key {key!r}: expected a mapping {{upstream, model, weight}}")
-    unknown = set(spec) - {"upstream", "model", "weight"}
+    unknown = set(spec) - {"upstream", "model", "weight", "api_key"}
     if unknown:
-        raise RouteConfigError(f"config key '{key}.{sorted(map(str, unknown))[0]}': unknown (known: upstream, model, weight)")
+        raise RouteConfigError(f"config key '{key}.{sorted(map(str, unknown))[0]}': unknown "
+                               "(known: api_key, upstream, model, weight)")
     upstream = spec.get("upstream")
     if not isinstance(upstream, str) or upstream not in upstreams:
         raise RouteConfigError(f"config key '{key}.upstream': expected the name of an upstream "
@@ -155,7 +161,29 @@ def _target(key: str, spec: Any, upstreams: dict[str, Any]) -> Target:
     weight = spec.get("weight", 1)
     if isinstance(weight, bool) or not isinstance(weight, (int, float)) or not math.isfinite(weight) or weight < 0:
         raise RouteConfigError(f"config key '{key}.weight': expected a number >= 0, got {weight!r}")
-    return Target(upstream, model, float(weight))
+    api_key = spec.get("api_key")
+    if api_key is not None:
+        api_key = _expand(api_key, f"{key}.api_key")
+    return Target(upstream, model, float(weight), api_key)
+
+
+_ENV_REF = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)\}")
+
+
+def _expand(value: Any, key: str) -> str:
+    """`${NAME}` references replaced by the environment's values (a key is best kept out of the file)."""
+    if not isinstance(value, str) or not value.strip():
+        raise RouteConfigError(f"config key {key!r}: expected a key or ${{NAME}} of an environment variable")
+
+    def sub(m: re.Match[str]) -> str:
+        if m.group(1) not in os.environ:
+            raise RouteConfigError(f"config key {key!r}: environment variable {m.group(1)} is not set")
+        return os.environ[m.group(1)]
+
+    expanded = _ENV_REF.sub(sub, value).strip()
+    if not expanded or any(c in expanded for c in "\r\n"):
+        raise RouteConfigError(f"config key {key!r}: the key is empty or spans lines")
+    return expanded
 
 
 def _retry(spec: Any, key: str) -> Retry:

@@ -494,6 +494,33 @@
     return node;
   }
 
+  // routes' targets with their circuit states (GET /_meterline/routes: this forwarder's circuits)
+  async function loadRoutes(gen) {
+    const doc = await getJSON("routes");
+    if (gen !== state.gen) return;
+    const routes = Object.entries(doc.routes || {});
+    $("#routes-part").hidden = routes.length === 0;
+    $("#routes").replaceChildren(...routes.flatMap(([name, r]) => (r.targets || []).map((t) => routeRow(name, r, t))));
+  }
+
+  function routeRow(name, r, t) {
+    const circuit = t.state || "closed";
+    const node = el("div", { class: "budget", "data-route": name, "data-target": t.target, "data-circuit": circuit });
+    node.append(el("div", { class: "budget-head" },
+      el("span", { class: "budget-name", text: name }),
+      el("span", { class: "budget-key", text: t.target }),
+      el("span", { class: "badge", text: r.strategy }),
+      el("span", { class: "badge " + (circuit === "open" ? "block" : circuit === "half_open" ? "alert" : ""), text: circuit })));
+    const parts = [];
+    if (t.recent_error_rate !== null && t.recent_error_rate !== undefined) {
+      parts.push(el("span", { text: `${pct(t.recent_error_rate)} errors of last ${int(t.recent_attempts)}` }));
+    }
+    if (t.ttft_ms !== null && t.ttft_ms !== undefined) parts.push(el("span", { text: `ttft ${t.ttft_ms} ms` }));
+    if (t.opened) parts.push(el("span", { text: `opened ${int(t.opened)}×` }));
+    node.append(el("div", { class: "budget-foot" }, ...parts));
+    return node;
+  }
+
   async function loadAlerts(gen) {
     let rows = [];
     try {
@@ -675,7 +702,7 @@
     state.busy = true;
     const gen = state.gen;
     try {
-      const jobs = [loadKpis(gen), loadSeries(gen), loadBudgets(gen), loadAlerts(gen), loadTokens(gen), loadLatency(gen), loadCalls(gen)];
+      const jobs = [loadKpis(gen), loadSeries(gen), loadBudgets(gen), loadAlerts(gen), loadRoutes(gen), loadTokens(gen), loadLatency(gen), loadCalls(gen)];
       if (state.polls % 5 === 0) jobs.push(loadOptions());
       state.polls += 1;
       const results = await Promise.allSettled(jobs);

@@ -157,7 +157,10 @@ async def forward(rt: Runtime, incoming: Incoming, reply: Reply, t0: float) -> N
         if parent_span is not None or rt.tracing:
             # the upstream request is a child of the call's span, which is a child of the app's
             out_headers["traceparent"] = f"00-{trace_id}-{span_id}-{'01' if sampled else '00'}"
-    segment = rt.journal.begin(_record(rt, call, record_base, provisional=True))
+    provisional = _record(rt, call, record_base, provisional=True)
+    if routed is not None:
+        provisional.route = routed.state.route.name  # an interrupted routed call says which route it was
+    segment = rt.journal.begin(provisional)
 
     def conclude(lazily: bool = False) -> None:
         if call.concluded:

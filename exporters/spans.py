@@ -1,4 +1,4 @@
-"""One OpenTelemetry SDK span (a `ReadableSpan`) per call, built from its CallRecord (and CallExtras).
+"""One OpenTelemetry SDK span (a `ReadableSpan`) per call, built from its CallRecord (and CallExtras), and a child per try of a routed call.
 
 No Tracer is involved: ids, parent and times come from the record, so the span is built finished
 and handed straight to the SDK's BatchSpanProcessor. The attributes that are the same for many
@@ -7,6 +7,7 @@ are built once per combination and copied from a bounded cache.
 """
 from __future__ import annotations
 
+import hashlib
 import logging
 from collections.abc import Iterable, Mapping
 from datetime import datetime, timezone
@@ -19,6 +20,7 @@ from opentelemetry.sdk.util.instrumentation import InstrumentationScope
 from opentelemetry.trace import SpanContext, SpanKind, TraceFlags, TraceState
 from opentelemetry.trace.status import Status, StatusCode
 
+from ledger import attempt_rows
 from ledger.records import OK, CallExtras, CallRecord
 
 from . import semconv
@@ -75,6 +77,37 @@ class SpanBuilder:
                 continue
             if span is not None:
                 out.append(span)
+                if extras is not None and extras.attempts and record.route:
+                    out.extend(self._attempt_spans(record, extras, span))
+        return out
+
+    def _attempt_spans(self, r: CallRecord, x: CallExtras, call: ReadableSpan) -> list[ReadableSpan]:
+        """A routed call's tries, children of its span (ids derived from the call's span id and the try number)."""
+        out = []
+        parent = call.context
+        n = self.names
+        for a in attempt_rows.read(x.attempts, r.call_id):
+            span_id = int.from_bytes(hashlib.blake2b(f"{r.span_id}/{a.attempt}".encode(), digest_size=8).digest(),
+                                     "big") or 1
+            context = SpanContext(parent.trace_id, span_id, False, _SAMPLED, parent.trace_state)
+            start = unix_nanos(a.started_at)
+            end = start + int((a.duration_ms or 0) * 1_000_000)
+            attrs: dict[str, Any] = {"meterline.attempt": a.attempt, n.upstream: a.upstream, n.outcome: a.outcome,
+                                     n.provider: a.provider, n.request_model: a.model, n.call_id: r.call_id}
+            if a.status_code is not None:
+                attrs[n.http_status] = a.status_code
+            if a.error_type:
+                attrs[n.error_type] = a.error_type
+            if a.input_tokens is not None:
+                attrs[n.input_tokens] = a.input_tokens
+            if a.output_tokens is not None:
+                attrs[n.output_tokens] = a.output_tokens
+            if a.cost_usd is not None:
+                attrs[n.cost_usd] = float(a.cost_usd)
+                attrs[n.cost_usd_exact] = _decimal_text(a.cost_usd)
+            status = _UNSET if a.outcome == OK else Status(StatusCode.ERROR, a.error_type or a.outcome)
+            out.append(ReadableSpan(f"attempt {a.attempt} {a.upstream}/{a.model}", context, parent, self.resource,
+                                    attrs, (), (), SpanKind.INTERNAL, None, status, start, end, self.scope))
         return out
 
     def build(self, r: CallRecord, x: CallExtras | None) -> ReadableSpan | None:
@@ -132,6 +165,14 @@ class SpanBuilder:
         if r.tags:
             for key, value in r.tags.items():
                 attrs[self._tag_key(key)] = value
+        if r.route is not None:
+            attrs["meterline.route"] = r.route
+            if r.attempts is not None:
+                attrs["meterline.route.attempts"] = r.attempts
+            if r.served_by is not None:
+                attrs["meterline.route.served_by"] = r.served_by
+            if r.arm is not None:
+                attrs["meterline.route.arm"] = r.arm
         events: tuple[Event, ...] | list[Event] = ()
         if x is not None:
             if x.attributes:

@@ -8,6 +8,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from datetime import datetime
 from decimal import Decimal
+from typing import Any
 
 # `outcome` values, the contract of the ledger's `outcome` column.
 OK = "ok"
@@ -120,6 +121,12 @@ class CallRecord:
     anomaly: str | None = None
     service_tier: str | None = None
     instance: str | None = None  # the sidecar that metered it (fleet.instance; default the host name)
+    # routes (sidecar/routes): the route the app named, how many tries, the target that answered
+    # (<upstream>/<model>) and the weighted or rule-picked arm; None for calls not made through a route
+    route: str | None = None
+    attempts: int | None = None
+    served_by: str | None = None
+    arm: str | None = None
 
 
 @dataclass(slots=True)
@@ -142,3 +149,36 @@ class CallExtras:
     alerts: list[dict[str, Any]] = field(default_factory=list)
     # (rule, split key or None, utilization as text) of each budget the call settled: the gauge
     utilization: list[tuple[str, str | None, str]] = field(default_factory=list)
+    # a routed call's tries (Attempt; plain dicts once read back from a journal line), for the `attempts` table
+    attempts: list[Any] = field(default_factory=list)
+
+
+REFUSED = "refused"  # an attempt's outcome when the budgets refused it (the call may still be served)
+
+
+@dataclass(slots=True)
+class Attempt:
+    """One try of a routed call at one target: a row of the ledger's `attempts` table."""
+
+    call_id: str
+    attempt: int  # 1, 2, ... in the order tried
+    upstream: str
+    provider: str
+    model: str
+    started_at: datetime
+    ttft_ms: float | None = None
+    duration_ms: float | None = None
+    status_code: int | None = None
+    outcome: str = OK  # the call outcomes, or `refused`
+    error_type: str | None = None
+    input_tokens: int | None = None
+    output_tokens: int | None = None
+    cache_read_tokens: int | None = None
+    cache_write_tokens: int | None = None
+    reasoning_tokens: int | None = None
+    units: dict[str, int | float] | None = None
+    input_cost_usd: Decimal | None = None
+    output_cost_usd: Decimal | None = None
+    cost_usd: Decimal | None = None
+    price_source: str | None = None
+    response_model: str | None = None

@@ -8,6 +8,7 @@ from typing import Any
 import orjson
 import pyarrow as pa
 
+from . import attempt_rows
 from .records import CallRecord
 
 MONEY = "DECIMAL(38, 12)"
@@ -54,6 +55,11 @@ COLUMNS: list[tuple[str, str, pa.DataType]] = [
     ("anomaly", "VARCHAR", pa.string()),
     ("service_tier", "VARCHAR", pa.string()),
     ("instance", "VARCHAR", pa.string()),
+    # routes (see ledger/attempt_rows.py for the `attempts` table)
+    ("route", "VARCHAR", pa.string()),
+    ("attempts", "INTEGER", pa.int32()),
+    ("served_by", "VARCHAR", pa.string()),
+    ("arm", "VARCHAR", pa.string()),
 ]
 assert [c[0] for c in COLUMNS] == [f.name for f in dataclasses.fields(CallRecord)], "schema and CallRecord drifted"
 
@@ -102,6 +108,7 @@ def create(con: Any) -> None:
             con.execute(f"ALTER TABLE calls ADD COLUMN {name} {sql_type}")
     con.execute(CREATE_META)
     con.execute(CREATE_REJECTED)
+    attempt_rows.create(con)
     for name, body in VIEWS.items():
         con.execute(f"CREATE OR REPLACE VIEW {name} AS {body}")
 

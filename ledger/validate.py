@@ -36,7 +36,8 @@ _UPSTREAM_STRINGS = ("request_model", "response_model", "response_id", "finish_r
                      "service_tier")
 _STRINGS = ("app", "upstream", "provider", "operation", "endpoint", "request_model", "response_model",
             "response_id", "outcome", "error_type", "finish_reason", "price_source", "user_id",
-            "key_fingerprint", "trace_id", "span_id", "anomaly", "service_tier", "instance")
+            "key_fingerprint", "trace_id", "span_id", "anomaly", "service_tier", "instance", "route", "served_by",
+            "arm")
 _FLOATS = ("duration_ms", "ttft_ms", "overhead_ms")
 _BYTES = ("request_bytes", "response_bytes")
 
@@ -159,6 +160,10 @@ def full(record: CallRecord) -> CallRecord:
     status = record.status_code
     if status is not None and not (type(status) is int and 0 <= status <= INT32_MAX):
         record.status_code = None
+        kinds.append(OUT_OF_RANGE)
+    tries = record.attempts
+    if tries is not None and not (type(tries) is int and 0 <= tries <= INT32_MAX):
+        record.attempts = None
         kinds.append(OUT_OF_RANGE)
     for name in (*_COUNTS, *_BYTES):
         value = getattr(record, name)

@@ -26,7 +26,7 @@ from typing import Any, Protocol
 
 import duckdb
 
-from . import budget_store, schema
+from . import attempt_rows, budget_store, schema
 from .defaults import DEFAULT_MEMORY_LIMIT, DEFAULT_THREADS, journal_dir, read_salt, salt_path  # noqa: F401
 from .journal import Journal
 from .records import CallExtras, CallRecord
@@ -277,7 +277,7 @@ class LedgerWriter:
         if not items:
             return 0, []
         try:
-            count = self._insert(cur, [r for r, _, _ in items], new_only)
+            count = self._insert(cur, [r for r, _, _ in items], new_only, [e for _, _, e in items])
         except _Refused as e:
             if len(items) > 1:
                 mid = len(items) // 2
@@ -304,16 +304,23 @@ class LedgerWriter:
             self._settled(items, written=True)
         return count, []
 
-    def _insert(self, cur: duckdb.DuckDBPyConnection, records: list[CallRecord], new_only: bool) -> int:
+    def _insert(self, cur: duckdb.DuckDBPyConnection, records: list[CallRecord], new_only: bool,
+                extras: list[CallExtras | None] | None = None) -> int:
         if self.instance is not None:  # records of an older forwarder's journal name no instance
             for record in records:
                 if record.instance is None:
                     record.instance = self.instance
         try:
             table = schema.to_arrow(records)
+            # a routed call's tries go to `attempts` in the same transaction as its row
+            tries = [a for r, e in zip(records, extras or ()) if e is not None and e.attempts
+                     for a in attempt_rows.read(e.attempts, r.call_id)]
+            tries_table = attempt_rows.to_arrow(tries) if tries else None
         except Exception as e:  # noqa: BLE001 - a value Arrow cannot hold: the data's fault
             raise _Refused(f"{type(e).__name__}: {e}") from e
         cur.register("batch", table)
+        if tries_table is not None:
+            cur.register("attempt_batch", tries_table)
         try:
             cur.execute("BEGIN")
             try:
@@ -324,6 +331,9 @@ class LedgerWriter:
                 else:
                     count = len(records)
                     cur.execute("INSERT INTO calls BY NAME SELECT * FROM batch")
+                if tries_table is not None:
+                    cur.execute("INSERT INTO attempts BY NAME SELECT * FROM attempt_batch"
+                                + (" WHERE call_id NOT IN (SELECT call_id FROM attempts)" if new_only else ""))
                 cur.execute("COMMIT")
             except BaseException as e:
                 try:
@@ -334,10 +344,11 @@ class LedgerWriter:
                     raise _Refused(f"{type(e).__name__}: {e}") from e
                 raise
         finally:
-            try:
-                cur.unregister("batch")
-            except Exception:  # noqa: BLE001
-                pass
+            for name in ("batch", "attempt_batch"):
+                try:
+                    cur.unregister(name)
+                except Exception:  # noqa: BLE001
+                    pass
         return count
 
     def _settled(self, items: list[Item], written: bool) -> None:

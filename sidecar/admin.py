@@ -18,6 +18,7 @@ from ledger import defaults  # the endpoint's row limits (the forwarder loads no
 from ledger.budgets import RuleError, parse_rule
 from sinks import rpc
 
+from .routes import attempts as route_attempts
 from . import proxy, web_guard
 
 PREFIX = "/_meterline"
@@ -33,6 +34,7 @@ def add_routes(app: web.Application) -> None:
     app.router.add_post(f"{PREFIX}/sql", run_sql)
     app.router.add_get(f"{PREFIX}/metrics", metrics)
     app.router.add_get(f"{PREFIX}/budgets", list_budgets)
+    app.router.add_get(f"{PREFIX}/routes", list_routes)
     app.router.add_post(f"{PREFIX}/budgets", create_budget)
     app.router.add_put(f"{PREFIX}/budgets/{{name}}", replace_budget)
     app.router.add_delete(f"{PREFIX}/budgets/{{name}}", delete_budget)
@@ -83,7 +85,16 @@ async def healthz(request: web.Request) -> web.Response:
         "telemetry": telemetry,
         "fleet": fleet,
     }
+    if rt.routes:  # circuit states are this forwarder's (each worker keeps its own)
+        body["routes"] = route_attempts.status(rt.routes)
     return _json(body)
+
+
+async def list_routes(request: web.Request) -> web.Response:
+    """Every route's strategy and targets: circuit state, times opened, recent error rate and TTFT
+    (this forwarder's view: each worker keeps its own circuits)."""
+    rt = request.app[proxy.RUNTIME]
+    return _json({"forwarder": os.getpid(), "routes": route_attempts.status(rt.routes)})
 
 
 def _journal_bytes(directory: Path) -> int:
@@ -103,6 +114,8 @@ async def metrics(request: web.Request) -> web.Response:
         body, content_type = await rt.link.call("metrics")
     except (rpc.Unavailable, rpc.Failed) as e:
         return _error(503, f"metrics are unavailable: {e}")
+    if rt.routes:  # circuits live in the forwarder, not in the records the sinks process reads
+        body = route_attempts.metrics_text(rt.routes, body)
     return web.Response(body=body, headers={"content-type": content_type})
 
 

@@ -31,6 +31,7 @@ from . import admin, dashboard, proxy, server
 from .config import Config
 from .guard import Guard
 from .runtime import Runtime
+from .routes import attempts as route_attempts
 from .upstream import Pool
 
 log = logging.getLogger("meterline")
@@ -59,7 +60,8 @@ def build(config: Config, worker: int = 0, sinks_socket: str | None = None) -> w
     tracing = tracing_enabled(settings)
     rt = Runtime(config=config, journal=journal, link=link, pricer=pricer,
                  guard=Guard(config.budgets, pricer, link, journal.flush),
-                 tracing=tracing, capture_content=settings.capture_content and tracing)
+                 tracing=tracing, capture_content=settings.capture_content and tracing,
+                 routes=route_attempts.table(config.routes, config.upstreams))
     app[proxy.RUNTIME] = rt
     admin.add_routes(app)
     dashboard.add_routes(app)

@@ -62,6 +62,13 @@ def main(argv: list[str] | None = None) -> int:
     b.add_argument("--url", help=URL_HELP)
     b.add_argument("--db", help=DB_HELP)
 
+    r = sub.add_parser("routes", help="routes with their targets, circuit states and recent error rates",
+                       description="Every route of the running sidecar: strategy, targets, circuit state "
+                                   "(closed, open, half_open), recent error rate and time to first token.")
+    r.add_argument("--format", choices=("table", "json"), default="table")
+    r.add_argument("--config", help=f"config file (default: ./{DEFAULT_CONFIG} if present)")
+    r.add_argument("--url", help=URL_HELP)
+
     d = sub.add_parser("demo", help="try it without API keys: a fake provider, sample traffic and the dashboard",
                        description="Start the sidecar with a built-in fake OpenAI/Anthropic/Gemini provider, send "
                                    "about a minute of varied traffic through it (apps, users, tags, models; one "
@@ -91,6 +98,8 @@ def main(argv: list[str] | None = None) -> int:
         return _serve(args, cfg)
     if args.command == "budgets":
         return _budgets(args, cfg)
+    if args.command == "routes":
+        return _routes(args, cfg)
     if args.command == "reconcile":
         return cli_reconcile.run(args, cfg)
     return _sql(args, cfg)
@@ -230,6 +239,41 @@ def _sql_fleet(args: argparse.Namespace, cfg: config_mod.Config, export: bool) -
     if result.truncated:
         print(f"meterline: output cut at {len(result.rows):,} rows; narrow the query, "
               "or page through it with LIMIT and OFFSET", file=sys.stderr)
+    return 0
+
+
+def _routes(args: argparse.Namespace, cfg: config_mod.Config) -> int:
+    """Circuit states live in the running sidecar only: without one, the configured targets are listed."""
+    from ledger import sql  # the table renderer
+    try:
+        client = _Client(_base_url(args.url, cfg), cfg.admin_token)
+        doc = client.call("GET", "/_meterline/routes")
+    except _Failed as e:
+        print(f"meterline: {e}", file=sys.stderr)
+        return 1
+    if doc is None:
+        print(f"meterline: no sidecar answers at {client.url}; circuit states are kept by the running sidecar "
+              "(configured routes follow)", file=sys.stderr)
+        routes = {name: {"strategy": r.strategy, "targets": [{"target": t.key, "weight": t.weight} for t in r.targets]}
+                  for name, r in cfg.routes.items()}
+    elif not isinstance(doc, dict) or not isinstance(doc.get("routes"), dict):
+        print(f"meterline: {client.url} does not answer as a meterline sidecar", file=sys.stderr)
+        return 1
+    else:
+        routes = doc["routes"]
+    if args.format == "json":
+        print(orjson.dumps(routes, option=orjson.OPT_INDENT_2).decode())
+        return 0
+
+    def rate(t: dict) -> str:
+        value = t.get("recent_error_rate")
+        return "" if value is None else f"{value:.1%} of {t.get('recent_attempts')}"
+
+    table = sql.Result(["route", "strategy", "target", "weight", "circuit", "opened", "errors", "ttft ms"], [
+        (name, r["strategy"], t["target"], f"{t.get('weight', 1):g}", t.get("state", "?"), t.get("opened", ""),
+         rate(t), "" if t.get("ttft_ms") is None else t["ttft_ms"])
+        for name, r in routes.items() for t in r["targets"]])
+    print(sql.render(table, "table"))
     return 0
 
 

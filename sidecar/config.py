@@ -25,6 +25,7 @@ from jobs.reconcile_config import _expand as expand_env  # `${NAME}` in a value 
 from fleet.urls import redact
 
 from .hostcheck import allowed_hosts
+from .routes.config import Route, RouteConfigError, parse_routes
 from .upstream import Origin, origin_of
 
 DEFAULT_HOST = "127.0.0.1"
@@ -104,11 +105,12 @@ class Config:
     sql_max_concurrent: int = 4  # sql.max_concurrent: queries at once (each on a thread of its own); 503 past it
     workers: int = 1  # forwarder processes on the one port (`--workers`); see check_workers
     fleet: FleetConfig = field(default_factory=FleetConfig)
+    routes: dict[str, Route] = field(default_factory=dict)  # routes: model names standing for targets
 
 
 _TOP_KEYS = {"listen", "app", "ledger", "upstreams", "prices", "budgets", "alerts", "telemetry", "timeouts",
              "admin_token", "default_max_output_tokens", "allowed_hosts", "reconcile", "sql", "workers",
-             "fleet"}
+             "fleet", "routes"}
 MAX_WORKERS = 64
 
 
@@ -156,6 +158,7 @@ def parse(doc: Any) -> Config:
         cfg.ledger_threads = threads
     cfg.upstreams = _upstreams(_map(doc, "upstreams"))
     cfg.prices = [_price(i, p) for i, p in enumerate(_list(doc, "prices"))]
+    cfg.routes = _routes(doc.get("routes"), cfg.upstreams)
     timeouts = _map(doc, "timeouts")
     unknown = set(timeouts) - set(_TIMEOUT_KEYS)
     if unknown:
@@ -311,6 +314,13 @@ def _upstreams(doc: dict[str, Any]) -> dict[str, Upstream]:
         except ValueError as e:
             raise ConfigError(f"config key '{key}.base_url': {e}, got {url!r}") from None
     return result
+
+
+def _routes(doc: Any, upstreams: dict[str, Upstream]) -> dict[str, Route]:
+    try:
+        return parse_routes(doc, upstreams)
+    except RouteConfigError as e:
+        raise ConfigError(str(e)) from None
 
 
 def _upstream(name: str, url: str, adapter: str, provider: str) -> Upstream:

@@ -21,6 +21,7 @@ from . import attribution, content, hostcheck, memory
 from .adapters.base import JsonObserver
 from .decoding import Decoder, decoder_for
 from .guard import NO_RESERVATION
+from .routes import attempts
 from .reply import AioReply, Incoming, Reply, incoming_of, read_body, timed_out
 from .runtime import ADAPTER_MODULES, Runtime
 from .upstream import Origin, Response as UpstreamResponse, UpstreamError
@@ -126,19 +127,40 @@ async def forward(rt: Runtime, incoming: Incoming, reply: Reply, t0: float) -> N
         trace_id=trace_id, span_id=span_id, request_bytes=len(raw),
     )
 
-    decision = rt.guard.admit(info, _attrs(info, record_base), started_at) if rt.guard.active else NO_RESERVATION
-    if isinstance(decision, Refusal):
-        _refuse(rt, adapter, call, record_base, extras, decision, reply)
-        return
+    routed = rt.routes.get(info.request_model) if rt.routes else None  # a route: one dict hit
+    if routed is not None:
+        if routed.route.adapter != upstream.adapter:
+            reply.simple(400, adapter.error_body(400, (
+                f"meterline: route {routed.route.name!r} has {routed.route.adapter} targets; call it on a "
+                f"{routed.route.adapter} path, not /{name}/ ({upstream.adapter})"), "meterline_route_format"))
+            return
+        routed = attempts.RoutedCall(routed)
+        decision = NO_RESERVATION  # each try is admitted at its own model's price (routes/attempts.py)
+        rewritten = None
+        traceparent = f"00-{trace_id}-{span_id}-{'01' if sampled else '00'}" \
+            if parent_span is not None or rt.tracing else None
 
-    rewritten = adapter.prepare(info, body)
-    if rewritten is not None:
-        raw = rewritten
-    out_headers = _forward_headers(headers, identity=rewritten is not None)
-    if parent_span is not None or rt.tracing:
-        # the upstream request is a child of the call's span, which is a child of the app's
-        out_headers["traceparent"] = f"00-{trace_id}-{span_id}-{'01' if sampled else '00'}"
-    segment = rt.journal.begin(_record(rt, call, record_base, provisional=True))
+        def upstream_headers(identity: bool) -> dict[str, str]:  # per try: its body may be rewritten or not
+            out = _forward_headers(headers, identity=identity)
+            if traceparent is not None:
+                out["traceparent"] = traceparent
+            return out
+    else:
+        decision = rt.guard.admit(info, _attrs(info, record_base), started_at) if rt.guard.active else NO_RESERVATION
+        if isinstance(decision, Refusal):
+            _refuse(rt, adapter, call, record_base, extras, decision, reply)
+            return
+        rewritten = adapter.prepare(info, body)
+        if rewritten is not None:
+            raw = rewritten
+        out_headers = _forward_headers(headers, identity=rewritten is not None)
+        if parent_span is not None or rt.tracing:
+            # the upstream request is a child of the call's span, which is a child of the app's
+            out_headers["traceparent"] = f"00-{trace_id}-{span_id}-{'01' if sampled else '00'}"
+    provisional = _record(rt, call, record_base, provisional=True)
+    if routed is not None:
+        provisional.route = routed.state.route.name  # an interrupted routed call says which route it was
+    segment = rt.journal.begin(provisional)
 
     def conclude(lazily: bool = False) -> None:
         if call.concluded:
@@ -147,7 +169,11 @@ async def forward(rt: Runtime, incoming: Incoming, reply: Reply, t0: float) -> N
         call.conclude = None  # this closure holds `call`: without the cycle the call is freed at once, not by the GC
         t_end = time.perf_counter()
         record = _record(rt, call, record_base, provisional=False)
-        rt.guard.settle(decision, record, extras)
+        if routed is not None:
+            routed.finish(record, call)
+            extras.attempts = routed.attempts
+        rt.guard.settle(decision if routed is None or routed.reservation is None else routed.reservation,
+                        record, extras)
         extras.output_messages = call.output_messages
         rt.journal.end(record, segment, lazily, extras)
         call.work += time.perf_counter() - t_end
@@ -158,8 +184,12 @@ async def forward(rt: Runtime, incoming: Incoming, reply: Reply, t0: float) -> N
     pending: bytes | None = None
     try:
         call.work += time.perf_counter() - t_read
-        started, pending = await _exchange(rt, incoming.method, adapter, upstream.origin, incoming.target,
-                                           raw, out_headers, call, rewritten is not None, reply)
+        if routed is None:
+            started, pending = await _exchange(rt, incoming.method, adapter, upstream.origin, incoming.target,
+                                               raw, out_headers, call, rewritten is not None, reply)
+        else:
+            started, pending = await attempts.run(rt, routed, call, incoming, adapter, info, body, record_base,
+                                                  extras, reply, upstream_headers, _exchange)
     except asyncio.CancelledError:
         # the app went away: the upstream request was dropped with it
         if not call.concluded:
@@ -171,13 +201,16 @@ async def forward(rt: Runtime, incoming: Incoming, reply: Reply, t0: float) -> N
         memory.after_call(len(raw) + call.response_bytes)
     if call.outcome in (records.NETWORK_ERROR, records.TIMEOUT) and (not started or reply.unsent()):
         # nothing reached the app yet (a non-streamed head waits for its body): it gets an error it can read
+        if routed is not None:  # the last target tried
+            upstream = rt.config.upstreams.get(call.upstream, upstream)
         where = f"{upstream.origin.host}:{upstream.origin.port}" if upstream.origin else upstream.base_url
         message = f"meterline: upstream {upstream.name} ({where}) failed: {call.error_detail or call.error_type}"
         log.warning("%s", message.removeprefix("meterline: "))
         status = 504 if call.outcome == records.TIMEOUT else 502
-        reply.simple(status, adapter.error_body(status, message, "api_error"))
+        reply.simple(status, adapter.error_body(status, message, "api_error"),
+                     None if routed is None else dict(routed.headers()))
         return
-    if call.outcome == records.CANCELLED:
+    if call.outcome in (records.CANCELLED, records.BLOCKED):  # BLOCKED: a route whose every try was refused
         return
     if call.outcome in (records.NETWORK_ERROR, records.TIMEOUT):
         log.warning("upstream %s (%s) broke off mid-response: %s", upstream.name, upstream.base_url,
@@ -211,9 +244,10 @@ def _refuse(rt: Runtime, adapter: Any, call: _Call, base: dict[str, Any], extras
 
 async def _exchange(rt: Runtime, method: str, adapter: Any, origin: Origin, target: str,
                     raw: bytes, headers: dict[str, str], call: _Call, rewritten: bool, reply: Reply,
-                    ) -> tuple[bool, bytes | None]:
+                    opened: attempts.Opened | None = None) -> tuple[bool, bytes | None]:
     """Sends the request upstream and streams the response back. Returns whether the response was
-    started and, for non-streamed bodies, the last chunk, held back so the journal gets the record first."""
+    started and, for non-streamed bodies, the last chunk, held back so the journal gets the record first.
+    `opened`: a route's committed try, already sent (its first body bytes read)."""
     assert rt.pool is not None
     started = False
     pending: bytes | None = None
@@ -221,7 +255,7 @@ async def _exchange(rt: Runtime, method: str, adapter: Any, origin: Origin, targ
     info = call.info
     up: UpstreamResponse | None = None
     try:
-        up = await rt.pool.request(origin, method, target, headers, raw)
+        up = await rt.pool.request(origin, method, target, headers, raw) if opened is None else opened.up
         t = time.perf_counter()
         call.status = up.status
         content_type = up.header("content-type")
@@ -235,10 +269,12 @@ async def _exchange(rt: Runtime, method: str, adapter: Any, origin: Origin, targ
             rt.anomaly("unknown_encoding", str(e))
         out_headers = [(key, value) for key, value in up.headers
                        if (lower := key.lower()) not in _DROP_RESPONSE and not (rewritten and lower == "content-length")]
+        if opened is not None:
+            out_headers += opened.headers
         call.work += time.perf_counter() - t
         started = True
         await reply.start(up.status, up.reason, out_headers, whole=not streaming)
-        async for chunk in up.chunks():
+        async for chunk in (up.chunks() if opened is None else opened.chunks):
             t = time.perf_counter()
             if call.ttft is None:
                 call.ttft = t - call.t0

@@ -5,6 +5,7 @@ import collections
 import logging
 from dataclasses import dataclass, field
 from types import ModuleType
+from typing import Any
 
 from ledger.journal import Journal
 from ledger.pricing import Pricer
@@ -33,6 +34,8 @@ class Runtime:
     in_flight: int = 0
     tracing: bool = False  # spans are exported, so upstream requests carry the call's span context
     capture_content: bool = False  # prompts and completions go on spans (opt-in)
+    # routes by name with their circuits (sidecar/routes/attempts.table); empty: no call pays for routes
+    routes: dict[str, Any] = field(default_factory=dict)
 
     def anomaly(self, kind: str, detail: str) -> None:
         """A metering fault: counted and logged, never raised into the call."""

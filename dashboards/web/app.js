@@ -538,6 +538,33 @@
       el("td", { title: r.last, text: r.last ? clock(r.last) : "" }))));
   }
 
+  // routes' targets with their circuit states (GET /_meterline/routes: this forwarder's circuits)
+  async function loadRoutes(gen) {
+    const doc = await getJSON("routes");
+    if (gen !== state.gen) return;
+    const routes = Object.entries(doc.routes || {});
+    $("#routes-part").hidden = routes.length === 0;
+    $("#routes").replaceChildren(...routes.flatMap(([name, r]) => (r.targets || []).map((t) => routeRow(name, r, t))));
+  }
+
+  function routeRow(name, r, t) {
+    const circuit = t.state || "closed";
+    const node = el("div", { class: "budget", "data-route": name, "data-target": t.target, "data-circuit": circuit });
+    node.append(el("div", { class: "budget-head" },
+      el("span", { class: "budget-name", text: name }),
+      el("span", { class: "budget-key", text: t.target }),
+      el("span", { class: "badge", text: r.strategy }),
+      el("span", { class: "badge " + (circuit === "open" ? "block" : circuit === "half_open" ? "alert" : ""), text: circuit })));
+    const parts = [];
+    if (t.recent_error_rate !== null && t.recent_error_rate !== undefined) {
+      parts.push(el("span", { text: `${pct(t.recent_error_rate)} errors of last ${int(t.recent_attempts)}` }));
+    }
+    if (t.ttft_ms !== null && t.ttft_ms !== undefined) parts.push(el("span", { text: `ttft ${t.ttft_ms} ms` }));
+    if (t.opened) parts.push(el("span", { text: `opened ${int(t.opened)}×` }));
+    node.append(el("div", { class: "budget-foot" }, ...parts));
+    return node;
+  }
+
   async function loadAlerts(gen) {
     let rows = [];
     try {
@@ -801,11 +828,11 @@
     state.busy = true;
     const gen = state.gen;
     try {
-      // the fleet view: the panels whose SQL runs on Postgres too; budgets, tokens, latency and the
-      // reconciliation card (DuckDB-only SQL) stay per sidecar
+      // the fleet view: the panels whose SQL runs on Postgres too; budgets, routes, tokens, latency and
+      // the reconciliation card (DuckDB-only SQL, or this forwarder's state) stay per sidecar
       const jobs = fleetMode() ? [loadKpis(gen), loadSeries(gen), loadFleet(gen), loadCalls(gen)]
-        : [loadKpis(gen), loadSeries(gen), loadBudgets(gen), loadAlerts(gen), loadTokens(gen), loadLatency(gen), loadCalls(gen),
-           loadReconciliation(gen)];
+        : [loadKpis(gen), loadSeries(gen), loadBudgets(gen), loadAlerts(gen), loadRoutes(gen), loadTokens(gen), loadLatency(gen),
+           loadCalls(gen), loadReconciliation(gen)];
       if (state.polls % 5 === 0) jobs.push(loadOptions());
       state.polls += 1;
       const results = await Promise.allSettled(jobs);

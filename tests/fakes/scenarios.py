@@ -22,6 +22,7 @@ KNOWN_TOKENS = frozenset(
         "gzip",  # non-stream JSON sent with Content-Encoding: gzip if the client accepts it
         "stream-error",  # streams: provider-shaped error event after a few content chunks
         "delta-output-only",  # Anthropic: message_delta.usage carries only output_tokens
+        "stall",  # streams: the head goes out, then nothing (until the client leaves, at most 30 s)
     }
 )
 
@@ -111,6 +112,7 @@ def parse_scenario(
     default_scenario: str = "",
     default_chunks: int = DEFAULT_CHUNKS,
     default_chunk_delay_ms: float = DEFAULT_CHUNK_DELAY_MS,
+    default_retry_after: str = DEFAULT_RETRY_AFTER,
 ) -> Scenario:
     """Build the scenario of a request from its (lower-cased) headers and the server defaults.
 
@@ -127,5 +129,5 @@ def parse_scenario(
         raise ScenarioError(f"{CHUNKS_HEADER} must be between 1 and {MAX_CHUNKS}")
     if delay_ms < 0:
         raise ScenarioError(f"{CHUNK_DELAY_HEADER} must not be negative")
-    retry_after = headers.get(RETRY_AFTER_HEADER, DEFAULT_RETRY_AFTER)
+    retry_after = headers.get(RETRY_AFTER_HEADER, default_retry_after)
     return Scenario(tokens=tokens, chunks=chunks, chunk_delay=delay_ms / 1000.0, retry_after=retry_after)

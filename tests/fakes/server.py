@@ -70,6 +70,7 @@ class FakeProvider:
         self.chunks = chunks
         self.chunk_delay_ms = chunk_delay_ms
         self.require_auth = require_auth
+        self.retry_after = "1"  # retry-after of errors when the request sends no x-fake-retry-after
         self.host: Optional[str] = None
         self.port: Optional[int] = None
         self._log = ExchangeLog()
@@ -116,6 +117,14 @@ class FakeProvider:
     def clear(self) -> None:
         self._log.clear()
 
+    def fail_with(self, scenario: str = "", retry_after: str = "1") -> None:
+        """Tells this fake (not the others a test runs) how to answer requests without an
+        x-fake-scenario header from now on: e.g. "error503", "reset", "stall"; "" answers normally.
+        A fake in another process is told with ``POST /_fake/scenario`` (see :func:`set_scenario`)."""
+        parse_tokens(scenario)
+        self.default_scenario = scenario
+        self.retry_after = retry_after
+
     async def wait_settled(self, timeout: float = 5.0) -> None:
         """Wait (in the server's loop or another) until every started exchange is finished."""
         deadline = time.monotonic() + timeout
@@ -141,6 +150,7 @@ class FakeProvider:
         app.router.add_get("/_fake/health", _health)
         app.router.add_get("/_fake/exchanges", self._get_exchanges)
         app.router.add_delete("/_fake/exchanges", self._delete_exchanges)
+        app.router.add_post("/_fake/scenario", self._set_scenario)
         app.router.add_get("/_fake/images/{name}", _image)
         return app
 
@@ -256,6 +266,7 @@ class FakeProvider:
                     default_scenario=self.default_scenario,
                     default_chunks=self.chunks,
                     default_chunk_delay_ms=self.chunk_delay_ms,
+                    default_retry_after=self.retry_after,
                 )
             except ScenarioError as exc:
                 return await Ctx(request, exchange, Scenario(), provider, body).send_error(400, f"fake provider: {exc}")
@@ -284,6 +295,14 @@ class FakeProvider:
 
     async def _get_exchanges(self, request: web.Request) -> web.StreamResponse:
         return web.json_response([e.to_dict() for e in self._log.snapshot()])
+
+    async def _set_scenario(self, request: web.Request) -> web.StreamResponse:
+        doc = await request.json()
+        try:
+            self.fail_with(doc.get("scenario", ""), str(doc.get("retry_after", "1")))
+        except ScenarioError as exc:
+            return web.json_response({"error": str(exc)}, status=400)
+        return web.json_response({"scenario": self.default_scenario})
 
     async def _delete_exchanges(self, request: web.Request) -> web.StreamResponse:
         self._log.clear()
@@ -350,6 +369,15 @@ def fetch_exchanges(base_url: str, timeout: float = 5.0) -> list[Exchange]:
     """Exchanges of a fake running elsewhere (e.g. ``python -m tests.fakes`` in a subprocess)."""
     with urllib.request.urlopen(base_url.rstrip("/") + "/_fake/exchanges", timeout=timeout) as response:
         return [Exchange.from_dict(item) for item in json.load(response)]
+
+
+def set_scenario(base_url: str, scenario: str, retry_after: str = "1", timeout: float = 5.0) -> None:
+    """Tells a fake in another process how to answer requests without an x-fake-scenario header."""
+    data = json.dumps({"scenario": scenario, "retry_after": retry_after}).encode()
+    req = urllib.request.Request(f"{base_url.rstrip('/')}/_fake/scenario", data=data, method="POST",
+                                 headers={"Content-Type": "application/json"})
+    with urllib.request.urlopen(req, timeout=timeout) as r:
+        r.read()
 
 
 def clear_exchanges(base_url: str, timeout: float = 5.0) -> None:

@@ -211,6 +211,13 @@ class Ctx:
         await response.prepare(self.request)
         self.exchange.status = 200
         self.exchange.response_headers = {k.lower(): v for k, v in response.headers.items()}
+        if self.scenario.has("stall"):  # the head is out; the first event never comes
+            deadline = time.monotonic() + 30
+            while time.monotonic() < deadline and self.request.transport is not None \
+                    and not self.request.transport.is_closing():
+                await asyncio.sleep(0.05)
+            self.exchange.error = "stalled before the first event"
+            raise ConnectionDropped(response)
         return EventStream(self, response, framing, dumps, error_event)
 
 

@@ -8,6 +8,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from datetime import datetime
 from decimal import Decimal
+from typing import Any
 
 # `outcome` values, the contract of the ledger's `outcome` column.
 OK = "ok"
@@ -62,6 +63,8 @@ class CallInfo:
     input_estimate: int = 0  # rough input token count, for budget reservations
     priced: bool = True  # False for calls that cost nothing (e.g. count_tokens)
     user_id: str | None = None  # from the body (OpenAI `user`, Anthropic metadata.user_id)
+    # an async job's submit or poll (jobs.model.JobAsk / JobPoll), set by the forwarder; None for other calls
+    job: Any = None
 
 
 @dataclass(slots=True)
@@ -75,6 +78,7 @@ class Observation:
     error_type: str | None = None  # the provider's error type or code, on error responses
     anomaly: str | None = None  # set when the body could not be metered (malformed, truncated)
     service_tier: str | None = None  # as the provider reported it: prices differ by tier
+    job: Any = None  # what a job submit or poll answered (jobs.model.JobSeen), for the job's row
 
 
 @dataclass(slots=True)
@@ -141,3 +145,5 @@ class CallExtras:
     alerts: list[dict[str, Any]] = field(default_factory=list)
     # (rule, split key or None, utilization as text) of each budget the call settled: the gauge
     utilization: list[tuple[str, str | None, str]] = field(default_factory=list)
+    # async job events of the call (jobs.model.JobEvent.to_json): the sinks process upserts `jobs` rows from them
+    jobs: list[dict[str, Any]] = field(default_factory=list)

@@ -17,7 +17,9 @@ from ledger.budgets import CallAttrs, Refusal
 from ledger.pricing import FREE_COST
 from ledger.records import CallExtras, CallInfo, CallRecord, Observation
 
-from . import attribution, content, hostcheck, memory
+from jobs.model import JobAsk
+
+from . import attribution, content, hostcheck, jobs_hook, memory
 from .adapters.base import JsonObserver
 from .decoding import Decoder, decoder_for
 from .guard import NO_RESERVATION
@@ -106,6 +108,9 @@ async def forward(rt: Runtime, incoming: Incoming, reply: Reply, t0: float) -> N
         except orjson.JSONDecodeError:
             body = None  # forwarded as is; the upstream will say what is wrong
     info = adapter.describe(upstream.provider, path, body, raw)
+    job = jobs_hook.classify(rt, upstream, incoming.method, path, body)
+    if job is not None:
+        info.job, info.priced = job, False  # the call is free; the job's cost goes on its `jobs` row
     if query:
         info.endpoint = f"{path}?{attribution.redact_query(query)}"
     call = _Call(t0, started_at, info, upstream.name)
@@ -126,8 +131,18 @@ async def forward(rt: Runtime, incoming: Incoming, reply: Reply, t0: float) -> N
         trace_id=trace_id, span_id=span_id, request_bytes=len(raw),
     )
 
-    decision = rt.guard.admit(info, _attrs(info, record_base), started_at) if rt.guard.active else NO_RESERVATION
+    est = mine = idem_key = None
+    if isinstance(job, JobAsk):
+        found, mine, idem_key = jobs_hook.replay(rt, upstream.name, headers, raw, job)
+        if found is not None:
+            _replay(rt, call, record_base, extras, found, reply)
+            return
+        decision, est = jobs_hook.admit(rt, info, _attrs(info, record_base), started_at)
+    else:
+        decision = rt.guard.admit(info, _attrs(info, record_base), started_at) if rt.guard.active else NO_RESERVATION
     if isinstance(decision, Refusal):
+        if mine is not None:
+            rt.guard.jobs.forget(upstream.name, idem_key, mine)
         _refuse(rt, adapter, call, record_base, extras, decision, reply)
         return
 
@@ -147,7 +162,13 @@ async def forward(rt: Runtime, incoming: Incoming, reply: Reply, t0: float) -> N
         call.conclude = None  # this closure holds `call`: without the cycle the call is freed at once, not by the GC
         t_end = time.perf_counter()
         record = _record(rt, call, record_base, provisional=False)
-        rt.guard.settle(decision, record, extras)
+        if info.job is None:
+            rt.guard.settle(decision, record, extras)
+        else:
+            try:
+                jobs_hook.conclude(rt, upstream, info, call.observation, record, decision, extras, est, mine, idem_key)
+            except Exception as e:  # noqa: BLE001 - a metering fault never breaks the call
+                rt.anomaly("job_error", f"{type(e).__name__}: {e}")
         extras.output_messages = call.output_messages
         rt.journal.end(record, segment, lazily, extras)
         call.work += time.perf_counter() - t_end
@@ -209,6 +230,18 @@ def _refuse(rt: Runtime, adapter: Any, call: _Call, base: dict[str, Any], extras
     reply.simple(429, adapter.error_body(429, refusal.message, "budget_exceeded"), headers)
 
 
+def _replay(rt: Runtime, call: _Call, base: dict[str, Any], extras: CallExtras, found: Any, reply: Reply) -> None:
+    """A submit repeating an earlier one's Idempotency-Key and body: it gets that one's answer (409
+    while it is in flight) and is not forwarded, so the job is submitted, reserved and recorded once."""
+    status, body, headers = jobs_hook.replay_answer(found)
+    call.status = status
+    if status >= 400:
+        call.outcome, call.error_type = records.UPSTREAM_ERROR, "idempotency_conflict"
+    record = _record(rt, call, base, provisional=False)
+    rt.journal.end(record, None, extras=extras)
+    reply.simple(status, body, headers)
+
+
 async def _exchange(rt: Runtime, method: str, adapter: Any, origin: Origin, target: str,
                     raw: bytes, headers: dict[str, str], call: _Call, rewritten: bool, reply: Reply,
                     ) -> tuple[bool, bytes | None]:
@@ -225,7 +258,11 @@ async def _exchange(rt: Runtime, method: str, adapter: Any, origin: Origin, targ
         t = time.perf_counter()
         call.status = up.status
         content_type = up.header("content-type")
-        observer = adapter.observe(info, up.status, content_type, rewritten)
+        observer = None
+        if info.job is not None:
+            observer = jobs_hook.observer(rt, rt.config.upstreams[call.upstream], info, up.status)
+        if observer is None:
+            observer = adapter.observe(info, up.status, content_type, rewritten)
         streaming = info.stream or content_type.startswith("text/event-stream")
         try:
             decoder = decoder_for(up.header("content-encoding"), streaming)

@@ -17,10 +17,15 @@ from datetime import datetime
 from decimal import Decimal
 from typing import Any
 
+from exporters import http_client
 from exporters.alerts import AlertDispatcher
+from jobs import store as job_store
+from jobs.model import JobEvent
+from jobs.poller import Poller, Target
 from exporters.telemetry import Telemetry
 from ledger import budget_store, sql
 from ledger.budgets import CrossingNote
+from ledger.pricing import Pricer
 from ledger.records import CallExtras, CallRecord
 from ledger.writer import LedgerWriter, journal_dir
 from sidecar import memory
@@ -37,7 +42,8 @@ POLL_S = 0.05  # how often the journals are looked at: a call's row lands within
 MAX_PENDING = 20_000
 # what a forwarder may ask the ledger for, by name (ledger/budget_store.py): nothing else is callable
 DB_FUNCTIONS = {f.__name__: f for f in (budget_store.api_rules, budget_store.history, budget_store.recent_outputs,
-                                        budget_store.save_rule, budget_store.delete_rule, budget_store.save_topup)}
+                                        budget_store.save_rule, budget_store.delete_rule, budget_store.save_topup,
+                                        job_store.unsettled_jobs, job_store.job_settlements, job_store.job_spend)}
 
 
 class Sinks:
@@ -56,6 +62,14 @@ class Sinks:
         self._stop = threading.Event()
         self._backlogged = False  # reading paused at MAX_PENDING since the last trim
         self._thread: threading.Thread | None = None
+        # async jobs: rows upserted from the calls' job events; unfinished ones polled here (jobs/poller.py)
+        self.pricer = Pricer(config.prices, config.default_max_output_tokens)
+        self.poller = Poller(config.jobs, {name: Target(u.base_url, u.adapter, u.api_key)
+                                           for name, u in config.upstreams.items()},
+                             self._fetch, self._run_jobs, self.pricer.units_cost)
+        self._poller_task: asyncio.Task[None] | None = None
+        self._http: Any = None
+        self.job_failures = 0
         self.writer.sinks.append(self.telemetry)
         self.writer.sinks.append(self)
         self.telemetry.register_gauge("meterline.ledger.pending", "{record}",
@@ -92,12 +106,17 @@ class Sinks:
         self.writer.start()
         self._thread = threading.Thread(target=self._tail_loop, name="meterline-tail", daemon=True)
         self._thread.start()
+        self._poller_task = loop.create_task(self.poller.forever(), name="meterline-job-poller")
 
     async def stop(self) -> None:
         """Reads the journals one last time, commits, flushes telemetry, closes the ledger."""
         loop = asyncio.get_running_loop()
         self._stop.set()
         self.queries.close()
+        if self._poller_task is not None:
+            self._poller_task.cancel()
+        if self._http is not None:
+            await self._http.aclose()
         if self._thread is not None:
             await loop.run_in_executor(None, self._thread.join, 10.0)
         await loop.run_in_executor(None, self._poll_once)
@@ -137,9 +156,15 @@ class Sinks:
 
     def consume(self, batch: list[tuple[CallRecord, CallExtras | None]]) -> None:
         loop = self.loop
+        events: list[JobEvent] = []
         for record, extras in batch:
             if extras is None:
                 continue
+            for doc in extras.jobs or ():
+                try:
+                    events.append(JobEvent.from_json(doc))
+                except ValueError as e:
+                    log.warning("a job event of call %s is unreadable (%s)", record.call_id, e)
             for rule, key, value in extras.utilization:
                 self.telemetry.set_budget_utilization(rule, key, Decimal(value))
             for doc in extras.alerts:
@@ -150,6 +175,29 @@ class Sinks:
                     continue
                 if loop is not None:
                     loop.call_soon_threadsafe(self.alerts.fire, note, record.call_id)
+        if events:  # after the calls' commit, on the writer thread: a job's row follows its call's
+            cur = self.writer.cursor()
+            try:
+                job_store.apply_job_events(cur, events, self.pricer.units_cost)
+            except Exception:  # noqa: BLE001 - the calls are written; a job row fault is logged, counted
+                self.job_failures += 1
+                log.exception("writing %d job events failed", len(events))
+            finally:
+                cur.close()
+
+    # --- the job poller's ends -------------------------------------------------------------------
+
+    async def _fetch(self, url: str, headers: dict[str, str]) -> tuple[int, bytes]:
+        if self._http is None:
+            self._http = http_client.async_client(30.0)
+        r = await self._http.get(url, headers=headers)
+        return r.status_code, r.content
+
+    async def _run_jobs(self, name: str, *args: Any) -> Any:
+        fn = {"unsettled_jobs": job_store.unsettled_jobs, "apply_job_events": job_store.apply_job_events}[name]
+        if name == "apply_job_events":
+            args = (*args, self.pricer.units_cost)
+        return await asyncio.get_running_loop().run_in_executor(None, self._db, fn, list(args))
 
     def _persist_alert(self, note: CrossingNote, call_id: str | None) -> None:
         cur = self.writer.cursor()
@@ -224,6 +272,8 @@ class Sinks:
             "open_calls": self.tail.open_calls,
             "interrupted": self.tail.interrupted,
             "telemetry": self.telemetry.stats(),
+            "jobs": {"polled": self.poller.polled, "poll_failures": self.poller.failed,
+                     "settled_by_poller": self.poller.settled, "write_failures": self.job_failures},
             "alerts": {"fired": self.alerts.stats.fired, "delivered": self.alerts.stats.delivered,
                        "failed": self.alerts.stats.failed, "dropped": self.alerts.stats.dropped},
         }

@@ -298,3 +298,47 @@ def test_batch_is_priced_from_every_line_of_its_output_file(sidecar: Sidecar, jo
     assert (row["state"], row["cost_source"], Decimal(row["cost_usd"])) == ("succeeded", "price", want)
     assert json.loads(row["units_made"]) == {"requests": 3}
     assert row["model"] == "gpt-4o-mini-2024-07-18"
+
+
+# --- restarts and jobs that never finish ---------------------------------------------------------
+
+def test_a_reservation_survives_a_forwarder_restart_and_an_unfinished_job_becomes_unknown(
+        jobs_api: FakeJobsApi, tmp_path: Path) -> None:
+    import os
+    import signal
+
+    cfg = config_for(jobs_api.base_url)
+    cfg["jobs"] = {"poll_s": 0.3, "max_poll_s": 1, "sync_s": 0.2, "unknown_after_s": 4}
+    sc = Sidecar(tmp_path / "restart", cfg, env={"TEST_EACHLABS_KEY": EACHLABS_KEY}).start()
+    try:
+        cid, headers = case()
+        pid = submit_kling(sc, headers, fake_polls=1000)  # it never finishes; nothing polls it (no api_key)
+        wait_for(lambda: job_rows(sc, f"provider_job_id = '{pid}'"), "the job's row")
+        first = sc.forwarder_pid()
+        os.kill(first, signal.SIGKILL)
+        wait_for(lambda: _new_forwarder(sc, first), "a new forwarder", timeout=30)
+        # the new forwarder rebuilt the reservation from the ledger's unsettled job
+        assert Decimal(account(sc, "media", cid)["reserved_usd"]) == 10 * PER_SECOND
+        row = settled_job(sc, f"provider_job_id = '{pid}'", timeout=20)
+        assert (row["state"], Decimal(row["cost_usd"]), row["cost_source"]) == ("unknown", 10 * PER_SECOND, "estimate")
+
+        def released() -> dict[str, Any] | None:
+            a = account(sc, "media", cid)
+            return a if Decimal(a["reserved_usd"]) == 0 else None
+
+        assert Decimal(wait_for(released, "the reservation to settle")["spent_usd"]) == 10 * PER_SECOND
+        # and a settled job's cost stays in its window after another restart (its calls cost 0)
+        second = sc.forwarder_pid()
+        os.kill(second, signal.SIGKILL)
+        wait_for(lambda: _new_forwarder(sc, second), "another forwarder", timeout=30)
+        acct = account(sc, "media", cid)
+        assert (Decimal(acct["reserved_usd"]), Decimal(acct["spent_usd"])) == (0, 10 * PER_SECOND)
+    finally:
+        sc.stop()
+
+
+def _new_forwarder(sc: Sidecar, old: int) -> bool:
+    try:
+        return sc.health()["forwarder"]["pid"] != old
+    except OSError:
+        return False

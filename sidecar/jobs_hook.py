@@ -176,8 +176,7 @@ def conclude(rt: Runtime, upstream: Upstream, info: CallInfo, observation: Obser
         job_id = uuid.uuid4().hex
         state = seen.state or SUBMITTED
         held = Held(job_id, upstream.name, info.provider, job.kind, job.model or seen.model, dict(job.units), est,
-                    decision if decision is not NO_RESERVATION else NO_RESERVATION, record.started_at,
-                    seen.provider_job_id)
+                    decision, record.started_at, seen.provider_job_id)
         extras.jobs.append(JobEvent("submit", job_id, upstream.name, seen.provider_job_id, state, record.started_at,
                                     call_id=record.call_id, provider=info.provider, model=held.model,
                                     units_asked=held.units or None, estimate_usd=est).to_json())

@@ -70,6 +70,7 @@ class Sinks:
         self._poller_task: asyncio.Task[None] | None = None
         self._http: Any = None
         self.job_failures = 0
+        self._skip_jobs = False  # during catch-up, whose job events were applied already
         self.writer.sinks.append(self.telemetry)
         self.writer.sinks.append(self)
         self.telemetry.register_gauge("meterline.ledger.pending", "{record}",
@@ -95,7 +96,14 @@ class Sinks:
             self._quarantine_lines()
             passes += 1
             if items:
-                caught += self.writer.catch_up(items)
+                # job events first, for every call read again: the ledger may hold a call whose job
+                # events were not applied (killed between the two); applying them again is harmless
+                self._apply_jobs(self._job_events((r, x) for r, _, x in items))
+                self._skip_jobs = True
+                try:
+                    caught += self.writer.catch_up(items)
+                finally:
+                    self._skip_jobs = False
         if caught:
             log.info("wrote %d calls from the journals", caught)
         return caught
@@ -156,15 +164,11 @@ class Sinks:
 
     def consume(self, batch: list[tuple[CallRecord, CallExtras | None]]) -> None:
         loop = self.loop
-        events: list[JobEvent] = []
+        if not self._skip_jobs:
+            self._apply_jobs(self._job_events(batch))
         for record, extras in batch:
             if extras is None:
                 continue
-            for doc in extras.jobs or ():
-                try:
-                    events.append(JobEvent.from_json(doc))
-                except ValueError as e:
-                    log.warning("a job event of call %s is unreadable (%s)", record.call_id, e)
             for rule, key, value in extras.utilization:
                 self.telemetry.set_budget_utilization(rule, key, Decimal(value))
             for doc in extras.alerts:
@@ -175,13 +179,34 @@ class Sinks:
                     continue
                 if loop is not None:
                     loop.call_soon_threadsafe(self.alerts.fire, note, record.call_id)
-        if events:  # after the calls' commit, on the writer thread: a job's row follows its call's
+
+    @staticmethod
+    def _job_events(batch: Any) -> list[JobEvent]:
+        events: list[JobEvent] = []
+        for record, extras in batch:
+            for doc in (extras.jobs if extras is not None else None) or ():
+                try:
+                    events.append(JobEvent.from_json(doc))
+                except ValueError as e:
+                    log.warning("a job event of call %s is unreadable (%s)", record.call_id, e)
+        return events
+
+    def _apply_jobs(self, events: list[JobEvent]) -> None:
+        """Upserts `jobs` rows (the writer's thread, after the calls' commit: a job's row follows its
+        call's). The poller may be writing the same row: a write conflict is tried again."""
+        if not events:
+            return
+        for attempt in range(5):
             cur = self.writer.cursor()
             try:
                 job_store.apply_job_events(cur, events, self.pricer.units_cost)
+                return
             except Exception:  # noqa: BLE001 - the calls are written; a job row fault is logged, counted
-                self.job_failures += 1
-                log.exception("writing %d job events failed", len(events))
+                if attempt == 4:
+                    self.job_failures += 1
+                    log.exception("writing %d job events failed", len(events))
+                    return
+                time.sleep(0.05 * (attempt + 1))
             finally:
                 cur.close()
 

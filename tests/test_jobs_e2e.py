@@ -240,6 +240,35 @@ def test_the_same_submit_twice_with_one_idempotency_key_is_one_job(sidecar: Side
     assert s3 == 200 and d3["predictionID"] != d1["predictionID"]
 
 
+def test_a_settlement_journaled_while_the_sinks_process_is_down_reaches_the_jobs_table(sidecar: Sidecar) -> None:
+    import os
+    import signal
+
+    cid, headers = case()
+    pid = submit_kling(sidecar, headers, duration=3)
+    wait_for(lambda: job_rows(sidecar, f"provider_job_id = '{pid}'"), "the job's row")
+    sinks = sidecar.health()["sinks"]["pid"]
+    os.kill(sinks, signal.SIGKILL)
+    for _ in range(2):  # the app's polls go on; the settlement waits in the journal
+        status, _, doc = call(sidecar, "GET", f"/eachlabs/v1/prediction/{pid}", headers=headers)
+        assert status == 200
+    assert doc["status"] == "success"
+    acct = account(sidecar, "media", cid)  # the guard settled at once
+    assert (Decimal(acct["reserved_usd"]), Decimal(acct["spent_usd"])) == (0, 3 * EACHLABS_PER_SECOND)
+    wait_for(lambda: _sinks_back(sidecar, sinks), "the sinks process again", timeout=30)
+    row = settled_job(sidecar, f"provider_job_id = '{pid}'", timeout=20)
+    assert (row["state"], Decimal(row["cost_usd"]), row["cost_source"]) == ("succeeded", 3 * EACHLABS_PER_SECOND,
+                                                                           "provider")
+
+
+def _sinks_back(sc: Sidecar, old: int) -> bool:
+    try:
+        h = sc.health()
+        return h["sinks"].get("pid") not in (None, old) and sc.sql("SELECT 1 AS one") == [{"one": 1}]
+    except Exception:  # noqa: BLE001 - still restarting
+        return False
+
+
 # --- Gemini Veo ----------------------------------------------------------------------------------
 
 def test_veo_operation_polled_to_done_settles_at_seconds_made(sidecar: Sidecar) -> None:

@@ -48,6 +48,14 @@ def classify(rt: Runtime, upstream: Upstream, method: str, path: str, body: Any)
     return job
 
 
+def model_of(rt: Runtime, upstream: Upstream, poll: JobPoll) -> str | None:
+    """The model of a polled job, when this forwarder holds it."""
+    book = rt.guard.jobs
+    held = (book.files.get((upstream.name, poll.file_id)) if poll.file_id
+            else book.held.get((upstream.name, poll.provider_job_id or "")))
+    return held.model if held is not None else None
+
+
 def estimate(rt: Runtime, info: CallInfo, ask: JobAsk, at: datetime) -> Decimal | None:
     return rt.pricer.units_cost(info.provider, ask.model, ask.units, at)
 

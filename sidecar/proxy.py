@@ -111,6 +111,8 @@ async def forward(rt: Runtime, incoming: Incoming, reply: Reply, t0: float) -> N
     job = jobs_hook.classify(rt, upstream, incoming.method, path, body)
     if job is not None:
         info.job, info.priced = job, False  # the call is free; the job's cost goes on its `jobs` row
+        if not isinstance(job, JobAsk):  # a poll's path names the job, not the model: the job says it
+            info.request_model = jobs_hook.model_of(rt, upstream, job)
     if query:
         info.endpoint = f"{path}?{attribution.redact_query(query)}"
     call = _Call(t0, started_at, info, upstream.name)

@@ -371,3 +371,27 @@ def _new_forwarder(sc: Sidecar, old: int) -> bool:
         return sc.health()["forwarder"]["pid"] != old
     except OSError:
         return False
+
+
+def test_the_dashboard_lists_jobs_still_reserved(sidecar: Sidecar) -> None:
+    from tests.test_dashboard import CHROMIUM, CHROMIUM_ARGS
+
+    if not CHROMIUM.exists():
+        pytest.skip(f"{CHROMIUM} is not installed (Debian package: chromium)")
+    from playwright.sync_api import sync_playwright
+
+    cid, headers = case()
+    pid = submit_kling(sidecar, headers, fake_polls=1000)  # never finishes while the test looks
+    row = wait_for(lambda: job_rows(sidecar, f"provider_job_id = '{pid}'"), "the job's row")[0]
+    with sync_playwright() as pw:
+        browser = pw.chromium.launch(executable_path=str(CHROMIUM), args=CHROMIUM_ARGS)
+        try:
+            page = browser.new_page()
+            page.set_default_timeout(15_000)
+            page.goto(f"{sidecar.url}/_meterline/")
+            item = page.locator(f'#jobs li[data-job="{row["job_id"]}"]')
+            item.wait_for()
+            text = item.text_content() or ""
+            assert "kling-v2-1-video" in text and "submitted" in text and "$1.00 reserved" in text, text
+        finally:
+            browser.close()

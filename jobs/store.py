@@ -86,7 +86,8 @@ def apply(con: Any, events: Iterable[JobEvent], price: PriceUnits | None = None)
 def unsettled_jobs(con: Any) -> list[dict[str, Any]]:
     """Jobs not yet settled, with what the guard matches budget rules on (from the submitting call)."""
     cur = con.execute(
-        """SELECT j.job_id, j.upstream, j.provider, j.model, j.provider_job_id, j.state, j.submitted_at,
+        """SELECT j.job_id, j.upstream, j.provider, j.model, j.provider_job_id, j.state,
+                  coalesce(j.submitted_at, j.updated_at) AS submitted_at,
                   j.units_asked, j.estimate_usd, j.output_file_id, j.polls, c.operation, coalesce(c.app, ''),
                   coalesce(c.user_id, ''), coalesce(c.key_fingerprint, ''), c.tags, c.request_model
            FROM jobs j LEFT JOIN calls c ON c.call_id = j.call_id

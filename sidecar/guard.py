@@ -262,4 +262,3 @@ class Guard:
         now = datetime.now(timezone.utc)
         self.budgets.prune(now)
         return [s for s in self.budgets.status(now) if only in (None, s["rule"])]
-

@@ -21,7 +21,7 @@ from jobs import openai_batch
 from jobs.kinds import BY_ADAPTER
 from jobs.model import SUBMITTED, TERMINAL, JobAsk, JobEvent, JobPoll, JobSeen, settle_cost
 from ledger.budgets import CallAttrs, Refusal, Reservation
-from ledger.records import OK, CallExtras, CallInfo, CallRecord, Observation, Usage
+from ledger.records import CallExtras, CallInfo, CallRecord, Observation, Usage
 
 from .adapters.base import JsonObserver
 from .config import Upstream
@@ -173,7 +173,9 @@ def conclude(rt: Runtime, upstream: Upstream, info: CallInfo, observation: Obser
     job = info.job
     seen: JobSeen | None = observation.job
     reply = seen.reply if seen is not None else None
-    ok = record.outcome == OK and (record.status_code or 0) < 400
+    # the upstream's answer decides, not how the app's side ended: an app that left after the
+    # provider accepted the job still has a job running there
+    ok = record.status_code is not None and record.status_code < 400
     book = rt.guard.jobs
     if isinstance(job, JobAsk):
         if not ok or seen is None or not seen.provider_job_id:

@@ -171,6 +171,8 @@ async def forward(rt: Runtime, incoming: Incoming, reply: Reply, t0: float) -> N
                 jobs_hook.conclude(rt, upstream, info, call.observation, record, decision, extras, est, mine, idem_key)
             except Exception as e:  # noqa: BLE001 - a metering fault never breaks the call
                 rt.anomaly("job_error", f"{type(e).__name__}: {e}")
+                if mine is not None and idem_key:
+                    rt.guard.jobs.forget(upstream.name, idem_key, mine)
         extras.output_messages = call.output_messages
         rt.journal.end(record, segment, lazily, extras)
         call.work += time.perf_counter() - t_end

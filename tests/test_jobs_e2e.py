@@ -269,6 +269,26 @@ def _sinks_back(sc: Sidecar, old: int) -> bool:
         return False
 
 
+def test_a_repeat_while_the_first_submit_is_in_flight_gets_409(sidecar: Sidecar, jobs_api: FakeJobsApi) -> None:
+    import threading
+
+    cid, headers = case()
+    headers["Idempotency-Key"] = f"slow-{cid}"
+    body = {"model": "kling-v2-1-video", "input": {"prompt": "slow", "duration": 2}}
+    first: list[Any] = []
+    t = threading.Thread(target=lambda: first.append(call(sidecar, "POST", "/eachlabs/v1/prediction", body,
+                                                          {**headers, "x-fake-delay-s": "2.0"})))
+    t.start()
+    time.sleep(0.3)  # the first is at the provider (which takes 2 s to answer)
+    status, h, doc = call(sidecar, "POST", "/eachlabs/v1/prediction", body, headers)
+    assert (status, h.get("x-meterline-idempotent-replay"), (doc or {}).get("error", {}).get("type")) == (
+        409, "in-flight", "idempotency_conflict")
+    t.join(10)
+    assert first[0][0] == 200
+    status, h, doc = call(sidecar, "POST", "/eachlabs/v1/prediction", body, headers)
+    assert (status, h["x-meterline-idempotent-replay"], doc) == (200, "true", first[0][2])
+
+
 # --- Gemini Veo ----------------------------------------------------------------------------------
 
 def test_veo_operation_polled_to_done_settles_at_seconds_made(sidecar: Sidecar) -> None:

@@ -8,7 +8,7 @@
   output, logs, metrics: {predict_time, cost}, urls}`; `POST /v1/prediction/run` answers the
   finished prediction at once. Auth `X-API-Key`. The prediction bills `input.duration` seconds
   at `EACHLABS_PER_SECOND` (or 1 image at `EACHLABS_PER_IMAGE`), so `metrics.cost` is known to
-  tests. `input.fake_outcome: failed` makes it fail (no cost); `input.fake_polls: N` keeps it
+  tests (a request header `x-fake-delay-s` slows any answer). `input.fake_outcome: failed` makes it fail (no cost); `input.fake_polls: N` keeps it
   `processing` for N polls (default 1).
 - Gemini Veo (ai.google.dev video generation): `POST /v1beta/models/{m}:predictLongRunning` ->
   `{name: "models/{m}/operations/{id}"}`; `GET /v1beta/models/{m}/operations/{id}` -> the
@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import json
 import threading
+import time
 import uuid
 from decimal import Decimal
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
@@ -61,6 +62,9 @@ class FakeJobsApi:
                 length = int(self.headers.get("content-length") or 0)
                 raw = self.rfile.read(length) if length else b""
                 headers = {k.lower(): v for k, v in self.headers.items()}
+                delay = float(headers.get("x-fake-delay-s") or 0)
+                if delay:
+                    time.sleep(delay)  # a slow provider (outside the lock: others are served meanwhile)
                 with api.lock:
                     api.requests.append((method, self.path, headers))
                     status, body, ctype = api.handle(method, self.path, headers, raw)

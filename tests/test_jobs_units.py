@@ -112,3 +112,53 @@ def test_requests_are_told_apart() -> None:
     assert openai_batch.poll("GET", "/v1/batches") is None
     assert openai_batch.poll("GET", "/v1/files/file-1/content").file_id == "file-1"
     assert openai_batch.ask("GET", "/v1/batches", None) is None
+
+
+def test_the_poller_backs_off_to_its_bound_and_settles_what_it_learns() -> None:
+    import asyncio
+    from datetime import timedelta
+
+    from jobs.poller import Poller, Target
+    from jobs.settings import JobsConfig
+
+    con = duckdb.connect()
+    schema.create(con)
+    store.apply_job_events(con, [
+        JobEvent("submit", "v1", "gemini", "models/veo-3/operations/op1", "submitted", AT, provider="google",
+                 model="veo-3", units_asked={"seconds": 8, "seconds_each": 8, "videos": 1}, estimate_usd=Decimal("3.2")),
+        JobEvent("submit", "nokey", "plain", "p2", "submitted", AT, provider="eachlabs", estimate_usd=Decimal("1"))])
+    answers = [{"name": "models/veo-3/operations/op1", "metadata": {}}] * 4 + [
+        {"name": "models/veo-3/operations/op1", "done": True,
+         "response": {"generateVideoResponse": {"generatedSamples": [{"video": {"uri": "u"}}]}}}]
+    asked: list[tuple[str, dict]] = []
+
+    async def fetch(url: str, headers: dict[str, str]) -> tuple[int, bytes]:
+        asked.append((url, headers))
+        import orjson
+        return 200, orjson.dumps(answers[len(asked) - 1])
+
+    async def run(name: str, *args):
+        return getattr(store, name)(con, *args)
+
+    price = Pricer(parse({"prices": [{"model": "veo-*", "per_second": "0.4"}]}).prices).units_cost
+    poller = Poller(JobsConfig(poll_s=1, max_poll_s=4, unknown_after_s=3600),
+                    {"gemini": Target("https://g.example", "gemini", "k"), "plain": Target("https://e", "eachlabs", None)},
+                    fetch, run, price)
+    times = []
+    t = AT
+    while not con.execute("SELECT settled_at FROM jobs WHERE job_id = 'v1'").fetchone()[0]:
+        before = len(asked)
+        asyncio.run(poller.once(t))
+        if len(asked) > before:
+            times.append((t - AT).total_seconds())
+        t += timedelta(seconds=0.5)
+        assert t < AT + timedelta(seconds=60)
+    assert times == [1.0, 3.0, 7.0, 11.0, 15.0]  # after poll_s, then 2 s, 4 s, and never more than max_poll_s
+    assert asked[0] == ("https://g.example/v1beta/models/veo-3/operations/op1", {"x-goog-api-key": "k"})
+    assert con.execute("SELECT state, cost_usd, cost_source FROM jobs WHERE job_id = 'v1'").fetchone() == (
+        "succeeded", Decimal("3.2"), "price")
+    # the job of an upstream without api_key is never polled; past unknown_after_s it is `unknown` at its estimate
+    asyncio.run(poller.once(AT + timedelta(seconds=3601)))
+    assert con.execute("SELECT state, cost_usd, cost_source FROM jobs WHERE job_id = 'nokey'").fetchone() == (
+        "unknown", Decimal(1), "estimate")
+    assert all("https://e" not in url for url, _ in asked)

@@ -11,6 +11,8 @@ from datetime import datetime
 from decimal import Decimal, InvalidOperation
 from typing import Any
 
+from ledger.money import non_negative_amount
+
 SUBMITTED, RUNNING, SUCCEEDED, FAILED, CANCELLED, EXPIRED, UNKNOWN = (
     "submitted", "running", "succeeded", "failed", "cancelled", "expired", "unknown")
 STATES = (SUBMITTED, RUNNING, SUCCEEDED, FAILED, CANCELLED, EXPIRED, UNKNOWN)
@@ -121,11 +123,9 @@ def settle_cost(state: str, seen_cost: Decimal | None, made_cost: Decimal | None
 
 
 def decimal_or_none(value: Any) -> Decimal | None:
-    """A provider's number (JSON number or string) as an exact non-negative Decimal, else None."""
-    if isinstance(value, bool) or not isinstance(value, (int, float, str)):
+    """A provider's number (JSON number or string) as an exact non-negative Decimal the ledger's
+    DECIMAL(38, 12) holds, rounded to its trillionth; else None (never a value that fails the write)."""
+    if not isinstance(value, (int, float, str)):
         return None
-    try:
-        amount = Decimal(str(value))
-    except InvalidOperation:
-        return None
-    return amount if amount.is_finite() and amount >= 0 else None
+    amount = non_negative_amount(value)
+    return amount.quantize(Decimal("0.000000000001")) if amount is not None else None

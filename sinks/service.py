@@ -203,10 +203,18 @@ class Sinks:
                 return
             except Exception:  # noqa: BLE001 - the calls are written; a job row fault is logged, counted
                 if attempt == 4:
-                    self.job_failures += 1
-                    log.exception("writing %d job events failed", len(events))
-                    return
+                    break
                 time.sleep(0.05 * (attempt + 1))
+            finally:
+                cur.close()
+        # one by one, so an event the table refuses costs only itself
+        for event in events:
+            cur = self.writer.cursor()
+            try:
+                job_store.apply_job_events(cur, [event], self.pricer.units_cost)
+            except Exception:  # noqa: BLE001 - the calls are written; a job row fault is logged, counted
+                self.job_failures += 1
+                log.exception("a job event of job %s could not be written", event.job_id or event.provider_job_id)
             finally:
                 cur.close()
 

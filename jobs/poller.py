@@ -19,6 +19,7 @@ from typing import Any
 
 import orjson
 
+from . import openai_batch
 from .kinds import BY_ADAPTER
 from .model import TERMINAL, UNKNOWN, JobEvent, settle_cost
 from .settings import JobsConfig
@@ -38,16 +39,20 @@ class Target:
 
 Fetch = Callable[[str, dict[str, str]], Awaitable[tuple[int, bytes]]]  # GET url with headers -> (status, body)
 Run = Callable[..., Awaitable[Any]]  # runs a jobs/store.py function on the ledger (a worker thread)
+# one batch request's cost at batch rates: (provider, model, usage counts, at) -> USD, None when unpriced
+PriceBatch = Callable[[str, "str | None", dict[str, int], datetime], "Decimal | None"]
+MAX_OUTPUT_FILE = 512 * 1024 * 1024  # a batch output file larger than this is not downloaded here
 
 
 class Poller:
     def __init__(self, config: JobsConfig, upstreams: dict[str, Target], fetch: Fetch, run: Run,
-                 price: PriceUnits) -> None:
+                 price: PriceUnits, price_batch: PriceBatch | None = None) -> None:
         self.config = config
         self.upstreams = upstreams
         self.fetch = fetch
         self.run = run
         self.price = price
+        self.price_batch = price_batch
         self.next_at: dict[str, datetime] = {}  # job id -> when to poll it next
         self.tries: dict[str, int] = {}
         self.polled = 0
@@ -85,14 +90,16 @@ class Poller:
                                        cost_usd=cost, cost_source=source))
                 continue
             target = self.upstreams.get(job["upstream"])
-            if target is None or not target.api_key or not job["provider_job_id"] or job["output_file_id"]:
-                continue  # no key to poll with, or a batch waiting for its output file to be downloaded
+            if target is None or not target.api_key or not job["provider_job_id"]:
+                continue  # no key to poll with
+            if job["output_file_id"] and (target.adapter != "openai" or self.price_batch is None):
+                continue  # (only a batch has an output file)
             due = self.next_at.setdefault(job_id, submitted + timedelta(seconds=self.config.poll_s))
             if now < due:
                 continue
             tries = self.tries[job_id] = self.tries.get(job_id, 0) + 1
             self.next_at[job_id] = now + timedelta(seconds=min(self.config.poll_s * 2 ** tries, self.config.max_poll_s))
-            event = await self._poll(job, target, now)
+            event = await (self._download(job, target, now) if job["output_file_id"] else self._poll(job, target, now))
             if event is not None:
                 events.append(event)
         for gone in set(self.next_at) - live:
@@ -102,6 +109,46 @@ class Poller:
             await self.run("apply_job_events", events)
             self.settled += sum(1 for e in events if e.event == "settle")
         return len(events)
+
+    async def _download(self, job: dict[str, Any], target: Target, now: datetime) -> JobEvent | None:
+        """A finished batch the app has not downloaded: its output file, every line priced at batch rates."""
+        assert self.price_batch is not None
+        url = f"{target.base_url}/v1/files/{job['output_file_id']}/content"
+        self.polled += 1
+        try:
+            status, body = await self.fetch(url, {"Authorization": f"Bearer {target.api_key}"})
+        except Exception as e:  # noqa: BLE001 - asked again at the next interval
+            self.failed += 1
+            log.warning("downloading batch %s's output file failed: %s", job["provider_job_id"], e)
+            return None
+        if status >= 400 or len(body) > MAX_OUTPUT_FILE:
+            self.failed += 1
+            log.warning("batch %s's output file: %s answered %s", job["provider_job_id"], target.base_url, status)
+            return None
+        total: Decimal | None = Decimal(0)
+        lines = 0
+        models = set()
+        for line in body.splitlines():
+            if not line.strip():
+                continue
+            try:
+                got = openai_batch.line_usage(orjson.loads(line))
+            except orjson.JSONDecodeError:
+                continue
+            if got is None:
+                continue
+            model, counts = got
+            lines += 1
+            models.add(model)
+            cost = self.price_batch(job["provider"] or "openai", model, counts, job["submitted_at"] or now)
+            if cost is None:
+                total = None
+            elif total is not None:
+                total += cost
+        model = models.pop() if len(models) == 1 else None
+        source = "price" if total is not None else None
+        return JobEvent("settle", job["job_id"], job["upstream"], job["provider_job_id"], None, now, model=model,
+                        units_made={"requests": lines}, cost_usd=total, cost_source=source)
 
     async def _poll(self, job: dict[str, Any], target: Target, now: datetime) -> JobEvent | None:
         module = BY_ADAPTER.get(target.adapter)

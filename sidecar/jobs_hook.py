@@ -252,7 +252,7 @@ def _settle_file(rt: Runtime, upstream: Upstream, held: Held, seen: JobSeen, rec
                  extras: CallExtras) -> None:
     """A batch's output file went by: every line priced at batch rates; one unpriced line leaves
     the batch's cost NULL (never a partial sum that looks whole)."""
-    at = record.started_at
+    at = held.submitted_at or record.started_at  # priced as of the submit, as the sinks process's download is
     total: Decimal | None = Decimal(0)
     for model, counts, n in seen.lines:
         # every line priced on its own (tiers apply per request), identical lines once

@@ -26,7 +26,7 @@ from exporters.telemetry import Telemetry
 from ledger import budget_store, sql
 from ledger.budgets import CrossingNote
 from ledger.pricing import Pricer
-from ledger.records import CallExtras, CallRecord
+from ledger.records import CallExtras, CallRecord, Usage
 from ledger.writer import LedgerWriter, journal_dir
 from sidecar import memory
 from sidecar.config import Config
@@ -66,7 +66,7 @@ class Sinks:
         self.pricer = Pricer(config.prices, config.default_max_output_tokens)
         self.poller = Poller(config.jobs, {name: Target(u.base_url, u.adapter, u.api_key)
                                            for name, u in config.upstreams.items()},
-                             self._fetch, self._run_jobs, self.pricer.units_cost)
+                             self._fetch, self._run_jobs, self.pricer.units_cost, self._batch_line_cost)
         self._poller_task: asyncio.Task[None] | None = None
         self._http: Any = None
         self.job_failures = 0
@@ -219,6 +219,9 @@ class Sinks:
                 cur.close()
 
     # --- the job poller's ends -------------------------------------------------------------------
+
+    def _batch_line_cost(self, provider: str, model: str | None, counts: dict[str, int], at: datetime) -> Decimal | None:
+        return self.pricer.batch_cost(provider, model, Usage(**counts), at).total_usd
 
     async def _fetch(self, url: str, headers: dict[str, str]) -> tuple[int, bytes]:
         if self._http is None:

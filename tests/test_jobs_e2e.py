@@ -45,6 +45,7 @@ def config_for(base: str) -> dict[str, Any]:
             # the same provider with a key in the config: the sinks process polls its jobs itself
             "eachlabs-polled": {"base_url": base, "adapter": "eachlabs", "provider": "eachlabs",
                                 "api_key": "${TEST_EACHLABS_KEY}"},
+            "openai-polled": {"base_url": base, "adapter": "openai", "provider": "openai", "api_key": OPENAI_KEY},
         },
         "prices": [
             {"provider": "eachlabs", "model": "kling-*", "per_second": str(PER_SECOND)},
@@ -332,7 +333,7 @@ def test_batch_is_priced_from_every_line_of_its_output_file(sidecar: Sidecar, jo
     assert len(content.splitlines()) == 3
 
     row = settled_job(sidecar, f"provider_job_id = '{batch.id}'")
-    submitted = datetime.fromisoformat(sidecar.rows(f"tags['case'] = '{cid}'")[-1]["started_at"])
+    submitted = datetime.fromisoformat(row["submitted_at"])
     want = Decimal(0)
     for body in jobs_api.batches[batch.id]["lines"]:
         u = body["usage"]
@@ -415,3 +416,25 @@ def test_the_dashboard_lists_jobs_still_reserved(sidecar: Sidecar) -> None:
             assert "kling-v2-1-video" in text and "submitted" in text and "$1.00 reserved" in text, text
         finally:
             browser.close()
+
+
+def test_a_batch_the_app_never_downloads_is_priced_by_the_sinks_process(sidecar: Sidecar, jobs_api: FakeJobsApi) -> None:
+    cid, headers = case()
+    client = openai.OpenAI(api_key=OPENAI_KEY, base_url=f"{sidecar.url}/openai-polled/v1", max_retries=0,
+                           default_headers=headers)
+    batch = client.batches.create(input_file_id="file-input-2", endpoint="/v1/chat/completions",
+                                  completion_window="24h")
+    row = settled_job(sidecar, f"provider_job_id = '{batch.id}'", timeout=30)
+    assert jobs_api.batches[batch.id]["polls"] >= 2  # polled by the sinks process to completion
+    assert any(m == "GET" and p.endswith("/content") and h.get("authorization") == f"Bearer {OPENAI_KEY}"
+               for m, p, h in jobs_api.requests)  # and its output file downloaded with the config's key
+    want = Decimal(0)
+    for body in jobs_api.batches[batch.id]["lines"]:
+        u = body["usage"]
+        usage = genai_prices.Usage(input_tokens=u["prompt_tokens"], output_tokens=u["completion_tokens"],
+                                   cache_read_tokens=u["prompt_tokens_details"]["cached_tokens"] or None)
+        want += genai_prices.calc_price(usage, body["model"], provider_id="openai",
+                                        genai_request_timestamp=datetime.fromisoformat(row["submitted_at"]),
+                                        price_context={"processing": "batch"}).total_price.quantize(QUANTUM)
+    assert (row["state"], row["cost_source"], Decimal(row["cost_usd"])) == ("succeeded", "price", want)
+    assert len(sidecar.rows(f"tags['case'] = '{cid}'")) == 1  # only the app's submit

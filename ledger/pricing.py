@@ -38,6 +38,8 @@ class PriceRule:
     cache_write_per_mtok: Decimal | None = None
     per_image: Decimal | None = None
     per_second: Decimal | None = None
+    # a job's resolution (e.g. "1080p") -> its own per_second / per_image rates
+    by_resolution: tuple[tuple[str, Decimal | None, Decimal | None], ...] = ()
 
     def matches(self, provider: str, model: str) -> bool:
         return (self.provider is None or self.provider == provider) and fnmatch.fnmatchcase(model, self.model)
@@ -69,6 +71,7 @@ class Pricer:
         # (provider, model) -> the catalogue's flat per-token prices, None when they are not flat,
         # or UNKNOWN when the catalogue has no such model (so it is not looked up on every call)
         self._flat: dict[tuple[str, str], Flat | None | object] = {}
+        self._batch: dict[tuple[str, str, date], bool] = {}  # whether the catalogue has batch prices
 
     def worst_case(self, provider: str, model: str | None, input_tokens: int, max_output: int | None,
                    at: datetime) -> tuple[Decimal | None, int]:
@@ -133,6 +136,64 @@ class Pricer:
             if cost is not None:
                 return cost
         return Cost.unpriced()
+
+
+    # --- async jobs (jobs/) --------------------------------------------------------------------
+
+    def units_cost(self, provider: str, model: str | None, units: dict, at: datetime) -> Decimal | None:
+        """A job's cost from its units (seconds, images, resolution) at the config's per_second /
+        per_image rates (per resolution where the rule gives them). genai-prices has no per-second
+        or per-image prices of video and image jobs, so without a rule the answer is None."""
+        if not model:
+            return None
+        for rule in self.rules:
+            if rule.matches(provider, model):
+                per_second, per_image = rule.per_second, rule.per_image
+                resolution = units.get("resolution")
+                for name, second, image in rule.by_resolution:
+                    if resolution is not None and str(resolution) == name:
+                        per_second = second if second is not None else per_second
+                        per_image = image if image is not None else per_image
+                total, priced = Decimal(0), False
+                if per_second is not None and units.get("seconds") is not None:
+                    total += Decimal(str(units["seconds"])) * per_second
+                    priced = True
+                if per_image is not None and units.get("images") is not None:
+                    total += Decimal(str(units["images"])) * per_image
+                    priced = True
+                return _q(total) if priced else None
+        return None
+
+    def batch_cost(self, provider: str, model: str | None, usage: Usage, at: datetime) -> Cost:
+        """One batch request's cost at batch rates: genai-prices' batch prices where it has them,
+        else the config's `prices:` rule for the model (taken to be the batch rate), else unpriced
+        (never the standard rate: that would bill a batch at twice its price)."""
+        if not model or usage.is_empty():
+            return Cost.unpriced()
+        key = (provider, model, at.date())
+        has = self._batch.get(key)
+        if has is None:
+            has = self._batch[key] = _has_batch_price(provider, model, at)
+        if has:
+            cost = _catalog_cost(provider, model, usage, at, {"processing": "batch"})
+            if cost is not None:
+                return Cost(cost.input_usd, cost.output_usd, cost.total_usd, cost.source + " batch", cost.calc)
+        for rule in self.rules:
+            if rule.matches(provider, model):
+                return _rule_cost(rule, usage)
+        return Cost.unpriced()
+
+
+def _has_batch_price(provider: str, model: str, at: datetime) -> bool:
+    """Whether genai-prices prices this model's batch requests differently from its standard ones."""
+    probe = genai_prices.Usage(input_tokens=1_000_000, output_tokens=1_000_000)
+    try:
+        standard = genai_prices.calc_price(probe, model, provider_id=provider, genai_request_timestamp=at)
+        batch = genai_prices.calc_price(probe, model, provider_id=provider, genai_request_timestamp=at,
+                                        price_context={"processing": "batch"})
+    except Exception:  # noqa: BLE001 - not in the catalogue
+        return False
+    return batch.total_price != standard.total_price
 
 
 # --- what a call without max tokens will likely produce ------------------------------------------

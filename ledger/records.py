@@ -63,6 +63,8 @@ class CallInfo:
     input_estimate: int = 0  # rough input token count, for budget reservations
     priced: bool = True  # False for calls that cost nothing (e.g. count_tokens)
     user_id: str | None = None  # from the body (OpenAI `user`, Anthropic metadata.user_id)
+    # an async job's submit or poll (jobs.model.JobAsk / JobPoll), set by the forwarder; None for other calls
+    job: Any = None
 
 
 @dataclass(slots=True)
@@ -76,6 +78,7 @@ class Observation:
     error_type: str | None = None  # the provider's error type or code, on error responses
     anomaly: str | None = None  # set when the body could not be metered (malformed, truncated)
     service_tier: str | None = None  # as the provider reported it: prices differ by tier
+    job: Any = None  # what a job submit or poll answered (jobs.model.JobSeen), for the job's row
 
 
 @dataclass(slots=True)
@@ -151,6 +154,8 @@ class CallExtras:
     utilization: list[tuple[str, str | None, str]] = field(default_factory=list)
     # a routed call's tries (Attempt; plain dicts once read back from a journal line), for the `attempts` table
     attempts: list[Any] = field(default_factory=list)
+    # async job events of the call (jobs.model.JobEvent.to_json): the sinks process upserts `jobs` rows from them
+    jobs: list[dict[str, Any]] = field(default_factory=list)
 
 
 REFUSED = "refused"  # an attempt's outcome when the budgets refused it (the call may still be served)

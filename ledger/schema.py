@@ -98,8 +98,19 @@ CREATE_REJECTED = ("CREATE TABLE IF NOT EXISTS rejected "
                    "(rejected_at TIMESTAMPTZ, source VARCHAR, reason VARCHAR, data VARCHAR)")
 
 
+# --- async media jobs (jobs/): one row per job, upserted by the sinks process from job events -------
+# state: submitted, running, succeeded, failed, cancelled, expired, unknown; cost_source: provider,
+# price, estimate. A row with settled_at NULL still holds a budget reservation of estimate_usd.
+CREATE_JOBS = f"""CREATE TABLE IF NOT EXISTS jobs (
+  job_id VARCHAR PRIMARY KEY, call_id VARCHAR, upstream VARCHAR, provider VARCHAR, model VARCHAR,
+  provider_job_id VARCHAR, state VARCHAR, submitted_at TIMESTAMPTZ, updated_at TIMESTAMPTZ,
+  settled_at TIMESTAMPTZ, units_asked JSON, units_made JSON, estimate_usd {MONEY}, cost_usd {MONEY},
+  cost_source VARCHAR, output_file_id VARCHAR, polls INTEGER DEFAULT 0)"""
+
+
 def create(con: Any) -> None:
     con.execute(CREATE_CALLS)
+    con.execute(CREATE_JOBS)
     # a ledger made by an older version gains the columns added since (as NULLs for old rows)
     have = {row[0] for row in con.execute(
         "SELECT column_name FROM information_schema.columns WHERE table_name = 'calls'").fetchall()}

@@ -59,7 +59,7 @@ def build(config: Config, worker: int = 0, sinks_socket: str | None = None) -> w
     pricer = Pricer(config.prices, config.default_max_output_tokens)
     tracing = tracing_enabled(settings)
     rt = Runtime(config=config, journal=journal, link=link, pricer=pricer,
-                 guard=Guard(config.budgets, pricer, link, journal.flush),
+                 guard=Guard(config.budgets, pricer, link, journal.flush, config.jobs),
                  tracing=tracing, capture_content=settings.capture_content and tracing,
                  routes=route_attempts.table(config.routes, config.upstreams))
     app[proxy.RUNTIME] = rt
@@ -84,6 +84,7 @@ async def _lifecycle(app: web.Application):
     await rt.guard.start()
     rt.pool = Pool(rt.config.connect_timeout_s, rt.config.read_timeout_s)
     sender = loop.create_task(_send_unwritten(rt), name="meterline-journal-fallback")
+    job_sync = loop.create_task(rt.guard.sync_jobs_forever(), name="meterline-job-settlements")
     # what start-up loaded (the price catalogue, DuckDB's and Arrow's modules) lives as long as the
     # process: moved out of the collector's sight, a full collection walks only what calls create
     # (75 ms pauses at 1 connection before, by gc.callbacks)
@@ -104,6 +105,7 @@ async def _lifecycle(app: web.Application):
     gc.set_threshold(*thresholds)
     gc.unfreeze()
     sender.cancel()
+    job_sync.cancel()
     rt.pool.close()
     await loop.run_in_executor(None, rt.journal.close)
     if embedded is not None:

@@ -20,6 +20,7 @@ from ledger.money import MAX_AMOUNT_TEXT, non_negative_amount
 from ledger.pricing import PriceRule
 from ledger.defaults import DEFAULT_MEMORY_LIMIT, DEFAULT_THREADS
 
+from jobs.settings import JobsConfig, JobsConfigError, parse as parse_jobs
 from jobs.reconcile_config import ReconcileConfig, ReconcileConfigError, parse as parse_reconcile
 from jobs.reconcile_config import _expand as expand_env  # `${NAME}` in a value reads the environment
 from fleet.urls import redact
@@ -32,7 +33,7 @@ DEFAULT_HOST = "127.0.0.1"
 DEFAULT_PORT = 8720
 DEFAULT_DB = "meterline.duckdb"
 _MEMORY = re.compile(r"\d+(\.\d+)?\s*([KMGT]i?B|B)", re.IGNORECASE)
-ADAPTERS = ("openai", "anthropic", "gemini")
+ADAPTERS = ("openai", "anthropic", "gemini", "eachlabs")
 MAX_LEDGER_THREADS = 256  # DuckDB starts every thread at once: 100000 of them hang start-up
 _TIMEOUT_KEYS = ("connect_s", "read_s", "head_s", "body_idle_s")
 
@@ -59,6 +60,7 @@ class Upstream:
     host: str = ""  # of base_url, for telemetry's server.address / server.port
     port: int = 0
     origin: Origin | None = None  # where the hot path's client sends its requests
+    api_key: str | None = None  # `api_key:` (${NAME} reads the environment): lets the sinks process poll jobs itself
 
 
 @dataclass(slots=True)
@@ -106,11 +108,12 @@ class Config:
     workers: int = 1  # forwarder processes on the one port (`--workers`); see check_workers
     fleet: FleetConfig = field(default_factory=FleetConfig)
     routes: dict[str, Route] = field(default_factory=dict)  # routes: model names standing for targets
+    jobs: JobsConfig = field(default_factory=JobsConfig)  # `jobs:`: async media jobs (docs/jobs.md)
 
 
 _TOP_KEYS = {"listen", "app", "ledger", "upstreams", "prices", "budgets", "alerts", "telemetry", "timeouts",
              "admin_token", "default_max_output_tokens", "allowed_hosts", "reconcile", "sql", "workers",
-             "fleet", "routes"}
+             "fleet", "routes", "jobs"}
 MAX_WORKERS = 64
 
 
@@ -184,6 +187,10 @@ def parse(doc: Any) -> Config:
     try:
         cfg.reconcile = parse_reconcile(doc.get("reconcile"))
     except ReconcileConfigError as e:
+        raise ConfigError(str(e)) from None
+    try:
+        cfg.jobs = parse_jobs(doc.get("jobs"))
+    except JobsConfigError as e:
         raise ConfigError(str(e)) from None
     hosts = _list(doc, "allowed_hosts")
     if not all(isinstance(h, str) and h.strip() for h in hosts):
@@ -290,9 +297,9 @@ def _upstreams(doc: dict[str, Any]) -> dict[str, Upstream]:
             raise ConfigError(f"config key {key!r}: not a usable route name")
         if not isinstance(spec, dict):
             raise ConfigError(f"config key {key!r}: expected a mapping with base_url")
-        known = {"base_url", "adapter", "provider"}
+        known = {"base_url", "adapter", "provider", "api_key"}
         if set(spec) - known:
-            raise ConfigError(f"config key '{key}.{sorted(set(spec) - known)[0]}': unknown (known: base_url, adapter, provider)")
+            raise ConfigError(f"config key '{key}.{sorted(set(spec) - known)[0]}': unknown (known: adapter, api_key, base_url, provider)")
         builtin = BUILTIN_UPSTREAMS.get(name)
         url = spec.get("base_url", builtin[0] if builtin else None)
         parts = urlsplit(url) if isinstance(url, str) else None
@@ -313,6 +320,8 @@ def _upstreams(doc: dict[str, Any]) -> dict[str, Upstream]:
             result[name] = _upstream(name, url, adapter, provider)
         except ValueError as e:
             raise ConfigError(f"config key '{key}.base_url': {e}, got {url!r}") from None
+        if spec.get("api_key") is not None:
+            result[name].api_key = _env_value(spec["api_key"], f"{key}.api_key")
     return result
 
 
@@ -331,15 +340,44 @@ def _upstream(name: str, url: str, adapter: str, provider: str) -> Upstream:
 
 _PRICE_KEYS = ("input_per_mtok", "output_per_mtok", "cache_read_per_mtok", "cache_write_per_mtok",
                "per_image", "per_second")
+_ENV = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)\}")
+
+
+def _env_value(value: Any, key: str) -> str:
+    """A string whose ${NAME} parts are read from the environment (secrets stay out of files)."""
+    if not isinstance(value, str) or not value:
+        raise ConfigError(f"config key {key!r}: expected a string such as ${{PROVIDER_API_KEY}}")
+
+    def sub(m: re.Match[str]) -> str:
+        found = os.environ.get(m.group(1))
+        if found is None:
+            raise ConfigError(f"config key {key!r}: the environment variable {m.group(1)} is not set")
+        return found
+
+    return _ENV.sub(sub, value)
+
+
+def _by_resolution(value: Any, key: str) -> tuple[tuple[str, Decimal | None, Decimal | None], ...]:
+    if not isinstance(value, dict) or not value:
+        raise ConfigError(f"config key {key!r}: expected a mapping such as {{1080p: {{per_second: 0.5}}}}")
+    out = []
+    for name, rates in value.items():
+        where = f"{key}.{name}"
+        if not isinstance(rates, dict) or not rates or set(rates) - {"per_second", "per_image"}:
+            raise ConfigError(f"config key {where!r}: expected per_second and/or per_image")
+        out.append((str(name), _money(rates["per_second"], f"{where}.per_second") if "per_second" in rates else None,
+                    _money(rates["per_image"], f"{where}.per_image") if "per_image" in rates else None))
+    return tuple(out)
 
 
 def _price(i: int, spec: Any) -> PriceRule:
     key = f"prices[{i}]"
     if not isinstance(spec, dict):
         raise ConfigError(f"config key {key!r}: expected a mapping with model and prices")
-    unknown = set(spec) - {"provider", "model", *_PRICE_KEYS}
+    unknown = set(spec) - {"provider", "model", "by_resolution", *_PRICE_KEYS}
     if unknown:
-        raise ConfigError(f"config key '{key}.{sorted(unknown)[0]}': unknown (known: provider, model, {', '.join(_PRICE_KEYS)})")
+        raise ConfigError(f"config key '{key}.{sorted(unknown)[0]}': unknown (known: provider, model, by_resolution, "
+                          f"{', '.join(_PRICE_KEYS)})")
     model = spec.get("model")
     if not isinstance(model, str) or not model:
         raise ConfigError(f"config key '{key}.model': required, a model name or glob")
@@ -347,12 +385,13 @@ def _price(i: int, spec: Any) -> PriceRule:
     for name in _PRICE_KEYS:
         if name in spec:
             rates[name] = _money(spec[name], f"{key}.{name}")
-    if not rates:
+    by_resolution = _by_resolution(spec["by_resolution"], f"{key}.by_resolution") if "by_resolution" in spec else ()
+    if not rates and not by_resolution:
         raise ConfigError(f"config key {key!r}: give at least one of {', '.join(_PRICE_KEYS)}")
     provider = spec.get("provider")
     if provider is not None and not isinstance(provider, str):
         raise ConfigError(f"config key '{key}.provider': expected a provider id")
-    return PriceRule(provider=provider, model=model, **rates)
+    return PriceRule(provider=provider, model=model, by_resolution=by_resolution, **rates)
 
 
 def _money(value: Any, key: str) -> Decimal:

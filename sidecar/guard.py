@@ -6,6 +6,7 @@ utilization gauge ride on the call's journal line (CallExtras), and the sinks pr
 """
 from __future__ import annotations
 
+import asyncio
 import logging
 from datetime import datetime, timedelta, timezone
 from decimal import Decimal
@@ -16,7 +17,11 @@ from ledger import budget_store
 from ledger.budgets import Budgets, CallAttrs, Crossing, CrossingNote, Refusal, Reservation, Rule, Tally
 from ledger.pricing import FIRST_CALL_OUTPUT, MIN_LIKELY_OUTPUT, RECENT_CALLS, Pricer, RecentOutput
 from ledger.records import OK, CallExtras, CallInfo, CallRecord
+from jobs.settings import JobsConfig
+from sinks import rpc
 from sinks.link import Link
+
+from .job_book import Held, JobBook
 
 NO_RESERVATION = Reservation([])
 log = logging.getLogger("meterline.budgets")
@@ -24,7 +29,8 @@ RECENT_HISTORY = timedelta(days=7)  # how far back a restart looks for each mode
 
 
 class Guard:
-    def __init__(self, rules: list[Rule], pricer: Pricer, link: Link, flush: Callable[[], None]) -> None:
+    def __init__(self, rules: list[Rule], pricer: Pricer, link: Link, flush: Callable[[], None],
+                 jobs_config: JobsConfig | None = None) -> None:
         self.config_rules = {r.name: r for r in rules}
         self.budgets = Budgets(rules)
         self.pricer = pricer
@@ -35,6 +41,7 @@ class Guard:
         self.recent = RecentOutput()  # what each (provider, model, app) answered lately: the estimate without max tokens
         # rules whose history is being read: calls settled meanwhile are counted live, not from the ledger
         self._rebuilding: dict[str, set[str]] = {}
+        self.jobs = JobBook(jobs_config or JobsConfig())  # async jobs and the reservations they hold
 
     async def start(self) -> None:
         """Adds the rules saved through the API and rebuilds every window's spend from the ledger."""
@@ -49,6 +56,7 @@ class Guard:
             recent = await self.link.db("recent_outputs", now - RECENT_HISTORY, RECENT_CALLS)
             for key, tokens in recent:
                 self.recent.record(key, tokens)
+        await self._restore_jobs(now)
 
     # --- the request path ----------------------------------------------------------------------
 
@@ -139,6 +147,86 @@ class Guard:
                 "meterline.budget.utilization": float(c.utilization)}))
             extras.alerts.append(CrossingNote.of(c).to_json())  # the sinks process logs and delivers it
             self.alerts_fired += 1
+
+    # --- async jobs (jobs/, sidecar/jobs_hook.py) ------------------------------------------------
+
+    def admit_job(self, info: CallInfo, attrs: CallAttrs, at: datetime, usd: Decimal | None) -> Reservation | Refusal:
+        """Reserves a job's estimate (its units asked times their price) until the job settles. A job
+        with no estimate (no price, or a batch whose requests are in a file) reserves only its request."""
+        if not self.budgets.rules:
+            return NO_RESERVATION
+        decision = self.budgets.admit(attrs, at, lambda rules: Tally(usd or Decimal(0), 0, 1))
+        if isinstance(decision, Refusal):
+            self.refused += 1
+            decision.bounded = True
+            model = info.request_model or "an unnamed model"
+            decision.basis = f"the estimate of this {model} job from the units it asks for"
+            if decision.account.refused == 1:
+                log.warning("refused a job: %s", decision.message.removeprefix("meterline: "))
+        return decision
+
+    def settle_job(self, reservation: Reservation, usd: Decimal | None, at: datetime, call_id: str | None,
+                   extras: CallExtras | None) -> None:
+        """The job reached its terminal state: its reservation becomes what it cost. Alerts ride on
+        the call that saw it end (`extras`); settled from the ledger (no call), they are logged."""
+        if not reservation.holds:
+            return
+        crossings = self.budgets.settle(reservation, Tally(usd or Decimal(0), 0, 1), at)
+        if extras is not None:
+            for acct in reservation.counted:
+                extras.utilization.append((acct.rule.name, acct.key or None, str(acct.settled_utilization)))
+            self._alert(crossings, call_id or "", extras)
+        else:
+            for c in crossings:
+                self.alerts_fired += 1
+                log.warning("budget %s reached %s of its limit as a job settled", c.account.rule.name, c.threshold)
+
+    def _hold(self, attrs: CallAttrs, at: datetime, usd: Decimal | None) -> Reservation:
+        """A reservation made again after a restart, whatever the limits now say (the job runs already)."""
+        est = Tally(usd or Decimal(0), 0, 1)
+        holds = [(self.budgets.account(r, r.split_key(attrs), at), est) for r in self.budgets.matching(attrs)]
+        for acct, e in holds:
+            acct.reserved.add(e)
+        return Reservation(holds, attrs=attrs)
+
+    async def _restore_jobs(self, now: datetime) -> None:
+        """Unsettled jobs hold their reservations again; settled jobs' costs count in their windows
+        (their calls cost 0 in `calls`, so the window rebuild from calls leaves them out)."""
+        for doc in await self.link.db("unsettled_jobs"):
+            attrs = CallAttrs(doc["provider"] or "", doc["request_model"] or doc["model"] or "",
+                              doc["operation"] or "", doc["app"], doc["user_id"], doc["key"], doc["tags"])
+            at = doc["submitted_at"] or now
+            estimate = Decimal(doc["estimate_usd"]) if doc["estimate_usd"] is not None else None
+            reservation = self._hold(attrs, at, estimate) if self.budgets.rules else NO_RESERVATION
+            self.jobs.hold(Held(doc["job_id"], doc["upstream"], doc["provider"] or "", "",
+                                doc["model"], doc["units_asked"], estimate, reservation, at,
+                                doc["provider_job_id"], doc["output_file_id"]))
+        if self.budgets.rules:
+            for attrs, start, usd in await self.link.db("job_spend", self.budgets.window_starts(now)):
+                self.budgets.restore(CallAttrs(**attrs), start, Tally(usd, 0, 0))
+
+    async def sync_jobs(self) -> int:
+        """Settles the reservations of jobs the ledger has settled meanwhile (the sinks process's own
+        polls, or `unknown` after jobs.unknown_after_s). Returns how many."""
+        held = self.jobs.by_job_id()
+        if not held:
+            return 0
+        settled = await self.link.db("job_settlements", sorted(held))
+        now = datetime.now(timezone.utc)
+        for job_id, _state, cost in settled:
+            h = held[job_id]
+            self.jobs.drop(h)
+            self.settle_job(h.reservation, cost, now, None, None)
+        return len(settled)
+
+    async def sync_jobs_forever(self) -> None:
+        """Every jobs.sync_s, while jobs are held. A sinks process that is down is asked again later."""
+        while True:
+            await asyncio.sleep(self.jobs.config.sync_s)
+            try:
+                await self.sync_jobs()
+            except (rpc.Unavailable, rpc.Failed) as e:
+                log.debug("job settlements not read: %s", e)
 
     # --- the runtime API -----------------------------------------------------------------------
 

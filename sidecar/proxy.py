@@ -17,7 +17,9 @@ from ledger.budgets import CallAttrs, Refusal
 from ledger.pricing import FREE_COST
 from ledger.records import CallExtras, CallInfo, CallRecord, Observation
 
-from . import attribution, content, hostcheck, memory
+from jobs.model import JobAsk
+
+from . import attribution, content, hostcheck, jobs_hook, memory
 from .adapters.base import JsonObserver
 from .decoding import Decoder, decoder_for
 from .guard import NO_RESERVATION
@@ -107,6 +109,11 @@ async def forward(rt: Runtime, incoming: Incoming, reply: Reply, t0: float) -> N
         except orjson.JSONDecodeError:
             body = None  # forwarded as is; the upstream will say what is wrong
     info = adapter.describe(upstream.provider, path, body, raw)
+    job = jobs_hook.classify(rt, upstream, incoming.method, path, body)
+    if job is not None:
+        info.job, info.priced = job, False  # the call is free; the job's cost goes on its `jobs` row
+        if not isinstance(job, JobAsk):  # a poll's path names the job, not the model: the job says it
+            info.request_model = jobs_hook.model_of(rt, upstream, job)
     if query:
         info.endpoint = f"{path}?{attribution.redact_query(query)}"
     call = _Call(t0, started_at, info, upstream.name)
@@ -127,7 +134,9 @@ async def forward(rt: Runtime, incoming: Incoming, reply: Reply, t0: float) -> N
         trace_id=trace_id, span_id=span_id, request_bytes=len(raw),
     )
 
-    routed = rt.routes.get(info.request_model) if rt.routes else None  # a route: one dict hit
+    est = mine = idem_key = None  # an async job's estimate, its idempotency entry and key (jobs_hook)
+    # a route: one dict hit (a job's submit or poll is never routed)
+    routed = rt.routes.get(info.request_model) if rt.routes and job is None else None
     if routed is not None:
         if routed.route.adapter != upstream.adapter:
             reply.simple(400, adapter.error_body(400, (
@@ -146,8 +155,17 @@ async def forward(rt: Runtime, incoming: Incoming, reply: Reply, t0: float) -> N
                 out["traceparent"] = traceparent
             return out
     else:
-        decision = rt.guard.admit(info, _attrs(info, record_base), started_at) if rt.guard.active else NO_RESERVATION
+        if isinstance(job, JobAsk):
+            found, mine, idem_key = jobs_hook.replay(rt, upstream.name, headers, raw, job)
+            if found is not None:
+                _replay(rt, call, record_base, extras, found, reply)
+                return
+            decision, est = jobs_hook.admit(rt, info, _attrs(info, record_base), started_at)
+        else:
+            decision = rt.guard.admit(info, _attrs(info, record_base), started_at) if rt.guard.active else NO_RESERVATION
         if isinstance(decision, Refusal):
+            if mine is not None:
+                rt.guard.jobs.forget(upstream.name, idem_key, mine)
             _refuse(rt, adapter, call, record_base, extras, decision, reply)
             return
         rewritten = adapter.prepare(info, body)
@@ -172,8 +190,16 @@ async def forward(rt: Runtime, incoming: Incoming, reply: Reply, t0: float) -> N
         if routed is not None:
             routed.finish(record, call)
             extras.attempts = routed.attempts
-        rt.guard.settle(decision if routed is None or routed.reservation is None else routed.reservation,
-                        record, extras)
+            rt.guard.settle(decision if routed.reservation is None else routed.reservation, record, extras)
+        elif info.job is None:
+            rt.guard.settle(decision, record, extras)
+        else:
+            try:
+                jobs_hook.conclude(rt, upstream, info, call.observation, record, decision, extras, est, mine, idem_key)
+            except Exception as e:  # noqa: BLE001 - a metering fault never breaks the call
+                rt.anomaly("job_error", f"{type(e).__name__}: {e}")
+                if mine is not None and idem_key:
+                    rt.guard.jobs.forget(upstream.name, idem_key, mine)
         extras.output_messages = call.output_messages
         rt.journal.end(record, segment, lazily, extras)
         call.work += time.perf_counter() - t_end
@@ -242,6 +268,18 @@ def _refuse(rt: Runtime, adapter: Any, call: _Call, base: dict[str, Any], extras
     reply.simple(429, adapter.error_body(429, refusal.message, "budget_exceeded"), headers)
 
 
+def _replay(rt: Runtime, call: _Call, base: dict[str, Any], extras: CallExtras, found: Any, reply: Reply) -> None:
+    """A submit repeating an earlier one's Idempotency-Key and body: it gets that one's answer (409
+    while it is in flight) and is not forwarded, so the job is submitted, reserved and recorded once."""
+    status, body, headers = jobs_hook.replay_answer(found)
+    call.status = status
+    if status >= 400:
+        call.outcome, call.error_type = records.UPSTREAM_ERROR, "idempotency_conflict"
+    record = _record(rt, call, base, provisional=False)
+    rt.journal.end(record, None, extras=extras)
+    reply.simple(status, body, headers)
+
+
 async def _exchange(rt: Runtime, method: str, adapter: Any, origin: Origin, target: str,
                     raw: bytes, headers: dict[str, str], call: _Call, rewritten: bool, reply: Reply,
                     opened: attempts.Opened | None = None) -> tuple[bool, bytes | None]:
@@ -259,7 +297,11 @@ async def _exchange(rt: Runtime, method: str, adapter: Any, origin: Origin, targ
         t = time.perf_counter()
         call.status = up.status
         content_type = up.header("content-type")
-        observer = adapter.observe(info, up.status, content_type, rewritten)
+        observer = None
+        if info.job is not None:
+            observer = jobs_hook.observer(rt, rt.config.upstreams[call.upstream], info, up.status)
+        if observer is None:
+            observer = adapter.observe(info, up.status, content_type, rewritten)
         streaming = info.stream or content_type.startswith("text/event-stream")
         try:
             decoder = decoder_for(up.header("content-encoding"), streaming)

@@ -11,12 +11,13 @@ from ledger.journal import Journal
 from ledger.pricing import Pricer
 from sinks.link import Link
 
-from .adapters import anthropic, gemini, openai
+from .adapters import anthropic, eachlabs, gemini, openai
 from .config import Config
 from .guard import Guard
 from .upstream import Pool
 
-ADAPTER_MODULES: dict[str, ModuleType] = {"openai": openai, "anthropic": anthropic, "gemini": gemini}
+ADAPTER_MODULES: dict[str, ModuleType] = {"openai": openai, "anthropic": anthropic, "gemini": gemini,
+                                          "eachlabs": eachlabs}
 
 log = logging.getLogger("meterline.anomaly")
 

@@ -17,14 +17,19 @@ from datetime import datetime
 from decimal import Decimal
 from typing import Any
 
+from exporters import http_client
 from exporters.alerts import AlertDispatcher
 from exporters.telemetry import Telemetry
 from fleet import postgres_query
 from fleet.postgres_shipper import Shipper, ShipperSettings
 from jobs import reconcile_store
+from jobs import store as job_store
+from jobs.model import JobEvent
+from jobs.poller import Poller, Target
 from ledger import budget_store, sql
 from ledger.budgets import CrossingNote
-from ledger.records import CallExtras, CallRecord
+from ledger.pricing import Pricer
+from ledger.records import CallExtras, CallRecord, Usage
 from ledger.writer import LedgerWriter, journal_dir
 from sidecar import memory
 from sidecar.config import Config
@@ -40,7 +45,8 @@ POLL_S = 0.05  # how often the journals are looked at: a call's row lands within
 MAX_PENDING = 20_000
 # what a forwarder may ask the ledger for, by name (ledger/budget_store.py): nothing else is callable
 DB_FUNCTIONS = {f.__name__: f for f in (budget_store.api_rules, budget_store.history, budget_store.recent_outputs,
-                                        budget_store.save_rule, budget_store.delete_rule, budget_store.save_topup)}
+                                        budget_store.save_rule, budget_store.delete_rule, budget_store.save_topup,
+                                        job_store.unsettled_jobs, job_store.job_settlements, job_store.job_spend)}
 
 
 class Sinks:
@@ -61,6 +67,15 @@ class Sinks:
         self._stop = threading.Event()
         self._backlogged = False  # reading paused at MAX_PENDING since the last trim
         self._thread: threading.Thread | None = None
+        # async jobs: rows upserted from the calls' job events; unfinished ones polled here (jobs/poller.py)
+        self.pricer = Pricer(config.prices, config.default_max_output_tokens)
+        self.poller = Poller(config.jobs, {name: Target(u.base_url, u.adapter, u.api_key)
+                                           for name, u in config.upstreams.items()},
+                             self._fetch, self._run_jobs, self.pricer.units_cost, self._batch_line_cost)
+        self._poller_task: asyncio.Task[None] | None = None
+        self._http: Any = None
+        self.job_failures = 0
+        self._skip_jobs = False  # during catch-up, whose job events were applied already
         self.writer.sinks.append(self.telemetry)
         self.writer.sinks.append(self)
         self.telemetry.register_gauge("meterline.ledger.pending", "{record}",
@@ -102,7 +117,14 @@ class Sinks:
             self._quarantine_lines()
             passes += 1
             if items:
-                caught += self.writer.catch_up(items)
+                # job events first, for every call read again: the ledger may hold a call whose job
+                # events were not applied (killed between the two); applying them again is harmless
+                self._apply_jobs(self._job_events((r, x) for r, _, x in items))
+                self._skip_jobs = True
+                try:
+                    caught += self.writer.catch_up(items)
+                finally:
+                    self._skip_jobs = False
         if caught:
             log.info("wrote %d calls from the journals", caught)
         return caught
@@ -115,12 +137,17 @@ class Sinks:
         self._thread.start()
         if self.shipper is not None:
             self.shipper.start()
+        self._poller_task = loop.create_task(self.poller.forever(), name="meterline-job-poller")
 
     async def stop(self) -> None:
         """Reads the journals one last time, commits, flushes telemetry, closes the ledger."""
         loop = asyncio.get_running_loop()
         self._stop.set()
         self.queries.close()
+        if self._poller_task is not None:
+            self._poller_task.cancel()
+        if self._http is not None:
+            await self._http.aclose()
         if self._thread is not None:
             await loop.run_in_executor(None, self._thread.join, 10.0)
         await loop.run_in_executor(None, self._poll_once)
@@ -164,6 +191,8 @@ class Sinks:
 
     def consume(self, batch: list[tuple[CallRecord, CallExtras | None]]) -> None:
         loop = self.loop
+        if not self._skip_jobs:
+            self._apply_jobs(self._job_events(batch))
         for record, extras in batch:
             if extras is None:
                 continue
@@ -177,6 +206,61 @@ class Sinks:
                     continue
                 if loop is not None:
                     loop.call_soon_threadsafe(self.alerts.fire, note, record.call_id)
+
+    @staticmethod
+    def _job_events(batch: Any) -> list[JobEvent]:
+        events: list[JobEvent] = []
+        for record, extras in batch:
+            for doc in (extras.jobs if extras is not None else None) or ():
+                try:
+                    events.append(JobEvent.from_json(doc))
+                except ValueError as e:
+                    log.warning("a job event of call %s is unreadable (%s)", record.call_id, e)
+        return events
+
+    def _apply_jobs(self, events: list[JobEvent]) -> None:
+        """Upserts `jobs` rows (the writer's thread, after the calls' commit: a job's row follows its
+        call's). The poller may be writing the same row: a write conflict is tried again."""
+        if not events:
+            return
+        for attempt in range(5):
+            cur = self.writer.cursor()
+            try:
+                job_store.apply_job_events(cur, events, self.pricer.units_cost)
+                return
+            except Exception:  # noqa: BLE001 - the calls are written; a job row fault is logged, counted
+                if attempt == 4:
+                    break
+                time.sleep(0.05 * (attempt + 1))
+            finally:
+                cur.close()
+        # one by one, so an event the table refuses costs only itself
+        for event in events:
+            cur = self.writer.cursor()
+            try:
+                job_store.apply_job_events(cur, [event], self.pricer.units_cost)
+            except Exception:  # noqa: BLE001 - the calls are written; a job row fault is logged, counted
+                self.job_failures += 1
+                log.exception("a job event of job %s could not be written", event.job_id or event.provider_job_id)
+            finally:
+                cur.close()
+
+    # --- the job poller's ends -------------------------------------------------------------------
+
+    def _batch_line_cost(self, provider: str, model: str | None, counts: dict[str, int], at: datetime) -> Decimal | None:
+        return self.pricer.batch_cost(provider, model, Usage(**counts), at).total_usd
+
+    async def _fetch(self, url: str, headers: dict[str, str]) -> tuple[int, bytes]:
+        if self._http is None:
+            self._http = http_client.async_client(30.0)
+        r = await self._http.get(url, headers=headers)
+        return r.status_code, r.content
+
+    async def _run_jobs(self, name: str, *args: Any) -> Any:
+        fn = {"unsettled_jobs": job_store.unsettled_jobs, "apply_job_events": job_store.apply_job_events}[name]
+        if name == "apply_job_events":
+            args = (*args, self.pricer.units_cost)
+        return await asyncio.get_running_loop().run_in_executor(None, self._db, fn, list(args))
 
     def _persist_alert(self, note: CrossingNote, call_id: str | None) -> None:
         cur = self.writer.cursor()
@@ -279,6 +363,8 @@ class Sinks:
             "telemetry": self.telemetry.stats(),
             "fleet": {"instance": self.config.fleet.instance,
                       "postgres": self.shipper.health() if self.shipper is not None else None},
+            "jobs": {"polled": self.poller.polled, "poll_failures": self.poller.failed,
+                     "settled_by_poller": self.poller.settled, "write_failures": self.job_failures},
             "alerts": {"fired": self.alerts.stats.fired, "delivered": self.alerts.stats.delivered,
                        "failed": self.alerts.stats.failed, "dropped": self.alerts.stats.dropped},
         }

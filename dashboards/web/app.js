@@ -583,6 +583,27 @@
                    text: a.limit_usd !== null ? `${money(a.spent_usd)} of ${money(a.limit_usd)}` : `${pct(a.utilization)} used` }))));
   }
 
+  // async jobs still holding a reservation, and those that ended `unknown` (docs/jobs.md)
+  async function loadJobs(gen) {
+    let rows = [];
+    try {
+      rows = await sql(`SELECT job_id, state, provider, model, submitted_at, estimate_usd, cost_usd
+                        FROM jobs WHERE settled_at IS NULL OR state = 'unknown'
+                        ORDER BY submitted_at DESC NULLS LAST LIMIT 10`);
+    } catch (e) {
+      rows = []; // a ledger of an older version has no jobs table
+    }
+    if (gen !== state.gen) return;
+    $("#jobs-empty").hidden = rows.length > 0;
+    $("#jobs").replaceChildren(...rows.map((j) => el("li", { "data-job": j.job_id, "data-state": j.state },
+      el("time", { datetime: j.submitted_at || "", title: j.submitted_at || "", text: j.submitted_at ? clock(j.submitted_at) : "" }),
+      el("span", { class: "alert-rule", text: `${j.provider || "?"} ${j.model || ""}` }),
+      el("span", { class: "chip" + (j.state === "unknown" ? " hit" : ""), text: j.state }),
+      el("span", { class: "muted alert-spend",
+                   text: j.cost_usd !== null ? money(j.cost_usd)
+                       : j.estimate_usd !== null ? `~${money(j.estimate_usd)} reserved` : "no estimate" }))));
+  }
+
   async function loadTokens(gen) {
     const rows = await sql(`
       WITH rate AS (
@@ -828,11 +849,11 @@
     state.busy = true;
     const gen = state.gen;
     try {
-      // the fleet view: the panels whose SQL runs on Postgres too; budgets, routes, tokens, latency and
-      // the reconciliation card (DuckDB-only SQL, or this forwarder's state) stay per sidecar
+      // the fleet view: the panels whose SQL runs on Postgres too; budgets, routes, jobs, tokens, latency
+      // and the reconciliation card (DuckDB-only SQL, or this forwarder's state) stay per sidecar
       const jobs = fleetMode() ? [loadKpis(gen), loadSeries(gen), loadFleet(gen), loadCalls(gen)]
-        : [loadKpis(gen), loadSeries(gen), loadBudgets(gen), loadAlerts(gen), loadRoutes(gen), loadTokens(gen), loadLatency(gen),
-           loadCalls(gen), loadReconciliation(gen)];
+        : [loadKpis(gen), loadSeries(gen), loadBudgets(gen), loadAlerts(gen), loadJobs(gen), loadRoutes(gen), loadTokens(gen),
+           loadLatency(gen), loadCalls(gen), loadReconciliation(gen)];
       if (state.polls % 5 === 0) jobs.push(loadOptions());
       state.polls += 1;
       const results = await Promise.allSettled(jobs);

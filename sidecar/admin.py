@@ -75,6 +75,11 @@ async def healthz(request: web.Request) -> web.Response:
         "anomalies": dict(rt.anomalies),
         "telemetry": telemetry,
     }
+    leases = rt.guard.leases
+    if leases is not None:  # fleet.redis: shared budgets; Redis down degrades them, never a call
+        body["fleet"] = {"redis": leases.state.to_json()}
+        if not leases.state.up:
+            body["status"] = "degraded"
     return _json(body)
 
 
@@ -95,7 +100,28 @@ async def metrics(request: web.Request) -> web.Response:
         body, content_type = await rt.link.call("metrics")
     except (rpc.Unavailable, rpc.Failed) as e:
         return _error(503, f"metrics are unavailable: {e}")
+    leases = rt.guard.leases
+    if leases is not None:  # this forwarder's view of Redis: the sinks process does not talk to it
+        body = _with_fleet_metrics(body, leases.state, rt.journal.dir.name)
     return web.Response(body=body, headers={"content-type": content_type})
+
+
+def _with_fleet_metrics(body: str | bytes, state: object, worker: str) -> bytes:
+    """The Prometheus text with the fleet budget store's gauges added (before an OpenMetrics `# EOF`)."""
+    text = body.decode() if isinstance(body, bytes) else body
+    lines = [
+        "# HELP meterline_fleet_redis_up Whether fleet.redis answers this forwarder (1) or not (0).",
+        "# TYPE meterline_fleet_redis_up gauge",
+        f'meterline_fleet_redis_up{{worker="{worker}"}} {int(state.up)}',  # type: ignore[attr-defined]
+        "# HELP meterline_fleet_redis_degraded_seconds Time this forwarder ran without fleet.redis answering.",
+        "# TYPE meterline_fleet_redis_degraded_seconds counter",
+        f'meterline_fleet_redis_degraded_seconds_total{{worker="{worker}"}} '
+        f'{state.degraded_total():.3f}',  # type: ignore[attr-defined]
+    ]
+    head, eof, _ = text.rpartition("# EOF")
+    if not eof:
+        head = text
+    return (head.rstrip("\n") + "\n" + "\n".join(lines) + "\n" + (eof + "\n" if eof else "")).encode()
 
 
 async def run_sql(request: web.Request) -> web.Response:

@@ -58,7 +58,7 @@ def build(config: Config, worker: int = 0, sinks_socket: str | None = None) -> w
     pricer = Pricer(config.prices, config.default_max_output_tokens)
     tracing = tracing_enabled(settings)
     rt = Runtime(config=config, journal=journal, link=link, pricer=pricer,
-                 guard=Guard(config.budgets, pricer, link, journal.flush),
+                 guard=Guard(config.budgets, pricer, link, journal.flush, config.fleet),
                  tracing=tracing, capture_content=settings.capture_content and tracing)
     app[proxy.RUNTIME] = rt
     admin.add_routes(app)
@@ -102,6 +102,7 @@ async def _lifecycle(app: web.Application):
     gc.set_threshold(*thresholds)
     gc.unfreeze()
     sender.cancel()
+    await rt.guard.stop()
     rt.pool.close()
     await loop.run_in_executor(None, rt.journal.close)
     if embedded is not None:

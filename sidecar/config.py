@@ -4,6 +4,7 @@ from __future__ import annotations
 import math
 import os
 import re
+import socket
 from dataclasses import dataclass, field
 from decimal import Decimal
 from pathlib import Path
@@ -56,6 +57,23 @@ class Upstream:
     origin: Origin | None = None  # where the hot path's client sends its requests
 
 
+REDIS_DOWN_POLICIES = ("local", "closed", "open")
+_ENV = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)\}")
+
+
+@dataclass(slots=True)
+class FleetConfig:
+    """`fleet:`: what this sidecar shares with the others. The Redis half's keys are here
+    (docs/fleet-budgets.md); `instance` names this sidecar in the fleet."""
+
+    instance: str = field(default_factory=socket.gethostname)
+    redis: str | None = None  # budget accounts, rules, top-ups and alert state shared by the fleet
+    on_redis_down: str = "local"  # local | closed | open: admission while Redis does not answer
+    lease_ttl_s: float = 30.0  # a lease its holder stops renewing (a killed sidecar) goes back after this
+    lease_idle_s: float = 1.0  # allowance a holder leased but did not use for this long goes back
+    sync_ms: int = 50  # how often a holder settles its spend to Redis and renews its leases
+
+
 @dataclass(slots=True)
 class Config:
     host: str = DEFAULT_HOST
@@ -83,10 +101,12 @@ class Config:
     sql_timeout_s: float = 30.0  # sql.timeout_s: a query running longer is interrupted
     sql_max_concurrent: int = 4  # sql.max_concurrent: queries at once (each on a thread of its own); 503 past it
     workers: int = 1  # forwarder processes on the one port (`--workers`); see check_workers
+    fleet: FleetConfig = field(default_factory=FleetConfig)
 
 
 _TOP_KEYS = {"listen", "app", "ledger", "upstreams", "prices", "budgets", "alerts", "telemetry", "timeouts",
-             "admin_token", "default_max_output_tokens", "allowed_hosts", "reconcile", "sql", "workers"}
+             "admin_token", "default_max_output_tokens", "allowed_hosts", "reconcile", "sql", "workers",
+             "fleet"}
 MAX_WORKERS = 64
 
 
@@ -176,6 +196,7 @@ def parse(doc: Any) -> Config:
     if isinstance(most, bool) or not isinstance(most, int) or not 0 < most <= 64:
         raise ConfigError(f"config key 'sql.max_concurrent': expected a whole number from 1 to 64, got {most!r}")
     cfg.sql_max_concurrent = most
+    cfg.fleet = _fleet(_map(doc, "fleet"))
     if "workers" in doc:
         cfg.workers = doc["workers"]
     check_workers(cfg, "workers")
@@ -329,15 +350,71 @@ def _positive(doc: dict[str, Any], key: str, default: float) -> float:
     return float(value)
 
 
+_FLEET_KEYS = ("instance", "redis", "on_redis_down", "lease_ttl_s", "lease_idle_s", "sync_ms")
+
+
+def _expand(value: str, key: str) -> str:
+    """`${NAME}` reads the environment; an unset name is an error naming the key (never its value)."""
+    def one(m: re.Match[str]) -> str:
+        found = os.environ.get(m.group(1))
+        if found is None:
+            raise ConfigError(f"config key {key!r}: environment variable {m.group(1)} is not set")
+        return found
+    return _ENV.sub(one, value)
+
+
+def _fleet(doc: dict[str, Any]) -> FleetConfig:
+    """`fleet:`, the Redis half's keys and `instance` (the Postgres half adds `postgres`)."""
+    unknown = set(doc) - set(_FLEET_KEYS)
+    if unknown:
+        raise ConfigError(f"unknown config key 'fleet.{sorted(map(str, unknown))[0]}' (known: {', '.join(_FLEET_KEYS)})")
+    fleet = FleetConfig()
+    instance = _str(doc, "instance", "fleet.instance")
+    if instance is not None:
+        instance = _expand(instance, "fleet.instance").strip()
+        if not instance:
+            raise ConfigError("config key 'fleet.instance': expected a name for this sidecar, e.g. web-7f9c")
+        fleet.instance = instance
+    url = _str(doc, "redis", "fleet.redis")
+    if url is not None:
+        url = _expand(url, "fleet.redis")
+        parts = urlsplit(url)
+        if parts.scheme not in ("redis", "rediss", "unix") or not (parts.hostname or parts.path):
+            shown = f"{parts.scheme}://{parts.hostname or ''}" if parts.scheme else "(not a URL)"
+            raise ConfigError(f"config key 'fleet.redis': expected a redis://HOST:PORT/DB URL, got {shown}")
+        fleet.redis = url or None
+    policy = doc.get("on_redis_down", fleet.on_redis_down)
+    if policy not in REDIS_DOWN_POLICIES:
+        raise ConfigError(f"config key 'fleet.on_redis_down': expected one of {', '.join(REDIS_DOWN_POLICIES)}, "
+                          f"got {policy!r}")
+    fleet.on_redis_down = policy
+    for key in ("lease_ttl_s", "lease_idle_s"):
+        value = doc.get(key, getattr(fleet, key))
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or value <= 0:
+            raise ConfigError(f"config key 'fleet.{key}': expected a positive number of seconds, got {value!r}")
+        setattr(fleet, key, float(value))
+    sync = doc.get("sync_ms", fleet.sync_ms)
+    if isinstance(sync, bool) or not isinstance(sync, int) or not 5 <= sync <= 1000:
+        raise ConfigError(f"config key 'fleet.sync_ms': expected a whole number of milliseconds from 5 to 1000, "
+                          f"got {sync!r}")
+    fleet.sync_ms = sync
+    if fleet.lease_ttl_s * 1000 < 4 * fleet.sync_ms:
+        raise ConfigError(f"config key 'fleet.lease_ttl_s': {fleet.lease_ttl_s:g} s would let leases expire between "
+                          f"two syncs of a live sidecar (fleet.sync_ms {fleet.sync_ms}): give at least "
+                          f"{4 * fleet.sync_ms / 1000:g} s")
+    return fleet
+
+
 def check_workers(cfg: Config, key: str = "--workers") -> None:
     """Workers are whole numbers from 1 to MAX_WORKERS. More than one forwarder needs budget state
-    they share: until budgets live in Redis (`fleet.redis`), each would count only its own calls,
-    so budgets with more than one worker are refused rather than enforced wrongly."""
+    they share: without Redis (`fleet.redis`) each would count only its own calls, so budgets with
+    more than one worker are refused rather than enforced wrongly; with it every forwarder leases
+    from the same accounts."""
     n = cfg.workers
     if isinstance(n, bool) or not isinstance(n, int) or not 1 <= n <= MAX_WORKERS:
         raise ConfigError(f"config key {key!r}: expected a whole number of forwarder processes from 1 to "
                           f"{MAX_WORKERS}, got {n!r}")
-    if n > 1 and cfg.budgets:
-        raise ConfigError(f"config key {key!r}: {n} workers cannot share budgets yet (each forwarder would count "
-                          f"only its own calls, so rule {cfg.budgets[0].name!r} would let {n} times its limit "
-                          "through): run one worker, or remove the budgets")
+    if n > 1 and cfg.budgets and not cfg.fleet.redis:
+        raise ConfigError(f"config key {key!r}: {n} workers cannot share budgets without Redis (each forwarder "
+                          f"would count only its own calls, so rule {cfg.budgets[0].name!r} would let {n} times its "
+                          "limit through): set fleet.redis to a Redis URL, run one worker, or remove the budgets")

@@ -20,7 +20,7 @@ from ledger.records import CallExtras, CallInfo, CallRecord, Observation
 from . import attribution, content, hostcheck, memory
 from .adapters.base import JsonObserver
 from .decoding import Decoder, decoder_for
-from .guard import NO_RESERVATION
+from .guard import NO_RESERVATION, Pending
 from .reply import AioReply, Incoming, Reply, incoming_of, read_body, timed_out
 from .runtime import ADAPTER_MODULES, Runtime
 from .upstream import Origin, Response as UpstreamResponse, UpstreamError
@@ -127,6 +127,8 @@ async def forward(rt: Runtime, incoming: Incoming, reply: Reply, t0: float) -> N
     )
 
     decision = rt.guard.admit(info, _attrs(info, record_base), started_at) if rt.guard.active else NO_RESERVATION
+    if isinstance(decision, Pending):  # a fleet lease without room for it: one round trip to Redis
+        decision = await rt.guard.resolve(decision)
     if isinstance(decision, Refusal):
         _refuse(rt, adapter, call, record_base, extras, decision, reply)
         return

@@ -53,8 +53,9 @@ def as_ints(t: Tally) -> tuple[int, int, int]:
     return (micro(t.usd), t.tokens, t.requests)
 
 
-def account_key(rule: str, key: str, start: datetime) -> str:
-    return f"{PREFIX}acct:{rule}\x1f{key}\x1f{int(start.timestamp())}"
+def account_key(rule: str, window: str, key: str, start: datetime) -> str:
+    """The window's kind is in the key too: a rule replaced with another window never shares an account."""
+    return f"{PREFIX}acct:{rule}\x1f{window}\x1f{key}\x1f{int(start.timestamp())}"
 
 
 @dataclass(slots=True)
@@ -132,7 +133,8 @@ class Leases:
         lease = self.leases.get(k)
         if lease is None:
             expire = 0 if acct.end >= FOREVER else int(acct.end.timestamp()) + WINDOW_GRACE_S
-            lease = self.leases[k] = Lease(acct, account_key(*k), expire, acct.rule.action == "block")
+            lease = self.leases[k] = Lease(acct, account_key(acct.rule.name, acct.rule.window, acct.key, acct.start),
+                                           expire, acct.rule.action == "block")
         elif lease.acct is not acct:  # the rule was replaced: the same account, its new definition
             lease.acct = acct
         return lease
@@ -323,12 +325,13 @@ class Leases:
             dirty = lease.cum != lease.sent_cum
             idle = now - lease.last_use > self.idle_s
             holding = any(v > 0 for v in lease.lease)
+            spare = any(lease.lease[d] > max(0, lease.reserved[d]) for d in range(3))  # held, in no call
             renew = holding and now - lease.last_sync > self.ttl_ms / 3000
             # a lease in use that runs low is topped up before a call has to wait for it
             low = lease.block and not idle and any(
                 lim >= 0 and lease.lease[d] - lease.reserved[d] < lease.last_grant[d] // 4
                 for d, lim in enumerate(lease.limits()))
-            if dirty or renew or low or (idle and holding):
+            if dirty or renew or low or (idle and spare):
                 await lease.lock.acquire()  # free: returns at once
                 due.append(lease)
                 wants.append(low)

@@ -368,3 +368,39 @@ def test_config_errors_name_the_fleet_key(monkeypatch):
         parse({"fleet": {"lease_ttl_s": 0.01}})
     with pytest.raises(ConfigError, match="unknown config key 'fleet.nope'"):
         parse({"fleet": {"nope": 1}})
+
+
+@pytest.mark.timeout(120)
+async def test_a_lease_left_idle_goes_back_to_the_fleet(tmp_path, fake, redis_url):
+    """Sidecar a leases half the allowance for one call, then goes quiet; b is refused while a holds
+    it and passes again once a gives it back (fleet.lease_idle_s): the early-refusal window."""
+    probe = Sidecar(tmp_path / "probe", upstreams_for(fake)).start()
+    try:
+        cost = one_call_cost(probe)
+    finally:
+        probe.stop()
+    limit = cost * 40
+    a, b = start_fleet(tmp_path, fleet_config(fake, redis_url, limit, lease_idle_s=2), 2)
+    try:
+        assert check_refusals(await burst(a, 1)) == 0
+        t_idle = time.monotonic()
+        refused_at = passed_again = None
+        deadline = time.monotonic() + 15
+        while time.monotonic() < deadline:
+            (result,) = await burst(b, 1)
+            check_refusals([result])
+            if isinstance(result, Exception):
+                refused_at = refused_at or time.monotonic()
+            elif refused_at is not None:
+                passed_again = time.monotonic()
+                break
+        assert refused_at is not None and passed_again is not None, (account_state(redis_url), api(b, "GET", ""))
+        print(f"early refusal: b refused for {passed_again - refused_at:.3f} s, "
+              f"{passed_again - t_idle:.3f} s after a's last call")
+        while not isinstance((await burst(b, 1))[0], Exception):
+            pass
+        spent = ok_spend(ledger_rows(b, 1)) + ok_spend(ledger_rows(a, 1))
+        assert limit / 2 < spent <= limit
+    finally:
+        a.stop()
+        b.stop()

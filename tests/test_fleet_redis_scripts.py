@@ -11,7 +11,7 @@ import redis
 from fleet import redis_scripts
 
 LIMIT = 1_000_000  # micro-dollars: $1
-H, Z = "meterline:acct:t\x1f\x1f0", "meterline:acct:t\x1f\x1f0:holders"
+H, Z = "meterline:acct:t\x1ftotal\x1f\x1f0", "meterline:acct:t\x1ftotal\x1f\x1f0:holders"
 
 
 @pytest.fixture

@@ -167,6 +167,11 @@ class Guard:
                         "not logged)", decision.message.removeprefix("meterline: "))
         return decision
 
+    async def admit_async(self, info: CallInfo, attrs: CallAttrs, at: datetime) -> Reservation | Refusal:
+        """`admit`, then `resolve` when it answers Pending: for callers that may await (routes, jobs)."""
+        decision = self.admit(info, attrs, at)
+        return await self.resolve(decision) if isinstance(decision, Pending) else decision
+
     # --- the fleet's leases (fleet.redis) -------------------------------------------------------
 
     async def resolve(self, pending: Pending) -> Reservation | Refusal:

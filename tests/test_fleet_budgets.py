@@ -404,3 +404,33 @@ async def test_a_lease_left_idle_goes_back_to_the_fleet(tmp_path, fake, redis_ur
     finally:
         a.stop()
         b.stop()
+
+
+@pytest.mark.timeout(120)
+async def test_each_threshold_alerts_once_for_the_whole_fleet(tmp_path, fake, redis_url):
+    probe = Sidecar(tmp_path / "probe", upstreams_for(fake)).start()
+    try:
+        cost = one_call_cost(probe)
+    finally:
+        probe.stop()
+    config = fleet_config(fake, redis_url)
+    config["budgets"] = [{"name": RULE, "window": "day", "limit_usd": str(cost * 10), "action": "alert",
+                          "thresholds": ["0.3", "0.6"]}]
+    sidecars = start_fleet(tmp_path, config, 2)
+    try:
+        for _ in range(4):  # both sidecars spend past both thresholds, together
+            results = await asyncio.gather(*(burst(sc, 3) for sc in sidecars))
+            assert not any(isinstance(r, Exception) for rs in results for r in rs)
+        deadline = time.monotonic() + 10
+        counts: list[int] = []
+        while time.monotonic() < deadline:
+            counts = [sc.sql("SELECT count(*) AS n FROM alerts")[0]["n"] for sc in sidecars]
+            if sum(counts) >= 2:
+                break
+            await asyncio.sleep(0.1)
+        time.sleep(0.5)  # a second alert of the same threshold would have arrived by now
+        rows = [row for sc in sidecars for row in sc.sql("SELECT rule, threshold FROM alerts")]
+        assert sorted(Decimal(str(r["threshold"])) for r in rows) == [Decimal("0.3"), Decimal("0.6")], rows
+    finally:
+        for sc in sidecars:
+            sc.stop()

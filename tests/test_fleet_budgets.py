@@ -113,15 +113,20 @@ def api(sc: Sidecar, method: str, path: str, body: Any = None) -> tuple[int, Any
         return e.code, orjson.loads(e.read())
 
 
+@pytest.fixture(scope="module")
+def cost(fake: FakeProvider, tmp_path_factory: pytest.TempPathFactory) -> Decimal:
+    """What one call of the bursts costs (the fake's usage is fixed): limits are counted in calls."""
+    probe = Sidecar(tmp_path_factory.mktemp("probe"), upstreams_for(fake)).start()
+    try:
+        return one_call_cost(probe)
+    finally:
+        probe.stop()
+
+
 # --- the fleet's spend stays under one limit -------------------------------------------------------
 
 @pytest.mark.timeout(180)
-async def test_three_sidecars_share_one_limit_and_refusals_are_not_retried(tmp_path, fake, redis_url):
-    probe = Sidecar(tmp_path / "probe", upstreams_for(fake)).start()
-    try:
-        cost = one_call_cost(probe)  # what one call of the burst costs (the fake's usage is fixed)
-    finally:
-        probe.stop()
+async def test_three_sidecars_share_one_limit_and_refusals_are_not_retried(tmp_path, fake, redis_url, cost):
     limit = cost * 90  # 300 calls, room for 90
     sidecars = start_fleet(tmp_path, fleet_config(fake, redis_url, limit), 3)
     try:
@@ -147,12 +152,7 @@ async def test_three_sidecars_share_one_limit_and_refusals_are_not_retried(tmp_p
 
 
 @pytest.mark.timeout(180)
-async def test_two_workers_in_one_sidecar_lease_from_the_same_account(tmp_path, fake, redis_url):
-    probe = Sidecar(tmp_path / "probe", upstreams_for(fake)).start()
-    try:
-        cost = one_call_cost(probe)
-    finally:
-        probe.stop()
+async def test_two_workers_in_one_sidecar_lease_from_the_same_account(tmp_path, fake, redis_url, cost):
     limit = cost * 60
     (sc,) = start_fleet(tmp_path, fleet_config(fake, redis_url, limit), 1, workers=2)
     try:
@@ -204,12 +204,7 @@ def account_state(url: str) -> dict[bytes, bytes]:
 
 
 @pytest.mark.timeout(180)
-async def test_a_killed_sidecars_leases_expire_and_the_others_spend_that_allowance(tmp_path, fake, redis_url):
-    probe = Sidecar(tmp_path / "probe", upstreams_for(fake)).start()
-    try:
-        cost = one_call_cost(probe)
-    finally:
-        probe.stop()
+async def test_a_killed_sidecars_leases_expire_and_the_others_spend_that_allowance(tmp_path, fake, redis_url, cost):
     limit = cost * 40
     doomed, survivor = start_fleet(tmp_path, fleet_config(fake, redis_url, limit, lease_ttl_s=1.0), 2)
     try:
@@ -249,12 +244,7 @@ async def test_a_killed_sidecars_leases_expire_and_the_others_spend_that_allowan
 
 @pytest.mark.timeout(180)
 async def test_redis_stopped_and_started_each_policy_holds_and_spend_settles_afterwards(
-        tmp_path, fake, redis_url, redis_server):
-    probe = Sidecar(tmp_path / "probe", upstreams_for(fake)).start()
-    try:
-        cost = one_call_cost(probe)
-    finally:
-        probe.stop()
+        tmp_path, fake, redis_url, redis_server, cost):
     limit = cost * 12
     local = Sidecar(tmp_path / "local", fleet_config(fake, redis_url, limit)).start()
     closed = Sidecar(tmp_path / "closed", fleet_config(fake, redis_url, limit, on_redis_down="closed")).start()
@@ -371,14 +361,9 @@ def test_config_errors_name_the_fleet_key(monkeypatch):
 
 
 @pytest.mark.timeout(120)
-async def test_a_lease_left_idle_goes_back_to_the_fleet(tmp_path, fake, redis_url):
+async def test_a_lease_left_idle_goes_back_to_the_fleet(tmp_path, fake, redis_url, cost):
     """Sidecar a leases half the allowance for one call, then goes quiet; b is refused while a holds
     it and passes again once a gives it back (fleet.lease_idle_s): the early-refusal window."""
-    probe = Sidecar(tmp_path / "probe", upstreams_for(fake)).start()
-    try:
-        cost = one_call_cost(probe)
-    finally:
-        probe.stop()
     limit = cost * 40
     a, b = start_fleet(tmp_path, fleet_config(fake, redis_url, limit, lease_idle_s=2), 2)
     try:
@@ -407,12 +392,7 @@ async def test_a_lease_left_idle_goes_back_to_the_fleet(tmp_path, fake, redis_ur
 
 
 @pytest.mark.timeout(120)
-async def test_each_threshold_alerts_once_for_the_whole_fleet(tmp_path, fake, redis_url):
-    probe = Sidecar(tmp_path / "probe", upstreams_for(fake)).start()
-    try:
-        cost = one_call_cost(probe)
-    finally:
-        probe.stop()
+async def test_each_threshold_alerts_once_for_the_whole_fleet(tmp_path, fake, redis_url, cost):
     config = fleet_config(fake, redis_url)
     config["budgets"] = [{"name": RULE, "window": "day", "limit_usd": str(cost * 10), "action": "alert",
                           "thresholds": ["0.3", "0.6"]}]

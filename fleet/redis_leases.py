@@ -33,7 +33,8 @@ MICRO = Decimal(1_000_000)
 PREFIX = "meterline:"
 SLICE_DIVISOR = 2  # a grant is what is left / (this * live holders): slices shrink as the limit nears
 WINDOW_GRACE_S = 86_400  # an account's keys outlive its window by this, then Redis drops them
-REDIS_ERRORS = (redis_errors.ConnectionError, redis_errors.TimeoutError, OSError)
+# any error of Redis's (unreachable, timed out, out of memory, read-only replica...) degrades budgets, never a call
+REDIS_ERRORS = (redis_errors.RedisError, OSError)
 REFILL_TRIES = 3  # refills a waiting call asks for before it is refused (others may take what it was granted)
 
 
@@ -237,7 +238,7 @@ class Leases:
             await self._sync(keys=[lease.hkey, lease.hkey + ":holders"], args=args, client=pipe)
         try:
             results = await pipe.execute()
-        except REDIS_ERRORS:
+        except BaseException:  # includes cancellation: what was not acknowledged was not given back
             for lease, (keep, cum, give) in zip(leases, sent):
                 for d in range(3):
                     lease.lease[d] += give[d]  # not given back after all

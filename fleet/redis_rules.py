@@ -59,6 +59,18 @@ async def topup(client: aioredis.Redis, name: str, key: str, amount: Decimal) ->
     await pipe.execute()
 
 
+async def restore(client: aioredis.Redis, rules: list[Rule], topups: dict[tuple[str, str], Decimal]) -> None:
+    """Puts a sidecar's API rules and top-ups into a Redis that has none (new, or restarted without
+    persistence). HSETNX: when several sidecars do it at once the first of each wins, none adds twice."""
+    pipe = client.pipeline(transaction=True)
+    for rule in rules:
+        pipe.hsetnx(RULES, rule.name, orjson.dumps(rule.to_doc()))
+    for (name, key), amount in topups.items():
+        pipe.hsetnx(TOPUPS, f"{name}{SEP}{key}", int(amount * MICRO))
+    pipe.incr(VERSION)
+    await pipe.execute()
+
+
 async def version(client: aioredis.Redis) -> int:
     return int(await client.get(VERSION) or 0)
 

@@ -237,8 +237,14 @@ class Guard:
         if await redis_rules.version(client) == self._shared_version:
             return
         shared = await redis_rules.load(client, DEFAULT_THRESHOLDS)
-        self._shared_version = shared.version
         b = self.budgets
+        if shared.version == 0:
+            # a Redis with no budget state (the fleet's first sidecar, or Redis restarted without
+            # persistence): this sidecar's API rules and top-ups go (back) in, rather than vanish
+            mine = [r for r in b.rules.values() if r.source == "api" and r.name not in self.config_rules]
+            await redis_rules.restore(client, mine, {k: v for k, v in b.topups.items() if k[0] in b.rules})
+            shared = await redis_rules.load(client, DEFAULT_THRESHOLDS)
+        self._shared_version = shared.version
         for name, rule in shared.rules.items():
             if name in self.config_rules:
                 continue  # the config file wins over an API edit

@@ -253,6 +253,11 @@ async def test_redis_stopped_and_started_each_policy_holds_and_spend_settles_aft
     try:
         for sc in sidecars:  # some spend before the outage
             assert check_refusals(await burst(sc, 1)) == 0
+        status, _ = api(local, "POST", "", {"name": "watch", "window": "day", "limit_usd": "5", "action": "alert"})
+        assert status == 201
+        deadline = time.monotonic() + 5
+        while time.monotonic() < deadline and not any(r["rule"] == "watch" for r in api(closed, "GET", "")[1]["budgets"]):
+            await asyncio.sleep(0.05)
         redis_server.stop()
         outage: list[list[Any]] = []
         for sc in sidecars:
@@ -289,6 +294,13 @@ async def test_redis_stopped_and_started_each_policy_holds_and_spend_settles_aft
             await asyncio.sleep(0.1)
         settled = redis_spent(redis_url)
         assert expected <= settled <= expected + Decimal(63) / MICRO  # rounded up per call, at most 1 micro-dollar
+        # the API rule outlived Redis's data: the sidecars put it back
+        assert any(r["rule"] == "watch" for r in api(closed, "GET", "")[1]["budgets"])
+        r = redis.Redis.from_url(redis_url)
+        try:
+            assert r.hexists("meterline:rules", "watch")
+        finally:
+            r.close()
         degraded = local.health()["fleet"]["redis"]["degraded_s"]
         assert degraded > 0 and local.health()["fleet"]["redis"]["outages"] == 1
     finally:

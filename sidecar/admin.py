@@ -113,8 +113,8 @@ def _with_fleet_metrics(body: str | bytes, state: object, worker: str) -> bytes:
         "# HELP meterline_fleet_redis_up Whether fleet.redis answers this forwarder (1) or not (0).",
         "# TYPE meterline_fleet_redis_up gauge",
         f'meterline_fleet_redis_up{{worker="{worker}"}} {int(state.up)}',  # type: ignore[attr-defined]
-        "# HELP meterline_fleet_redis_degraded_seconds Time this forwarder ran without fleet.redis answering.",
-        "# TYPE meterline_fleet_redis_degraded_seconds counter",
+        "# HELP meterline_fleet_redis_degraded_seconds_total Time this forwarder ran without fleet.redis answering.",
+        "# TYPE meterline_fleet_redis_degraded_seconds_total counter",
         f'meterline_fleet_redis_degraded_seconds_total{{worker="{worker}"}} '
         f'{state.degraded_total():.3f}',  # type: ignore[attr-defined]
     ]

@@ -184,6 +184,9 @@ class Guard:
         except REDIS_ERRORS as e:
             self.leases.state_down(e)
             return self._redis_down(reservation, pending.at)
+        except BaseException:  # the app went away while it waited: the call holds nothing
+            self._unreserve(reservation)
+            raise
         if taken is not None:
             reservation.fleet = taken
             return reservation

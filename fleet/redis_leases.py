@@ -23,6 +23,8 @@ from typing import Any
 
 import redis.asyncio as aioredis
 from redis import exceptions as redis_errors
+from redis.asyncio.retry import Retry
+from redis.backoff import NoBackoff
 
 from ledger.budgets import FOREVER, Account, Tally
 
@@ -112,8 +114,12 @@ class Leases:
     """This forwarder's leases on every fleet account, and the loop that settles and renews them."""
 
     def __init__(self, url: str, instance: str, policy: str, ttl_s: float, idle_s: float, sync_ms: int) -> None:
+        # no retries inside the client (its default retries with backoff would hold a waiting call for
+        # seconds): a failed round is sent again next round (settlement is idempotent; a grant whose
+        # answer was lost is taken back by the next SYNC, which says what the holder keeps)
         self.client = aioredis.Redis.from_url(url, socket_timeout=0.5, socket_connect_timeout=0.5,
-                                              retry_on_timeout=False, health_check_interval=0)
+                                              retry=Retry(NoBackoff(), 0), retry_on_timeout=False,
+                                              health_check_interval=0)
         self.holder = f"{instance}:{os.getpid()}:{os.urandom(4).hex()}"
         self.ttl_ms = int(ttl_s * 1000)
         self.idle_s = idle_s

@@ -90,6 +90,9 @@ class Lease:
         return short if any(short) else None
 
 
+Taken = tuple[Lease, tuple[int, int, int]]  # a lease and what one call reserved on it (usd micro, tokens, requests)
+
+
 @dataclass(slots=True)
 class RedisState:
     """What healthz and metrics show of the connection to Redis."""
@@ -146,7 +149,7 @@ class Leases:
             lease.acct = acct
         return lease
 
-    def try_hold(self, holds: list[tuple[Account, Tally]]) -> list[tuple[Lease, tuple[int, int, int]]] | None:
+    def try_hold(self, holds: list[tuple[Account, Tally]]) -> list[Taken] | None:
         """Reserves every block account's estimate on its lease, or nothing (None: some lease is short)."""
         taken = []
         for acct, est in holds:
@@ -158,20 +161,20 @@ class Leases:
         self._reserve(taken)
         return taken
 
-    def hold_anyway(self, holds: list[tuple[Account, Tally]]) -> list[tuple[Lease, tuple[int, int, int]]]:
+    def hold_anyway(self, holds: list[tuple[Account, Tally]]) -> list[Taken]:
         """Reserves past the leases (Redis down, policy local or open): settled when Redis is back."""
         taken = [(self.lease_of(acct), as_ints(est)) for acct, est in holds]
         self._reserve(taken)
         return taken
 
-    def _reserve(self, taken: list[tuple[Lease, tuple[int, int, int]]]) -> None:
+    def _reserve(self, taken: list[Taken]) -> None:
         now = time.monotonic()
         for lease, e in taken:
             lease.last_use = now
             for d in range(3):
                 lease.reserved[d] += e[d]
 
-    def settle(self, taken: list[tuple[Lease, tuple[int, int, int]]], actual: Tally) -> None:
+    def settle(self, taken: list[Taken], actual: Tally) -> None:
         """The call ended: its estimate leaves the lease's reservations, its spend is taken off the
         lease and counted for the next sync."""
         a = as_ints(actual)
@@ -183,15 +186,9 @@ class Leases:
                 lease.lease[d] -= a[d]
                 lease.cum[d] += a[d]
 
-    def release(self, taken: list[tuple[Lease, tuple[int, int, int]]]) -> None:
-        """A reservation given up before its call was sent (another account refused it)."""
-        for lease, e in taken:
-            for d in range(3):
-                lease.reserved[d] -= e[d]
-
     # --- round trips ---------------------------------------------------------------------------
 
-    async def refill(self, holds: list[tuple[Account, Tally]]) -> tuple[list[tuple[Lease, tuple[int, int, int]]] | None, Account | None, int]:
+    async def refill(self, holds: list[tuple[Account, Tally]]) -> tuple[list[Taken] | None, Account | None, int]:
         """Leases what the call lacks, then reserves it. Returns (reserved, None, 0), or (None, the
         account that has no room, dimension 0-2) when the fleet's allowance is spent or leased out.
         Raises a REDIS_ERRORS error when Redis does not answer."""
@@ -210,7 +207,6 @@ class Leases:
                         continue
                     refused = await self._run_sync([lease], want=[True], need=[short])
                 if refused[0]:
-                    self.state_up()
                     return None, acct, refused[0] - 1
         taken = self.try_hold(holds)
         if taken is not None:
@@ -223,7 +219,8 @@ class Leases:
         return None, holds[0][0], 0
 
     async def _run_sync(self, leases: list[Lease], want: list[bool], need: list[list[int]]) -> list[int]:
-        """One SYNC per lease, pipelined; the caller holds each lease's lock. Returns each refused dimension (0: none)."""
+        """One SYNC per lease, pipelined; the caller holds each lease's lock. Returns the dimension
+        each refill was refused on (1-3; 0: not refused)."""
         pipe = self.client.pipeline(transaction=False)
         sent = []
         now = time.monotonic()

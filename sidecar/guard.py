@@ -19,7 +19,8 @@ from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
 from ledger import budget_store
-from ledger.budgets import DEFAULT_THRESHOLDS, Budgets, CallAttrs, Crossing, CrossingNote, Refusal, Reservation, Rule, Tally
+from ledger.budgets import (DEFAULT_THRESHOLDS, Budgets, CallAttrs, Crossing, CrossingNote, Refusal, Reservation,
+                            Rule, Tally)
 from ledger.pricing import FIRST_CALL_OUTPUT, MIN_LIKELY_OUTPUT, RECENT_CALLS, Pricer, RecentOutput
 from ledger.records import OK, CallExtras, CallInfo, CallRecord
 from sinks import rpc

@@ -103,6 +103,7 @@ class RedisState:
     down_since: float | None = None  # monotonic
     outages: int = 0
     last_error: str = ""
+    refills: int = 0  # calls that waited for a round trip (their lease lacked room); the others had none
 
     def degraded_total(self) -> float:
         now = time.monotonic()
@@ -110,7 +111,8 @@ class RedisState:
 
     def to_json(self) -> dict[str, Any]:
         return {"up": self.up, "degraded_s": round(self.degraded_total(), 3), "policy": self.policy,
-                "outages": self.outages, **({"error": self.last_error} if not self.up else {})}
+                "outages": self.outages, "refills": self.refills,
+                **({"error": self.last_error} if not self.up else {})}
 
 
 class Leases:
@@ -192,6 +194,7 @@ class Leases:
         """Leases what the call lacks, then reserves it. Returns (reserved, None, 0), or (None, the
         account that has no room, dimension 0-2) when the fleet's allowance is spent or leased out.
         Raises a REDIS_ERRORS error when Redis does not answer."""
+        self.state.refills += 1
         for _ in range(REFILL_TRIES):
             taken = self.try_hold(holds)
             if taken is not None:

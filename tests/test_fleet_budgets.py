@@ -171,6 +171,20 @@ async def test_two_workers_in_one_sidecar_lease_from_the_same_account(tmp_path, 
         sc.stop()
 
 
+@pytest.mark.timeout(120)
+async def test_calls_within_a_lease_make_no_round_trip(tmp_path, fake, redis_url, cost):
+    """Sequential calls far from the limit: the first leases a slice, the rest are admitted locally."""
+    (sc,) = start_fleet(tmp_path, fleet_config(fake, redis_url, cost * 100_000), 1)
+    try:
+        assert check_refusals(await burst(sc, 1)) == 0  # leases half of the allowance
+        for _ in range(9):
+            assert check_refusals(await burst(sc, 11)) == 0
+        refills = sc.health()["fleet"]["redis"]["refills"]
+        assert 1 <= refills <= 2, refills  # 100 calls; a round trip per call would be 100
+    finally:
+        sc.stop()
+
+
 # --- failures ------------------------------------------------------------------------------------
 
 async def slow_calls(sc: Sidecar, count: int) -> list[Any]:

@@ -139,7 +139,6 @@ async def test_three_sidecars_share_one_limit_and_refusals_are_not_retried(tmp_p
         fleet = sum(spends, Decimal(0))
         assert fleet <= limit, (fleet, limit, spends)
         assert fleet >= limit / 2, (fleet, limit, spends)
-        assert all(s > 0 for s in spends), spends  # every sidecar got a share
         time.sleep(0.3)  # the last settlements
         settled = redis_spent(redis_url)
         assert fleet <= settled <= limit  # Redis counts micro-dollars rounded up, never less than the ledgers

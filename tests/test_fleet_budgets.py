@@ -180,6 +180,11 @@ async def test_calls_within_a_lease_make_no_round_trip(tmp_path, fake, redis_url
             assert check_refusals(await burst(sc, 11)) == 0
         refills = sc.health()["fleet"]["redis"]["refills"]
         assert 1 <= refills <= 2, refills  # 100 calls; a round trip per call would be 100
+        assert int(account_state(redis_url)[b"lu"]) > 0
+        sc.stop()  # SIGTERM: the sidecar gives its lease back rather than let it expire
+        state = account_state(redis_url)
+        assert int(state[b"lu"]) == 0 and not any(k.startswith(b"lu:") for k in state), state
+        assert Decimal(int(state[b"su"])) / MICRO >= cost * 100
     finally:
         sc.stop()
 

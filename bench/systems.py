@@ -84,12 +84,13 @@ def meterline_command() -> list[str]:
     return [str(exe)] if exe.exists() else [_python(), "-m", "sidecar.cli"]
 
 
-def start_meterline(workdir: Path, fake: System, name: str = "meterline", workers: int = 1) -> System:
+def start_meterline(workdir: Path, fake: System, name: str = "meterline", workers: int = 1,
+                    fleet_redis: str | None = None) -> System:
     """`meterline serve` as users run it, on a fresh ledger in `workdir`, with everything on: journal
     and ledger, two budget rules every call is admitted and settled against (one split per API
     key), traces exported over OTLP/HTTP to the fake (which drops them), metrics. With `workers` > 1
     (`--workers N`) the same without the budget rules, which meterline refuses with more than one
-    forwarder until budgets have shared state."""
+    forwarder unless they are shared through Redis (`fleet_redis`: fleet.redis, budgets kept)."""
     workdir.mkdir(parents=True, exist_ok=True)
     port = free_port()
     config = workdir / f"{name}.yaml"
@@ -98,7 +99,8 @@ def start_meterline(workdir: Path, fake: System, name: str = "meterline", worker
                "  - {name: bench-per-key, per: key, window: hour, limit_usd: 100000, action: block}\n")
     config.write_text(
         f"upstreams:\n  openai: {{base_url: {fake_base(fake)}}}\n"
-        + (budgets if workers == 1 else "")
+        + (budgets if workers == 1 or fleet_redis else "")
+        + (f"fleet: {{redis: '{fleet_redis}'}}\n" if fleet_redis else "")
         + "telemetry: {batch_delay_s: 1}\n"
     )
     env = {"PYTHONPATH": str(ROOT), "OTEL_EXPORTER_OTLP_ENDPOINT": fake_base(fake),

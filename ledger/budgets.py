@@ -390,6 +390,7 @@ class Reservation:
     crossings: list[Crossing] = field(default_factory=list)  # alert-only rules already past a limit
     attrs: CallAttrs | None = None  # what the call matched on: a rule replaced meanwhile is matched again
     counted: list[Account] = field(default_factory=list)  # where settlement counted the call
+    fleet: Any = None  # with fleet.redis: what the call holds on this holder's leases (fleet/redis_leases.py)
 
 
 @dataclass(slots=True)

@@ -87,6 +87,11 @@ async def healthz(request: web.Request) -> web.Response:
     }
     if rt.routes:  # circuit states are this forwarder's (each worker keeps its own)
         body["routes"] = route_attempts.status(rt.routes)
+    leases = rt.guard.leases
+    if leases is not None:  # fleet.redis: shared budgets; Redis down degrades them, never a call
+        body["fleet"] = {**(body["fleet"] or {"instance": rt.config.fleet.instance}), "redis": leases.state.to_json()}
+        if not leases.state.up:
+            body["status"] = "degraded"
     return _json(body)
 
 
@@ -116,7 +121,28 @@ async def metrics(request: web.Request) -> web.Response:
         return _error(503, f"metrics are unavailable: {e}")
     if rt.routes:  # circuits live in the forwarder, not in the records the sinks process reads
         body = route_attempts.metrics_text(rt.routes, body)
+    leases = rt.guard.leases
+    if leases is not None:  # this forwarder's view of Redis: the sinks process does not talk to it
+        body = _with_fleet_metrics(body, leases.state, rt.journal.dir.name)
     return web.Response(body=body, headers={"content-type": content_type})
+
+
+def _with_fleet_metrics(body: str | bytes, state: object, worker: str) -> bytes:
+    """The Prometheus text with the fleet budget store's gauges added (before an OpenMetrics `# EOF`)."""
+    text = body.decode() if isinstance(body, bytes) else body
+    lines = [
+        "# HELP meterline_fleet_redis_up Whether fleet.redis answers this forwarder (1) or not (0).",
+        "# TYPE meterline_fleet_redis_up gauge",
+        f'meterline_fleet_redis_up{{worker="{worker}"}} {int(state.up)}',  # type: ignore[attr-defined]
+        "# HELP meterline_fleet_redis_degraded_seconds_total Time this forwarder ran without fleet.redis answering.",
+        "# TYPE meterline_fleet_redis_degraded_seconds_total counter",
+        f'meterline_fleet_redis_degraded_seconds_total{{worker="{worker}"}} '
+        f'{state.degraded_total():.3f}',  # type: ignore[attr-defined]
+    ]
+    head, eof, _ = text.rpartition("# EOF")
+    if not eof:
+        head = text
+    return (head.rstrip("\n") + "\n" + "\n".join(lines) + "\n" + (eof + "\n" if eof else "")).encode()
 
 
 async def run_sql(request: web.Request) -> web.Response:

@@ -59,7 +59,7 @@ def build(config: Config, worker: int = 0, sinks_socket: str | None = None) -> w
     pricer = Pricer(config.prices, config.default_max_output_tokens)
     tracing = tracing_enabled(settings)
     rt = Runtime(config=config, journal=journal, link=link, pricer=pricer,
-                 guard=Guard(config.budgets, pricer, link, journal.flush, config.jobs),
+                 guard=Guard(config.budgets, pricer, link, journal.flush, config.jobs, config.fleet),
                  tracing=tracing, capture_content=settings.capture_content and tracing,
                  routes=route_attempts.table(config.routes, config.upstreams))
     app[proxy.RUNTIME] = rt
@@ -106,6 +106,7 @@ async def _lifecycle(app: web.Application):
     gc.unfreeze()
     sender.cancel()
     job_sync.cancel()
+    await rt.guard.stop()
     rt.pool.close()
     await loop.run_in_executor(None, rt.journal.close)
     if embedded is not None:

@@ -40,7 +40,7 @@ def main(argv: list[str] | None = None) -> int:
     serve.add_argument("--port", type=int, help="port (default 8720)")
     serve.add_argument("--db", help="ledger file (default ./meterline.duckdb)")
     serve.add_argument("--workers", type=int, help="forwarder processes on the one port (default 1, or the "
-                                                   "config's workers:); budgets need 1 until fleet.redis")
+                                                   "config's workers:); budgets need 1 unless fleet.redis is set")
     serve.add_argument("--log-level", default=os.environ.get("METERLINE_LOG_LEVEL", "INFO"))
 
     q = sub.add_parser("sql", help="run read-only SQL on the ledger",

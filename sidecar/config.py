@@ -65,18 +65,25 @@ class Upstream:
 
 @dataclass(slots=True)
 class FleetConfig:
-    """`fleet:` many sidecars sharing budgets (Redis) and a ledger (Postgres). URLs keep their secrets
-    here, after `${NAME}` expansion: show them only through fleet.urls.redact."""
+    """`fleet:` many sidecars sharing budgets (Redis, docs/fleet-budgets.md) and a ledger (Postgres,
+    docs/fleet.md). URLs keep their secrets here, after `${NAME}` expansion: show them only through
+    fleet.urls.redact."""
 
     instance: str = field(default_factory=socket.gethostname)  # every row's `instance` column
     # repr=False: a Config printed or logged by accident shows no password
     postgres: str | None = field(default=None, repr=False)  # the fleet ledger; None: rows stay in this DuckDB only
-    redis: str | None = field(default=None, repr=False)  # shared budget accounts (fleet/redis_*.py)
-    on_redis_down: str | None = None
+    redis: str | None = field(default=None, repr=False)  # budget accounts, rules, top-ups and alert state shared
+    on_redis_down: str = "local"  # local | closed | open: admission while Redis does not answer
+    lease_ttl_s: float = 30.0  # a lease its holder stops renewing (a killed sidecar) goes back after this
+    lease_idle_s: float = 1.0  # allowance a holder leased but did not use for this long goes back
+    sync_ms: int = 50  # how often a holder settles its spend to Redis and renews its leases
     ship_interval_s: float = 1.0  # how often new rows go to Postgres
     retry_s: float = 5.0  # wait after Postgres failed (down, refused) before trying again
     batch_rows: int = 5000  # rows per COPY
     connect_timeout_s: float = 5.0
+
+
+REDIS_DOWN_POLICIES = ("local", "closed", "open")
 
 
 @dataclass(slots=True)
@@ -232,8 +239,8 @@ def parse(doc: Any) -> Config:
     return cfg
 
 
-_FLEET_KEYS = ("instance", "postgres", "redis", "on_redis_down", "ship_interval_s", "retry_s", "batch_rows",
-               "connect_timeout_s")
+_FLEET_KEYS = ("instance", "postgres", "redis", "on_redis_down", "lease_ttl_s", "lease_idle_s", "sync_ms",
+               "ship_interval_s", "retry_s", "batch_rows", "connect_timeout_s")
 
 
 def parse_fleet(doc: dict[str, Any], environ: Any = None) -> FleetConfig:
@@ -265,7 +272,30 @@ def parse_fleet(doc: dict[str, Any], environ: Any = None) -> FleetConfig:
             raise ConfigError("config key 'fleet.postgres': expected a URL such as "
                               f"postgresql://USER:PASSWORD@HOST:5432/DB, got {redact(fleet.postgres)!r}")
     fleet.redis = text("redis")
-    fleet.on_redis_down = text("on_redis_down")
+    if fleet.redis is not None:
+        parts = urlsplit(fleet.redis)
+        if parts.scheme not in ("redis", "rediss", "unix") or not (parts.hostname or parts.path):
+            raise ConfigError("config key 'fleet.redis': expected a URL such as redis://HOST:6379/0, "
+                              f"got {redact(fleet.redis)!r}")
+    policy = doc.get("on_redis_down", fleet.on_redis_down)
+    if policy not in REDIS_DOWN_POLICIES:
+        raise ConfigError(f"config key 'fleet.on_redis_down': expected one of {', '.join(REDIS_DOWN_POLICIES)}, "
+                          f"got {policy!r}")
+    fleet.on_redis_down = policy
+    for key in ("lease_ttl_s", "lease_idle_s"):
+        value = doc.get(key, getattr(fleet, key))
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or value <= 0:
+            raise ConfigError(f"config key 'fleet.{key}': expected a positive number of seconds, got {value!r}")
+        setattr(fleet, key, float(value))
+    sync = doc.get("sync_ms", fleet.sync_ms)
+    if isinstance(sync, bool) or not isinstance(sync, int) or not 5 <= sync <= 1000:
+        raise ConfigError(f"config key 'fleet.sync_ms': expected a whole number of milliseconds from 5 to 1000, "
+                          f"got {sync!r}")
+    fleet.sync_ms = sync
+    if fleet.lease_ttl_s * 1000 < 4 * fleet.sync_ms:
+        raise ConfigError(f"config key 'fleet.lease_ttl_s': {fleet.lease_ttl_s:g} s would let leases expire between "
+                          f"two syncs of a live sidecar (fleet.sync_ms {fleet.sync_ms}): give at least "
+                          f"{4 * fleet.sync_ms / 1000:g} s")
     for key in ("ship_interval_s", "retry_s", "connect_timeout_s"):
         if key in doc:
             value = doc[key]
@@ -340,21 +370,14 @@ def _upstream(name: str, url: str, adapter: str, provider: str) -> Upstream:
 
 _PRICE_KEYS = ("input_per_mtok", "output_per_mtok", "cache_read_per_mtok", "cache_write_per_mtok",
                "per_image", "per_second")
-_ENV = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)\}")
 
 
 def _env_value(value: Any, key: str) -> str:
     """A string whose ${NAME} parts are read from the environment (secrets stay out of files)."""
-    if not isinstance(value, str) or not value:
-        raise ConfigError(f"config key {key!r}: expected a string such as ${{PROVIDER_API_KEY}}")
-
-    def sub(m: re.Match[str]) -> str:
-        found = os.environ.get(m.group(1))
-        if found is None:
-            raise ConfigError(f"config key {key!r}: the environment variable {m.group(1)} is not set")
-        return found
-
-    return _ENV.sub(sub, value)
+    try:
+        return expand_env(value, key, os.environ)
+    except ReconcileConfigError as e:
+        raise ConfigError(str(e)) from None
 
 
 def _by_resolution(value: Any, key: str) -> tuple[tuple[str, Decimal | None, Decimal | None], ...]:
@@ -452,13 +475,14 @@ def _positive(doc: dict[str, Any], key: str, default: float) -> float:
 
 def check_workers(cfg: Config, key: str = "--workers") -> None:
     """Workers are whole numbers from 1 to MAX_WORKERS. More than one forwarder needs budget state
-    they share: until budgets live in Redis (`fleet.redis`), each would count only its own calls,
-    so budgets with more than one worker are refused rather than enforced wrongly."""
+    they share: without Redis (`fleet.redis`) each would count only its own calls, so budgets with
+    more than one worker are refused rather than enforced wrongly; with it every forwarder leases
+    from the same accounts."""
     n = cfg.workers
     if isinstance(n, bool) or not isinstance(n, int) or not 1 <= n <= MAX_WORKERS:
         raise ConfigError(f"config key {key!r}: expected a whole number of forwarder processes from 1 to "
                           f"{MAX_WORKERS}, got {n!r}")
-    if n > 1 and cfg.budgets:
-        raise ConfigError(f"config key {key!r}: {n} workers cannot share budgets yet (each forwarder would count "
-                          f"only its own calls, so rule {cfg.budgets[0].name!r} would let {n} times its limit "
-                          "through): run one worker, or remove the budgets")
+    if n > 1 and cfg.budgets and not cfg.fleet.redis:
+        raise ConfigError(f"config key {key!r}: {n} workers cannot share budgets without Redis (each forwarder "
+                          f"would count only its own calls, so rule {cfg.budgets[0].name!r} would let {n} times its "
+                          "limit through): set fleet.redis to a Redis URL, run one worker, or remove the budgets")

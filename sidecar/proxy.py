@@ -22,7 +22,7 @@ from jobs.model import JobAsk
 from . import attribution, content, hostcheck, jobs_hook, memory
 from .adapters.base import JsonObserver
 from .decoding import Decoder, decoder_for
-from .guard import NO_RESERVATION
+from .guard import NO_RESERVATION, Pending
 from .routes import attempts
 from .reply import AioReply, Incoming, Reply, incoming_of, read_body, timed_out
 from .runtime import ADAPTER_MODULES, Runtime
@@ -163,6 +163,8 @@ async def forward(rt: Runtime, incoming: Incoming, reply: Reply, t0: float) -> N
             decision, est = jobs_hook.admit(rt, info, _attrs(info, record_base), started_at)
         else:
             decision = rt.guard.admit(info, _attrs(info, record_base), started_at) if rt.guard.active else NO_RESERVATION
+            if isinstance(decision, Pending):  # a fleet lease without room for it: one round trip to Redis
+                decision = await rt.guard.resolve(decision)
         if isinstance(decision, Refusal):
             if mine is not None:
                 rt.guard.jobs.forget(upstream.name, idem_key, mine)

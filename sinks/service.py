@@ -309,6 +309,10 @@ class Sinks:
             return await loop.run_in_executor(None, self._sync, float(args[0]) if args else 10.0)
         if op == "lines":  # a forwarder whose journal disk is full sends its lines instead
             return await loop.run_in_executor(None, self._take_sent, *args)
+        if op == "alerts":  # fleet budget alerts this forwarder claimed first (fleet/redis_leases.py)
+            for doc, call_id in args[0]:
+                self.alerts.fire(CrossingNote.from_json(doc), call_id)
+            return len(args[0])
         if op == "ping":
             return os.getpid()
         raise ValueError(f"unknown request {op!r}")

@@ -173,7 +173,7 @@ def test_more_than_one_worker_with_budgets_refuses_to_start(fake: FakeProvider, 
                                        "budgets": [{"name": "cap", "window": "day", "limit_usd": 5}]})
     with pytest.raises(RuntimeError) as e:
         process.start(timeout=20)
-    assert "2 workers cannot share budgets yet" in str(e.value) and "'cap'" in str(e.value)
+    assert "2 workers cannot share budgets without Redis" in str(e.value) and "'cap'" in str(e.value)
     assert process.proc is not None and process.proc.returncode == 2
 
 

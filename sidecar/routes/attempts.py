@@ -26,6 +26,7 @@ from ledger.budgets import CallAttrs, Refusal, Reservation, Tally
 from ledger.records import Attempt, CallExtras, CallInfo, CallRecord, Observation
 
 from ..decoding import decoder_for
+from ..guard import Pending
 from ..upstream import Response as UpstreamResponse, UpstreamError
 from .circuit import Breaker
 from .config import Target
@@ -180,6 +181,8 @@ async def run(rt: Any, rc: RoutedCall, call: Any, incoming: Any, adapter: Any, i
         decision: Any = Reservation([])
         if rt.guard.active:
             decision = rt.guard.admit(tinfo, _attrs(tinfo, base), started_at)
+            if isinstance(decision, Pending):  # a fleet lease without room for this try: one round trip
+                decision = await rt.guard.resolve(decision)
             if isinstance(decision, Refusal):
                 breaker.release()
                 refusal = decision

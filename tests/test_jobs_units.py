@@ -23,7 +23,7 @@ AT = datetime(2026, 12, 1, 12, 0, tzinfo=timezone.utc)
     ({"jobs": {"fields": {"my-model": {"frames": "input.n"}}}}, "'jobs.fields.my-model.frames': unknown unit"),
     ({"upstreams": {"el": {"base_url": "https://api.eachlabs.ai", "adapter": "eachlabs",
                            "api_key": "${METERLINE_TEST_UNSET_VAR}"}}},
-     "'upstreams.el.api_key': the environment variable METERLINE_TEST_UNSET_VAR is not set"),
+     "'upstreams.el.api_key': environment variable METERLINE_TEST_UNSET_VAR is not set"),
     ({"prices": [{"model": "veo-*", "by_resolution": {"1080p": {"per_minute": 1}}}]},
      "'prices[0].by_resolution.1080p': expected per_second and/or per_image"),
 ])

@@ -250,8 +250,8 @@ def fleet_route_text(results: dict[str, Any], summary: dict[str, Any]) -> list[s
                 f"{_f(_paired(results, 'meterline-redis', 'meterline', 1, 'p50_ms'), 3, True)} ms, p99 "
                 f"{_f(_paired(results, 'meterline-redis', 'meterline', 1, 'p99_ms'), 3, True)} ms (paired per round). "
                 f"CPU per call at 32 connections: {cpu_text(rd)}, the redis-server's included."]
-    for name, what in (("meterline-route", "a one-target route"), ("meterline-fallback", "a route that falls back "
-                                                                                            "once (first try 503)")):
+    for name, what in (("meterline-route", "a one-target route"), ("meterline-fallback",
+                                                                        "a route that falls back once: first try 503")):
         if name not in rows:
             continue
         r = rows[name]

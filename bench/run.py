@@ -220,7 +220,7 @@ def start_systems(plan: Plan, work: Path, results: dict[str, Any]) -> tuple[Syst
          "`meterline serve --workers 2`, fresh ledger, no budget rules: refused with more than one worker"),
         ("meterline-redis", lambda: sysmod.start_meterline_redis(work / "redis", fake),
          "meterline with its two budget rules shared through `fleet.redis` on a redis-server of the bench's own "
-         f"({shutil.which('redis-server') and _redis_version()}), fresh ledger"),
+         f"(redis-server {_redis_version()}), fresh ledger"),
         ("meterline-route", lambda: sysmod.start_meterline_route(work / "route", fake),
          f"meterline called with `model: {sysmod.ROUTE}`, a route of one target (the fake's {sysmod.MODEL})"),
         ("meterline-fallback", lambda: sysmod.start_meterline_fallback(work / "fallback", fake),

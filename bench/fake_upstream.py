@@ -6,6 +6,8 @@ chunk with `"choices": []` and the usage, then `data: [DONE]`). Every SSE chunk'
 `t<ns>`, the CLOCK_MONOTONIC time at which the chunk was written, so a client on this machine
 can tell each chunk's one-way delay through whatever sits in between. It also takes OTLP/HTTP
 exports (`POST /v1/traces`, `/v1/metrics`) and drops them, so meterline runs with tracing on.
+A path under `/fail/<status>/` (an upstream whose base_url ends in `/fail/503`) is a provider that
+is down: every call there gets that status with OpenAI's error body, for the route fallback row.
 
     python bench/fake_upstream.py --port 9100 [--delay-ms 0] [--body-bytes 600]
                                   [--chunks 64] [--chunk-interval-ms 20]
@@ -23,6 +25,8 @@ from typing import Any
 import orjson
 
 MAX_HEADER_BYTES = 64 * 1024
+REASONS = {400: "Bad Request", 404: "Not Found", 429: "Too Many Requests", 500: "Internal Server Error", 502: "Bad Gateway", 503: "Service Unavailable",
+           504: "Gateway Timeout"}
 
 
 @dataclass(frozen=True, slots=True)
@@ -185,8 +189,9 @@ class FakeProvider(asyncio.Protocol):
 
     def send(self, status: int, content_type: str, body: bytes, keep_alive: bool) -> None:
         assert self.transport is not None
-        head = (b"HTTP/1.1 %d OK\r\ncontent-type: %s\r\ncontent-length: %d\r\nx-request-id: req_bench\r\n%s\r\n"
-                % (status, content_type.encode(), len(body), b"" if keep_alive else b"connection: close\r\n"))
+        reason = b"OK" if status < 300 else REASONS.get(status, "Error").encode()
+        head = (b"HTTP/1.1 %d %s\r\ncontent-type: %s\r\ncontent-length: %d\r\nx-request-id: req_bench\r\n%s\r\n"
+                % (status, reason, content_type.encode(), len(body), b"" if keep_alive else b"connection: close\r\n"))
         self.transport.write(head + body)
         if not keep_alive:
             self.transport.close()
@@ -200,6 +205,9 @@ class FakeProvider(asyncio.Protocol):
         if request.method == "POST" and request.path in ("/v1/traces", "/v1/metrics"):
             # an OTLP/HTTP collector that keeps nothing: an empty Export*ServiceResponse is a full success
             self.send(200, "application/x-protobuf", b"", keep_alive)
+            return
+        if request.path.startswith("/fail/"):
+            self.send_failure(request.path, keep_alive)
             return
         if request.method != "POST" or not request.path.split("?")[0].endswith("/chat/completions"):
             self.send(404, "application/json", b'{"error":{"message":"not found","type":"invalid_request_error"}}',
@@ -223,6 +231,19 @@ class FakeProvider(asyncio.Protocol):
             self.later(self.delayed_json(model, prompt_tokens, keep_alive))
         else:
             self.send(200, "application/json", json_completion(model, prompt_tokens, self.shape), keep_alive)
+
+    def send_failure(self, path: str, keep_alive: bool) -> None:
+        """A provider that is down: the status in `/fail/<status>/...`, with the error body OpenAI sends
+        with a 503 (a `{"error": {...}}` object), read whole by the route before it falls back."""
+        try:
+            status = int(path.split("/", 3)[2])
+        except ValueError:
+            status = 503
+        if not 400 <= status <= 599:
+            status = 503
+        self.send(status, "application/json",
+                  b'{"error":{"message":"The server is overloaded or not ready yet.","type":"server_error",'
+                  b'"param":null,"code":null}}', keep_alive)
 
     def later(self, work: Any) -> None:
         self.busy = True

@@ -11,7 +11,7 @@ import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-from systems import System
+from systems import MODEL, System
 
 LUA = Path(__file__).resolve().parent / "wrk_post.lua"
 
@@ -53,6 +53,11 @@ def run_wrk(system: System, body_file: Path, connections: int, duration_s: float
             max_requests: int = 0, timeout_s: float = 10.0) -> WrkResult:
     """One wrk run against `system`; bounded by `duration_s` and, when given, by `max_requests` in all."""
     assert system.url.startswith("http://127.0.0.1:"), "load goes to loopback only"
+    if system.model != MODEL:  # a route's name: the same body with that model, next to the common one
+        routed = body_file.with_name(f"body-{system.model}.json")
+        if not routed.exists():
+            routed.write_bytes(system.body())
+        body_file = routed
     threads = max(1, min(threads, connections))
     per_thread = -(-max_requests // threads) if max_requests else 0
     env = {**os.environ, "BENCH_BODY_FILE": str(body_file),

@@ -1,8 +1,9 @@
-"""Process helpers for the benchmarks: free loopback ports, starting a server and waiting until it answers, RSS and
-CPU of a process tree (meterline's supervisor, sinks process and forwarders), stopping."""
+"""Process helpers for the benchmarks: free loopback ports, starting a server (and a redis-server) and waiting until
+it answers, RSS and CPU of a process tree (meterline's supervisor, sinks process and forwarders), stopping."""
 from __future__ import annotations
 
 import os
+import shutil
 import signal
 import socket
 import subprocess
@@ -115,6 +116,65 @@ class Service:
             self.proc.wait()
 
 
+class RedisService:
+    """A redis-server of the benchmark's own: a free loopback port, a temp directory, no persistence;
+    ready once it answers PING. Stopped like a Service (its own session, SIGTERM then SIGKILL)."""
+
+    def __init__(self, workdir: Path) -> None:
+        self.workdir = workdir
+        self.port = free_port()
+        self.proc: subprocess.Popen[bytes] | None = None
+
+    @property
+    def url(self) -> str:
+        return f"redis://{LOOPBACK}:{self.port}/0"
+
+    @property
+    def pid(self) -> int:
+        assert self.proc is not None
+        return self.proc.pid
+
+    def start(self, timeout: float = 20.0) -> RedisService:
+        binary = shutil.which("redis-server")
+        if binary is None:
+            raise StartFailed("redis-server is not installed (apt-get install redis-server)")
+        self.workdir.mkdir(parents=True, exist_ok=True)
+        log = self.workdir / "redis.log"
+        self.proc = subprocess.Popen([binary, "--port", str(self.port), "--bind", LOOPBACK, "--save", "",
+                                      "--appendonly", "no", "--dir", str(self.workdir), "--logfile", str(log)],
+                                     stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, stdin=subprocess.DEVNULL,
+                                     start_new_session=True)
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if self.proc.poll() is not None:
+                raise StartFailed(f"redis-server exited with {self.proc.returncode}: see {log}")
+            if self.ping():
+                return self
+            time.sleep(0.05)
+        self.stop()
+        raise StartFailed(f"redis-server did not answer PING on port {self.port} within {timeout:.0f} s")
+
+    def ping(self) -> bool:
+        try:
+            with socket.create_connection((LOOPBACK, self.port), timeout=1.0) as s:
+                s.sendall(b"PING\r\n")
+                return s.recv(16).startswith(b"+PONG")
+        except OSError:
+            return False
+
+    def stop(self, timeout: float = 10.0) -> None:
+        if self.proc is None or self.proc.poll() is not None:
+            return
+        try:
+            os.killpg(self.proc.pid, signal.SIGTERM)
+            self.proc.wait(timeout)
+        except ProcessLookupError:
+            return
+        except subprocess.TimeoutExpired:
+            os.killpg(self.proc.pid, signal.SIGKILL)
+            self.proc.wait()
+
+
 _TICK = os.sysconf("SC_CLK_TCK")
 
 
@@ -205,8 +265,13 @@ class TreeSample:
         return {role: self.cpu_s[role] - before.cpu_s.get(role, 0.0) for role in self.cpu_s}
 
 
-def sample_tree(root: int, sinks_pid: int | None = None) -> TreeSample:
+def sample_tree(root: int, sinks_pid: int | None = None, companions: dict[str, int] | None = None) -> TreeSample:
+    """The tree under `root` by role, plus `companions` (role -> pid of a server the system depends on and
+    nothing else uses, e.g. its redis-server), so their work counts in its CPU per call."""
     roles = tree_roles(root, sinks_pid)
+    for role, pid in (companions or {}).items():
+        for p in tree_pids(pid):
+            roles[p] = role
     cpu: dict[str, float] = {"total": 0.0}
     rss: dict[str, float] = {"total": 0.0}
     pids: dict[str, list[int]] = {}

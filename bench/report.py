@@ -5,8 +5,10 @@ import math
 import statistics
 from typing import Any
 
-ORDER = ("direct", "bare", "meterline", "meterline-w2", "litellm", "portkey")
+ORDER = ("direct", "bare", "meterline", "meterline-w2", "meterline-redis", "meterline-route", "meterline-fallback",
+         "litellm", "portkey")
 ROLES = ("forwarder", "sinks", "supervisor")  # meterline's processes (bench/procs.py tree_roles)
+EXTRA_ROLES = ("redis",)  # servers a system alone uses, counted in its CPU (meterline-redis's redis-server)
 
 # (key, description, limit text)
 TARGETS = (
@@ -18,6 +20,11 @@ TARGETS = (
     ("chunk_overhead", "per-chunk overhead, meterline minus direct (median one-way delay)", "< 50 us"),
     ("rss_growth", "RSS growth over the memory phase's calls (idle -> after the calls)", "< 20 MB"),
     ("ledger_lag", "ledger lag p99 (call end -> row readable via /_meterline/sql)", "< 1 s"),
+    ("redis_throughput", "throughput at 32 connections, budgets on a local Redis / local budgets "
+                         "(meterline-redis / meterline; issue 14)", ">= 0.90x"),
+    ("redis_p50", "p50 at 1 connection, budgets on a local Redis minus local budgets (issue 14)", "<= +0.10 ms"),
+    ("route_cpu", "CPU per call a one-target route adds to the direct path: forwarder, meterline-route minus "
+                  "meterline at 32 connections (issue 15)", "< 20 us"),
 )
 
 
@@ -32,12 +39,24 @@ def _load(results: dict[str, Any], system: str, connections: int) -> list[dict[s
 
 def _paired(results: dict[str, Any], system: str, base: str, connections: int, key: str) -> float:
     """Median over rounds of (system - base) for one wrk number, each round compared with itself."""
+    return _median(_paired_rounds(results, system, base, connections, lambda r: r[key]))
+
+
+def _role_cpu(role: str) -> Any:
+    """A load run's CPU ms per call of one of its roles (total when role is "total")."""
+    if role == "total":
+        return lambda r: r.get("cpu_ms_per_call", float("nan"))
+    return lambda r: r.get("cpu_ms_per_call_roles", {}).get(role, float("nan"))
+
+
+def _paired_rounds(results: dict[str, Any], system: str, base: str, connections: int, get: Any) -> list[float]:
+    """Per round, get(system's run) - get(base's run), each round compared with itself."""
     diffs = []
     for run in _load(results, system, connections):
         same = [b for b in _load(results, base, connections) if b["round"] == run["round"]]
         if same:
-            diffs.append(run[key] - same[0][key])
-    return _median(diffs)
+            diffs.append(get(run) - get(same[0]))
+    return diffs
 
 
 def _round_ratios(results: dict[str, Any], system: str, base: str, connections: int) -> list[float]:
@@ -77,7 +96,7 @@ def summarize(results: dict[str, Any]) -> dict[str, Any]:
         for c in (1, 32, 128):
             runs = _load(results, name, c)
             row[f"cpu_ms_{c}"] = _median([r.get("cpu_ms_per_call", float("nan")) for r in runs])
-            for role in ROLES:  # meterline's processes; absent (NaN) for one-process systems
+            for role in ROLES + EXTRA_ROLES:  # meterline's processes; absent (NaN) for one-process systems
                 row[f"cpu_{role}_ms_{c}"] = _median([r.get("cpu_ms_per_call_roles", {}).get(role, float("nan"))
                                                      for r in runs])
         last = [r for r in results["load"] if r["system"] == name][-1:] or [{}]
@@ -131,9 +150,11 @@ def cpu_text(row: dict[str, float], c: int = 32) -> str:
     total = f"{_f(row.get(f'cpu_ms_{c}', float('nan')), 3)} ms"
     if math.isnan(row.get(f"cpu_sinks_ms_{c}", float("nan"))):
         return total
+    redis = row.get(f"cpu_redis_ms_{c}", float("nan"))
     return (total + f" (forwarder{'s' if row.get('forwarders', 1) > 1 else ''} "
             f"{_f(row[f'cpu_forwarder_ms_{c}'], 3)}, sinks {_f(row[f'cpu_sinks_ms_{c}'], 3)}, "
-            f"supervisor {_f(row[f'cpu_supervisor_ms_{c}'], 3)})")
+            f"supervisor {_f(row[f'cpu_supervisor_ms_{c}'], 3)}"
+            + ("" if math.isnan(redis) else f", redis-server {_f(redis, 3)}") + ")")
 
 
 def _targets(results: dict[str, Any], rows: dict[str, dict[str, float]]) -> list[dict[str, Any]]:
@@ -170,11 +191,81 @@ def _targets(results: dict[str, Any], rows: dict[str, dict[str, float]]) -> list
                                    if lag.get("achieved_rate", 0) < 0.9 * lag.get("target_rate", 0) else ""),
                        lag_p99 < 1000),
     }
+    measured.update(_fleet_and_route_targets(results, rows))
     out = []
     for key, what, limit in TARGETS:
         value, text, ok = measured[key]
         out.append({"key": key, "target": what, "limit": limit, "measured": text, "value": value,
                     "status": _verdict(value, ok)})
+    return out
+
+
+def _fleet_and_route_targets(results: dict[str, Any],
+                              rows: dict[str, dict[str, float]]) -> dict[str, tuple[float, str, bool]]:
+    """Issue 14's budgets-on-Redis targets and issue 15's route target, each judged against meterline
+    (local budgets, the direct path) in the same rounds."""
+    nan = float("nan")
+    ml = rows.get("meterline", {})
+    rd = rows.get("meterline-redis", {})
+    out: dict[str, tuple[float, str, bool]] = {}
+    thr, thr_text, thr_ok = _ratio(results, rows, "meterline-redis", "meterline", 0.9)
+    out["redis_throughput"] = (thr, f"{thr_text}; CPU per call {cpu_text(rd)} vs {cpu_text(ml)}", thr_ok)
+    p50 = _paired(results, "meterline-redis", "meterline", 1, "p50_ms") if rd and ml else nan
+    out["redis_p50"] = (p50, f"{p50:+.3f} ms (p50 {rd.get('p50_1', nan):.3f} ms vs {ml.get('p50_1', nan):.3f} ms; "
+                             f"p99 {rd.get('p99_1', nan):.3f} ms vs {ml.get('p99_1', nan):.3f} ms)", p50 <= 0.1)
+    route = route_cpu_us(results, rows, "meterline-route")
+    inproc = (results.get("route_cpu") or {}).get("us_per_call", nan)
+    out["route_cpu"] = (route["forwarder"],
+                        f"{_f(route['forwarder'], 1, True)} us, per round "
+                        f"{', '.join(_f(d, 1, True) for d in route['rounds']) or '-'}; whole process tree "
+                        f"{_f(route['total'], 1, True)} us (the sinks process also writes each call's attempt row); "
+                        f"in-process isolate (bench/route_cpu.py) {_f(inproc, 1)} us",
+                        route["forwarder"] < 20)
+    return out
+
+
+def route_cpu_us(results: dict[str, Any], rows: dict[str, dict[str, float]], system: str) -> dict[str, Any]:
+    """What `system` (a route row) costs in CPU per call over meterline's direct path at 32 connections, in
+    microseconds, paired per round: the forwarder(s) (where the route's code runs) and the whole tree."""
+    if system not in rows or "meterline" not in rows:
+        return {"forwarder": float("nan"), "total": float("nan"), "rounds": []}
+    fwd = [d * 1000 for d in _paired_rounds(results, system, "meterline", 32, _role_cpu("forwarder"))]
+    total = [d * 1000 for d in _paired_rounds(results, system, "meterline", 32, _role_cpu("total"))]
+    return {"forwarder": _median(fwd), "total": _median(total), "rounds": fwd}
+
+
+def fleet_route_text(results: dict[str, Any], summary: dict[str, Any]) -> list[str]:
+    """The Markdown section on the budgets-on-Redis and route rows (issues 14 and 15)."""
+    rows = summary["rows"]
+    if not any(n in rows for n in ("meterline-redis", "meterline-route", "meterline-fallback")):
+        return []
+    nan = float("nan")
+    ml = rows.get("meterline", {})
+    out = ["## Budgets on Redis, routes and fallbacks", ""]
+    if "meterline-redis" in rows:
+        rd = rows["meterline-redis"]
+        out += [f"- **meterline-redis** (its two budget rules on a local redis-server, `fleet.redis`) against "
+                f"**meterline** (the same rules kept in the process): {_f(rd['rps_32'], 0)} against "
+                f"{_f(ml.get('rps_32', nan), 0)} req/s at 32 connections; p50 at 1 connection "
+                f"{_f(_paired(results, 'meterline-redis', 'meterline', 1, 'p50_ms'), 3, True)} ms, p99 "
+                f"{_f(_paired(results, 'meterline-redis', 'meterline', 1, 'p99_ms'), 3, True)} ms (paired per round). "
+                f"CPU per call at 32 connections: {cpu_text(rd)}, the redis-server's included."]
+    for name, what in (("meterline-route", "a one-target route"), ("meterline-fallback",
+                                                                        "a route that falls back once: first try 503")):
+        if name not in rows:
+            continue
+        r = rows[name]
+        cpu = route_cpu_us(results, rows, name)
+        check = (results.get(f"ledger_check_{name.split('-', 1)[1]}") or {})
+        out += [f"- **{name}** ({what}) over meterline's direct path: CPU per call at 32 connections "
+                f"{_f(cpu['forwarder'], 1, True)} us in the forwarder, {_f(cpu['total'], 1, True)} us in the whole "
+                f"tree; p50 at 1 connection {_f(_paired(results, name, 'meterline', 1, 'p50_ms'), 3, True)} ms; "
+                f"{_f(r['rps_32'], 0)} req/s at 32 connections ({_f(r['rps_32'] / ml['rps_32'] if ml.get('rps_32') else nan)}x "
+                f"meterline). " + check.get("route_text", "")]
+    out += ["", "Each is paired with meterline in the same round (same budget rules, same telemetry): the "
+            "route rows send the route's name as `model`, meterline-redis keeps its accounts in Redis. "
+            "The fallback row has no target of its own (issue 15 asks for the row); its first try is read whole, "
+            "metered and priced before the second starts.", ""]
     return out
 
 
@@ -256,6 +347,7 @@ def markdown(results: dict[str, Any], summary: dict[str, Any], chart_name: str |
             "per load; RSS (VmRSS) is after each system's last load run. Summed RSS counts pages the forked "
             "children share with the supervisor once per process (the memory phase also gives PSS).", ""]
     out += ["## Targets (meterline)", "", targets_table(summary), ""]
+    out += fleet_route_text(results, summary)
     memory = results.get("memory") or {}
     if memory:
         def row(label: str, name: str) -> str:
@@ -294,7 +386,9 @@ def markdown(results: dict[str, Any], summary: dict[str, Any], chart_name: str |
                 f"unread journal (`sinks.backlog_bytes`) at {lag.get('backlog_bytes_max', 0):,} bytes.", ""]
         if lag.get("errors"):
             out += ["Errors: " + "; ".join(lag["errors"]), ""]
-    checks = [c for c in (results.get("ledger_check"), results.get("ledger_check_w2")) if c]
+    checks = [c for c in (results.get("ledger_check"), results.get("ledger_check_w2"),
+                          results.get("ledger_check_redis"), results.get("ledger_check_route"),
+                          results.get("ledger_check_fallback")) if c]
     if checks:
         out += ["## Metering check", ""]
         for check in checks:

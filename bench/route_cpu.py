@@ -3,7 +3,8 @@ record's fold into attempts (what sidecar/routes adds on top of the direct path'
 
     python -m bench.route_cpu [--calls 20000]
 
-Not a row of `make bench` (bench/run.py drives whole processes under load); it isolates the route's own code.
+bench/run.py runs it before the rounds when a route row runs and prints its number next to the route target
+(the whole-process row cannot resolve a few microseconds on a noisy machine); it isolates the route's own code.
 """
 from __future__ import annotations
 

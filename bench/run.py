@@ -11,6 +11,7 @@ import json
 import math
 import os
 import platform
+import re
 import shutil
 import subprocess
 import sys
@@ -61,6 +62,7 @@ class Plan:
     body_bytes: int
     chunks: int
     chunk_interval_ms: float
+    systems: tuple[str, ...]  # which systems besides direct run (--systems); peers also need --no-peers off
 
 
 # Five rounds of five streams: on a 2-core VM a single round's throughput ratio swings by a third,
@@ -71,11 +73,28 @@ QUICK = dict(rounds=2, c1_s=1, c32_s=2, c128_s=2, warmup_s=1, streams=1, memory_
              lag_rate=1000, lag_s=5)
 
 
+# every system the harness can start besides direct (the fake itself), in start order
+SYSTEMS = ("bare", "meterline", "meterline-w2", "meterline-redis", "meterline-route", "meterline-fallback",
+           "litellm", "portkey")
+
+
+def _systems(text: str | None) -> tuple[str, ...]:
+    if not text:
+        return SYSTEMS
+    names = tuple(n.strip() for n in text.split(",") if n.strip() and n.strip() != "direct")
+    unknown = [n for n in names if n not in SYSTEMS]
+    if unknown:
+        raise SystemExit(f"bench: --systems: unknown {', '.join(unknown)} (known: direct, {', '.join(SYSTEMS)})")
+    return tuple(n for n in SYSTEMS if n in names)
+
+
 def parse_args(argv: list[str] | None = None) -> tuple[Plan, argparse.Namespace]:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--quick", action="store_true", help="short smoke run (seconds per load, few calls)")
     p.add_argument("--no-peers", action="store_true", help="skip LiteLLM and Portkey")
     p.add_argument("--no-chart", action="store_true", help="skip the PNG (and the matplotlib install)")
+    p.add_argument("--systems", help="comma-separated systems to run besides direct (default: all of "
+                   + ", ".join(SYSTEMS) + "); e.g. bare,meterline,meterline-redis for the fleet budgets rows")
     p.add_argument("--rounds", type=int)
     p.add_argument("--c1-seconds", type=float, dest="c1_s")
     p.add_argument("--c32-seconds", type=float, dest="c32_s")
@@ -98,7 +117,8 @@ def parse_args(argv: list[str] | None = None) -> tuple[Plan, argparse.Namespace]
     knobs = {k: (getattr(args, k) if getattr(args, k) is not None else v) for k, v in base.items()}
     plan = Plan(mode="quick" if args.quick else "full", lag_probe_every=50, wrk_threads=args.wrk_threads,
                 peers=not args.no_peers, chart=not args.no_chart, delay_ms=args.delay_ms,
-                body_bytes=args.body_bytes, chunks=args.chunks, chunk_interval_ms=args.chunk_interval_ms, **knobs)
+                body_bytes=args.body_bytes, chunks=args.chunks, chunk_interval_ms=args.chunk_interval_ms,
+                systems=_systems(args.systems), **knobs)
     return plan, args
 
 
@@ -152,8 +172,14 @@ def wait_quiet(system: System, timeout_s: float = 60.0) -> bool:
 
 def tree_sample(system: System) -> TreeSample:
     """CPU and RSS of the system's whole process tree; for meterline split into supervisor, forwarder(s)
-    and sinks process (the sinks pid from healthz)."""
-    return sample_tree(system.service.pid, sysmod.sinks_pid(system))
+    and sinks process (the sinks pid from healthz), plus the servers only it uses (meterline-redis's
+    redis-server, as role "redis")."""
+    return sample_tree(system.service.pid, sysmod.sinks_pid(system), system.companions())
+
+
+def bench_pids(systems: list[System]) -> list[int]:
+    """The roots of every server process the benchmark started for `systems` (for ForeignCpu)."""
+    return [s.service.pid for s in systems] + [pid for s in systems for pid in s.companions().values()]
 
 
 def duckdb_memory_mib(system: System) -> float:
@@ -192,10 +218,22 @@ def start_systems(plan: Plan, work: Path, results: dict[str, Any]) -> tuple[Syst
         ("meterline", lambda: sysmod.start_meterline(work / "main", fake), "`meterline serve`, fresh ledger"),
         ("meterline-w2", lambda: sysmod.start_meterline(work / "w2", fake, "meterline-w2", workers=2),
          "`meterline serve --workers 2`, fresh ledger, no budget rules: refused with more than one worker"),
+        ("meterline-redis", lambda: sysmod.start_meterline_redis(work / "redis", fake),
+         "meterline with its two budget rules shared through `fleet.redis` on a redis-server of the bench's own "
+         f"(redis-server {_redis_version()}), fresh ledger"),
+        ("meterline-route", lambda: sysmod.start_meterline_route(work / "route", fake),
+         f"meterline called with `model: {sysmod.ROUTE}`, a route of one target (the fake's {sysmod.MODEL})"),
+        ("meterline-fallback", lambda: sysmod.start_meterline_fallback(work / "fallback", fake),
+         f"meterline called with `model: {sysmod.FALLBACK_ROUTE}`: every call's first try gets a 503 (the fake's "
+         "`/fail/503` path), the second goes to the fake's gpt-4o-mini"),
     ]
+    starters = [s for s in starters if s[0] in plan.systems]
     if plan.peers:
         for install, name, start in ((peers.install_litellm, "litellm", sysmod.start_litellm),
                                      (peers.install_portkey, "portkey", sysmod.start_portkey)):
+            if name not in plan.systems:
+                results["peers"][name] = "skipped (--systems)"
+                continue
             log(f"installing {name} in bench/.envs/{name} (reused when already there)")
             got = install()
             if got.ok:
@@ -218,7 +256,7 @@ def start_systems(plan: Plan, work: Path, results: dict[str, Any]) -> tuple[Syst
         problem = sysmod.verify(system, plan.chunks)
         if problem:
             results["systems"][name] = {"status": f"failed verification: {problem}", "describe": describe}
-            system.service.stop()
+            system.stop()
             continue
         results["systems"][name] = {"status": "ok", "describe": describe}
         started.append(system)
@@ -226,6 +264,14 @@ def start_systems(plan: Plan, work: Path, results: dict[str, Any]) -> tuple[Syst
     if problem:
         raise RuntimeError(f"the fake provider does not answer as it should: {problem}")
     return fake, started
+
+
+def _redis_version() -> str:
+    try:
+        out = subprocess.run(["redis-server", "--version"], capture_output=True, text=True, timeout=10).stdout
+        return out.split(" v=", 1)[1].split()[0] if " v=" in out else out.strip()[:40]
+    except (OSError, subprocess.TimeoutExpired):
+        return "?"
 
 
 def _node_version() -> str:
@@ -246,7 +292,7 @@ def interleaved_rounds(plan: Plan, systems: list[System], body_file: Path, resul
     for rnd in range(plan.rounds):
         order = systems[rnd % len(systems):] + systems[:rnd % len(systems)]
         log(f"round {rnd + 1}/{plan.rounds}: order {', '.join(s.name for s in order)}")
-        foreign = ForeignCpu([s.service.pid for s in systems])
+        foreign = ForeignCpu(bench_pids(systems))
         for connections, seconds in loads:
             for system in order:
                 before = tree_sample(system)
@@ -333,10 +379,47 @@ def ledger_check(meterline: System, results: dict[str, Any], key: str = "ledger_
             f"p99 {overhead_p99:.3f} ms. Healthz: written {health['ledger']['written']:,}, pending "
             f"{health['ledger']['pending']}, write failures {health['ledger']['write_failures']}, anomalies "
             f"{anomalies}. {_span_text(health['telemetry'] or {})}")
+    extra: dict[str, Any] = {}
+    if meterline.attempts:
+        extra = route_check(meterline)
+        text += " " + extra["route_text"]
+    if meterline.redis is not None:
+        fleet = (health.get("fleet") or {}).get("redis")
+        extra = {"fleet_redis": fleet}
+        text += f" Fleet budgets on Redis (healthz fleet.redis): {json.dumps(fleet, default=str)[:400]}."
     results[key] = {"rows": rows, "priced": priced, "ok": ok, "streamed": streamed, "wrk_responses": sent,
                     "overhead_ms_p50": overhead_p50, "overhead_ms_p99": overhead_p99,
-                    "anomalies_by_forwarder": by_forwarder, "health": health, "text": text}
+                    "anomalies_by_forwarder": by_forwarder, "health": health, **extra, "text": text}
     log(text)
+
+
+def route_check(system: System) -> dict[str, Any]:
+    """Did every call of a route row go as planned? Calls through the route, those with the expected number
+    of tries, and the attempts table's rows by outcome (a fallback row's first tries are 503s)."""
+    doc = http_json(f"{sysmod.meterline_base(system)}/_meterline/sql",
+                    (f"SELECT count(*) FILTER (WHERE route = '{system.model}'), "
+                     f"count(*) FILTER (WHERE route = '{system.model}' AND attempts = {system.attempts}), "
+                     "(SELECT count(*) FROM attempts), "
+                     "(SELECT count(*) FROM attempts WHERE status_code = 503) FROM calls").encode())
+    routed, planned, tries, failed = (int(float(v or 0)) for v in doc["rows"][0])
+    text = (f"Route `{system.model}`: {routed:,} calls through it, {planned:,} of them with {system.attempts} "
+            f"attempt{'s' if system.attempts > 1 else ''}; the attempts table holds {tries:,} tries, {failed:,} of "
+            "them answered 503.")
+    return {"routed": routed, "planned_attempts": planned, "attempt_rows": tries, "attempts_503": failed,
+            "route_text": text}
+
+
+def route_cpu_in_process(results: dict[str, Any], calls: int = 20_000) -> None:
+    """bench/route_cpu.py's isolate (a one-target route's own code, in one process, no I/O), as a reference
+    for the route row's whole-process number."""
+    done = subprocess.run([sys.executable, "-m", "bench.route_cpu", "--calls", str(calls)], cwd=BENCH.parent,
+                          env={**os.environ, "PYTHONPATH": str(BENCH.parent)}, capture_output=True, text=True,
+                          timeout=300)
+    found = re.search(r"adds ([0-9.]+) us", done.stdout)
+    if done.returncode != 0 or not found:
+        raise RuntimeError(f"bench/route_cpu.py: exit {done.returncode}: {(done.stderr or done.stdout)[-300:]}")
+    results["route_cpu"] = {"us_per_call": float(found.group(1)), "calls": calls}
+    log(f"route CPU in-process: {found.group(1)} us per call ({calls:,} calls)")
 
 
 def _span_text(telemetry: dict[str, Any]) -> str:
@@ -486,6 +569,11 @@ def write_outputs(plan: Plan, results: dict[str, Any], out_dir: Path, stamp: str
     return md_path, chart
 
 
+# the results key of each added system's metering check
+CHECKED = {"meterline-redis": "ledger_check_redis", "meterline-route": "ledger_check_route",
+           "meterline-fallback": "ledger_check_fallback"}
+
+
 class _NothingToMeasure(Exception):
     pass
 
@@ -513,7 +601,8 @@ def main(argv: list[str] | None = None) -> int:
                  "command": " ".join([".venv/bin/python", "bench/run.py", *(argv if argv is not None else sys.argv[1:])]),
                  **machine()},
         "plan": asdict(plan), "systems": {}, "peers": {}, "load": [], "streams": [], "memory": {}, "lag": {},
-        "ledger_check": {}, "ledger_check_w2": {}, "errors": [], "notes": [], "foreign_cpu": [],
+        "ledger_check": {}, "ledger_check_w2": {}, **{key: {} for key in CHECKED.values()},
+        "route_cpu": {}, "errors": [], "notes": [], "foreign_cpu": [],
     }
     body_file = work / "body.json"
     body_file.write_bytes(sysmod.request_body())
@@ -527,14 +616,20 @@ def main(argv: list[str] | None = None) -> int:
         log("systems: " + ", ".join(s.name for s in running))
         meterline = next((s for s in running if s.name == "meterline"), None)
         w2 = next((s for s in running if s.name == "meterline-w2"), None)
+        if any(s.attempts for s in running):
+            phase("route CPU in-process", results, lambda: route_cpu_in_process(results))
         phase("interleaved rounds", results, lambda: interleaved_rounds(plan, running, body_file, results))
         if meterline is not None:
             phase("ledger check", results, lambda: ledger_check(meterline, results))
         if w2 is not None:
             phase("ledger check (2 workers)", results, lambda: ledger_check(w2, results, "ledger_check_w2"))
+        for other in running:
+            if other.name in CHECKED:
+                phase(f"ledger check ({other.name})", results,
+                      lambda o=other: ledger_check(o, results, CHECKED[o.name]))
         for system in running:
             if system is not fake:
-                system.service.stop()  # the memory and lag phases get the machine to themselves
+                system.stop()  # the memory and lag phases get the machine to themselves
         if meterline is not None:
             phase("memory and ledger lag", results, lambda: memory_and_lag(plan, fake, work, body_file, results))
     except _NothingToMeasure:
@@ -544,7 +639,7 @@ def main(argv: list[str] | None = None) -> int:
         log("interrupted: writing what was measured")
     finally:
         for system in running:
-            system.service.stop()
+            system.stop()
         if args.keep_tmp:
             log(f"scratch kept in {work}")
         else:

@@ -14,7 +14,7 @@ from dataclasses import asdict, dataclass, field
 
 import aiohttp
 
-from systems import System, request_body
+from systems import System
 
 _STAMP = re.compile(rb'"content":\s*"t(\d+)"')
 
@@ -79,7 +79,7 @@ async def one_stream(session: aiohttp.ClientSession, system: System, body: bytes
 async def measure(system: System, streams: int, timeout_s: float = 60.0) -> StreamStats:
     """`streams` streamed calls, one after another, on one kept-alive connection (after a warm-up call)."""
     assert system.url.startswith("http://127.0.0.1:"), "streams go to loopback only"
-    body = request_body(stream=True)
+    body = system.body(stream=True)
     samples: list[StreamSample] = []
     errors: list[str] = []
     connector = aiohttp.TCPConnector(limit=1, keepalive_timeout=60)

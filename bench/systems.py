@@ -1,4 +1,5 @@
-"""The systems under test (direct, bare forwarder, meterline with one and two workers, LiteLLM, Portkey): how each is started and called."""
+"""The systems under test (direct, bare forwarder, meterline with one and two workers, with budgets on Redis,
+through a route and a route that falls back, LiteLLM, Portkey): how each is started and called."""
 from __future__ import annotations
 
 import json
@@ -8,11 +9,13 @@ import urllib.request
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from procs import LOOPBACK, Service, free_port
+from procs import LOOPBACK, RedisService, Service, free_port
 
 BENCH = Path(__file__).resolve().parent
 ROOT = BENCH.parent
 MODEL = "gpt-4o-mini"
+ROUTE = "bench-route"  # meterline-route: one target, the fake's gpt-4o-mini
+FALLBACK_ROUTE = "bench-fallback"  # meterline-fallback: a target that answers 503, then the fake's gpt-4o-mini
 API_KEY = "sk-bench-7f3c9a1e5d2b8046c1e9f7a3b5d0e2c4a6f8b1d3e5c7a9f0"  # also LiteLLM's master key
 
 # sent to every system alike; meterline reads and strips the x-meterline-* ones, the others pass them on
@@ -32,15 +35,30 @@ class System:
     service: Service
     headers: dict[str, str] = field(default_factory=dict)
     version: str = ""
+    model: str = MODEL  # what the request body's `model` says (a route's name for the route rows)
+    attempts: int = 0  # the `x-meterline-attempts` every call must answer with (0: not a route)
+    redis: RedisService | None = None  # the redis-server its budgets live on (meterline-redis): its CPU counts
+
+    def body(self, stream: bool = False) -> bytes:
+        return request_body(stream, model=self.model)
+
+    def companions(self) -> dict[str, int]:
+        """Servers only this system uses (role -> pid), whose CPU counts for it."""
+        return {"redis": self.redis.pid} if self.redis is not None and self.redis.proc is not None else {}
+
+    def stop(self) -> None:
+        self.service.stop()
+        if self.redis is not None:
+            self.redis.stop()
 
     def all_headers(self, extra: dict[str, str] | None = None) -> dict[str, str]:
         return {**COMMON_HEADERS, **self.headers, **(extra or {})}
 
 
-def request_body(stream: bool = False, prompt_chars: int = 400) -> bytes:
+def request_body(stream: bool = False, prompt_chars: int = 400, model: str = MODEL) -> bytes:
     """A chat request like an app's: a system and a user message, and a token limit."""
     body: dict[str, object] = {
-        "model": MODEL,
+        "model": model,
         "messages": [
             {"role": "system", "content": "You are a concise assistant for an online shop."},
             {"role": "user", "content": ("Summarise this order history for the support agent. " * 8)[:prompt_chars]},
@@ -85,12 +103,14 @@ def meterline_command() -> list[str]:
 
 
 def start_meterline(workdir: Path, fake: System, name: str = "meterline", workers: int = 1,
-                    fleet_redis: str | None = None) -> System:
+                    fleet_redis: str | None = None, upstreams: str = "", extra: str = "") -> System:
     """`meterline serve` as users run it, on a fresh ledger in `workdir`, with everything on: journal
     and ledger, two budget rules every call is admitted and settled against (one split per API
     key), traces exported over OTLP/HTTP to the fake (which drops them), metrics. With `workers` > 1
     (`--workers N`) the same without the budget rules, which meterline refuses with more than one
-    forwarder unless they are shared through Redis (`fleet_redis`: fleet.redis, budgets kept)."""
+    forwarder unless they are shared through Redis (`fleet_redis`: fleet.redis, budgets kept).
+    `upstreams` adds entries to the upstreams block (lines indented two spaces), `extra` top-level
+    config (routes)."""
     workdir.mkdir(parents=True, exist_ok=True)
     port = free_port()
     config = workdir / f"{name}.yaml"
@@ -98,10 +118,11 @@ def start_meterline(workdir: Path, fake: System, name: str = "meterline", worker
                "  - {name: bench-daily, window: day, limit_usd: 1000000, action: block}\n"
                "  - {name: bench-per-key, per: key, window: hour, limit_usd: 100000, action: block}\n")
     config.write_text(
-        f"upstreams:\n  openai: {{base_url: {fake_base(fake)}}}\n"
+        f"upstreams:\n  openai: {{base_url: {fake_base(fake)}}}\n" + upstreams
         + (budgets if workers == 1 or fleet_redis else "")
         + (f"fleet: {{redis: '{fleet_redis}'}}\n" if fleet_redis else "")
         + "telemetry: {batch_delay_s: 1}\n"
+        + extra
     )
     env = {"PYTHONPATH": str(ROOT), "OTEL_EXPORTER_OTLP_ENDPOINT": fake_base(fake),
            "OTEL_EXPORTER_OTLP_PROTOCOL": "http/protobuf"}
@@ -110,6 +131,42 @@ def start_meterline(workdir: Path, fake: System, name: str = "meterline", worker
                       f"http://{LOOPBACK}:{port}/_meterline/healthz", workdir / f"{name}.log",
                       cwd=workdir, env=env).start()
     return System(name, f"http://{LOOPBACK}:{port}/openai/v1/chat/completions", service)
+
+
+def start_meterline_redis(workdir: Path, fake: System) -> System:
+    """meterline as `start_meterline` runs it, its two budget rules shared through `fleet.redis` on a
+    redis-server of its own (free loopback port, temp directory, no persistence)."""
+    redis = RedisService(workdir / "redis").start()
+    try:
+        system = start_meterline(workdir, fake, "meterline-redis", fleet_redis=redis.url)
+    except Exception:
+        redis.stop()
+        raise
+    system.redis = redis
+    return system
+
+
+def start_meterline_route(workdir: Path, fake: System) -> System:
+    """meterline as `start_meterline` runs it (budgets and all), called with `model: bench-route`: a
+    route of one target, the fake's gpt-4o-mini. Against meterline: what a route adds to a call."""
+    system = start_meterline(workdir, fake, "meterline-route", extra=(
+        f"routes:\n  {ROUTE}:\n    targets:\n      - {{upstream: openai, model: {MODEL}}}\n"))
+    system.model, system.attempts = ROUTE, 1
+    return system
+
+
+def start_meterline_fallback(workdir: Path, fake: System) -> System:
+    """The same with `model: bench-fallback`: a route whose first target (upstream `down`, the fake's
+    `/fail/503` path) answers every call 503, so each call falls back once to the fake's gpt-4o-mini.
+    Its circuit never opens (a million failures a second), so every call pays the failed try."""
+    system = start_meterline(
+        workdir, fake, "meterline-fallback",
+        upstreams=f"  down: {{base_url: {fake_base(fake)}/fail/503, adapter: openai}}\n", extra=(
+        f"routes:\n  {FALLBACK_ROUTE}:\n    strategy: fallback\n    targets:\n"
+        f"      - {{upstream: down, model: {MODEL}}}\n      - {{upstream: openai, model: {MODEL}}}\n"
+        "    fallback_on: [5xx]\n    circuit: {failures: 1000000, window_s: 1}\n"))
+    system.model, system.attempts = FALLBACK_ROUTE, 2
+    return system
 
 
 def is_meterline(system: System) -> bool:
@@ -169,16 +226,22 @@ def start_portkey(workdir: Path, fake: System, entry: str, version: str) -> Syst
 def verify(system: System, chunks: int) -> str | None:
     """One JSON and one streamed call; None when both look like OpenAI's, else what is wrong."""
     try:
-        req = urllib.request.Request(system.url, data=request_body(), method="POST",
+        req = urllib.request.Request(system.url, data=system.body(), method="POST",
                                      headers={**system.all_headers(), "Content-Type": "application/json"})
         with urllib.request.urlopen(req, timeout=30) as resp:
             doc = json.loads(resp.read())
+            tries = resp.headers.get("x-meterline-attempts")
         if not isinstance(doc.get("usage"), dict) or doc.get("model") is None:
             return f"JSON answer lacks usage or model: {str(doc)[:200]}"
-        req = urllib.request.Request(system.url, data=request_body(stream=True), method="POST",
+        if system.attempts and tries != str(system.attempts):
+            return f"route call made {tries} attempts (x-meterline-attempts), not {system.attempts}"
+        req = urllib.request.Request(system.url, data=system.body(stream=True), method="POST",
                                      headers={**system.all_headers(), "Content-Type": "application/json"})
         with urllib.request.urlopen(req, timeout=60) as resp:
             text = resp.read()
+            tries = resp.headers.get("x-meterline-attempts")
+        if system.attempts and tries != str(system.attempts):
+            return f"streamed route call made {tries} attempts (x-meterline-attempts), not {system.attempts}"
         got = len(re.findall(rb'"content":\s*"t\d+"', text))
         if b"[DONE]" not in text or got != chunks:
             return f"stream had {got} of {chunks} content chunks, [DONE] {'seen' if b'[DONE]' in text else 'missing'}"

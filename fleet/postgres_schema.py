@@ -11,32 +11,58 @@ from dataclasses import dataclass
 from datetime import datetime, timezone
 from typing import Any
 
+from jobs import reconcile_store as rs
+from ledger import attempt_rows, budget_store
 from ledger import schema as duck
 
 # one lock id for every meterline schema change (pg_advisory_xact_lock takes a bigint)
 LOCK_ID = 0x6D657465726C6E  # "meterln"
-VERSION = 1  # what this code's MIGRATIONS bring a database to
+VERSION = 2  # what this code's MIGRATIONS bring a database to
 
 
 @dataclass(frozen=True, slots=True)
 class ShippedTable:
-    """A DuckDB ledger table whose rows go to Postgres. Rows must never change after insert (the
-    shipper's cursor is the DuckDB rowid); `key` makes a row unique fleet-wide (it holds the
-    partition column, as Postgres requires of a partitioned table's keys). A table whose rows do change
-    (jobs, as their state moves) needs more than a line here: a column that grows with every change
-    for the cursor, and ON CONFLICT DO UPDATE; not built yet."""
+    """A DuckDB ledger table whose rows go to Postgres. `key` makes a row unique fleet-wide (for a
+    partitioned table it holds the partition column, as Postgres requires of its keys).
+
+    An append-only table (`cursor` "rowid": its rows never change after insert, and one writer thread
+    appends them, so rowids grow in commit order) is inserted ON CONFLICT DO NOTHING. A table whose rows
+    change (jobs) names a column that grows with every change, in commit order, as `cursor`: its rows
+    are upserted, ON CONFLICT DO UPDATE only when the shipped row is newer by that column."""
 
     name: str
     columns: tuple[tuple[str, str], ...]  # (name, DuckDB type), in the DuckDB table's order
     key: tuple[str, ...]
-    partition_by: str  # a TIMESTAMPTZ column: the table is partitioned by its month
+    partition_by: str | None = None  # a TIMESTAMPTZ column: the table is partitioned by its month (calls only)
+    cursor: str = "rowid"  # "rowid", or the change column of a table whose rows change
+    at: str | None = None  # a TIMESTAMPTZ column telling how old a row waiting to ship is (lag)
+
+    @property
+    def upsert(self) -> bool:
+        return self.cursor != "rowid"
 
 
-# Which tables are shipped. Another ledger table that carries rows (attempts, jobs) adds a line here.
-SHIPPED: tuple[ShippedTable, ...] = (
-    ShippedTable("calls", tuple((name, sql) for name, sql, _ in duck.COLUMNS), ("call_id", "started_at"),
-                 "started_at"),
-)
+def _cols(pairs: Any) -> tuple[tuple[str, str], ...]:
+    return tuple((name, sql) for name, sql, *_ in pairs)
+
+
+def _shipped() -> tuple[ShippedTable, ...]:
+    return (
+        ShippedTable("calls", _cols(duck.COLUMNS), ("call_id", "started_at"), "started_at", at="started_at"),
+        ShippedTable("attempts", _cols(attempt_rows.COLUMNS), ("call_id", "attempt"), at="started_at"),
+        ShippedTable("jobs", _cols(duck.JOB_COLUMNS), ("job_id",), cursor="change_seq", at="updated_at"),
+        ShippedTable("alerts", _cols(budget_store.ALERT_COLUMNS), ("alert_id",), at="fired_at"),
+        ShippedTable("budget_topups", _cols(budget_store.TOPUP_COLUMNS), ("topup_id",), at="topped_at"),
+        ShippedTable("reconciliations", _cols({**rs.RUN_COLUMNS, **rs.INSTANCE}.items()), ("run_id",), at="ran_at"),
+        ShippedTable("reconciliation_rows", _cols({**rs.ROW_COLUMNS, **rs.INSTANCE}.items()),
+                     ("run_id", "bucket", "width", "model")),
+    )
+
+
+# Which tables are shipped, and by what key (docs/fleet.md lists them). Another ledger table that
+# carries rows adds a line here and a MIGRATIONS step creating it.
+SHIPPED: tuple[ShippedTable, ...] = _shipped()
+BY_NAME = {t.name: t for t in SHIPPED}
 
 
 def pg_type(duckdb_type: str) -> str:
@@ -56,8 +82,9 @@ def _q(name: str) -> str:
 
 def create_table(table: ShippedTable) -> str:
     cols = ",\n  ".join(f"{_q(n)} {pg_type(t)}" for n, t in table.columns)
+    partition = f" PARTITION BY RANGE ({_q(table.partition_by)})" if table.partition_by else ""
     return (f"CREATE TABLE IF NOT EXISTS {_q(table.name)} (\n  {cols},\n  PRIMARY KEY ({', '.join(map(_q, table.key))})"
-            f"\n) PARTITION BY RANGE ({_q(table.partition_by)})")
+            f"\n){partition}")
 
 
 # The same views as the DuckDB ledger (ledger/schema.py VIEWS), in Postgres's dialect
@@ -85,7 +112,9 @@ VIEWS = {
 
 # version -> statements; a database at version N gets every step above N, in order, in one transaction
 MIGRATIONS: dict[int, list[str]] = {
-    1: [create_table(t) for t in SHIPPED],
+    1: [create_table(BY_NAME["calls"])],
+    # every other table that carries rows (issue 14's follow-up); `instance` on calls came with version 1
+    2: [create_table(t) for t in SHIPPED if t.name != "calls"],
 }
 
 
@@ -115,6 +144,8 @@ def migrate(con: Any) -> int:
             con.execute(f"CREATE OR REPLACE VIEW {_q(name)} AS {body}")
         now = datetime.now(timezone.utc)
         for table in SHIPPED:  # this month and the next exist before any row needs them
+            if table.partition_by is None:
+                continue
             for month in (_month(now), _next(_month(now))):
                 _create_partition(con, table, month)
     return found

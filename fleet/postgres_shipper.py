@@ -3,15 +3,18 @@
 Runs on a thread of its own in the sinks process (reading DuckDB blocks, so it stays off the event
 loop and off the ledger writer's thread). Each pass, for each table of postgres_schema.SHIPPED:
 
-1. read up to `batch_rows` rows past the table's cursor (the DuckDB rowid: the ledger only ever
-   appends to these tables, from one writer thread, so rowids grow in commit order), every value
-   as text, so money and times cross exactly;
+1. read up to `batch_rows` rows past the table's cursor, every value as text, so money and times
+   cross exactly. The cursor is the DuckDB rowid for the tables the ledger only ever appends to
+   (from one writer thread, so rowids grow in commit order); for `jobs`, whose rows change, it is
+   `change_seq`, which every change of a row sets to the table's next, in commit order (jobs/store.py);
 2. COPY them into a temporary staging table, then `INSERT ... SELECT ... ON CONFLICT DO NOTHING`
-   into the table (idempotent by its key), and commit;
-3. only then move the cursor (the `fleet_cursor` table in DuckDB).
+   into the table (idempotent by its key), or for `jobs` `ON CONFLICT DO UPDATE ... WHERE` the
+   shipped row's change_seq is newer than the one there, and commit;
+3. only then move the cursor (the `fleet_cursor` table in DuckDB, one row per table).
 
-A crash between 2 and 3 ships the batch again, and the key drops the copies: nothing is lost or
-doubled whether Postgres is down for minutes, or this process is killed. While Postgres fails, the
+A crash between 2 and 3 ships the batch again, and the key drops the copies (a job's row sent again
+is no newer, so changes nothing): nothing is lost or doubled whether Postgres is down for minutes, or
+this process is killed. While Postgres fails, the
 rows simply wait in DuckDB (the backlog), the error is kept (without the password) for healthz,
 and the next try is `retry_s` later.
 """
@@ -23,12 +26,15 @@ import time
 from dataclasses import dataclass
 from typing import Any
 
+from jobs import reconcile_store
+
 from . import postgres_schema as pgs
 from .urls import redact, scrub
 
 log = logging.getLogger("meterline.fleet")
 
 STATEMENT_TIMEOUT_MS = 120_000  # one batch's COPY and INSERT, or a migration step waiting for its lock
+# shipped_rowid: the last value of the table's cursor column sent (a rowid, or for jobs a change_seq)
 CREATE_CURSOR = ("CREATE TABLE IF NOT EXISTS fleet_cursor (tbl VARCHAR, target VARCHAR, shipped_rowid BIGINT, "
                  "shipped_at TIMESTAMPTZ, PRIMARY KEY (tbl, target))")
 
@@ -58,6 +64,19 @@ def target_of(url: str) -> str:
     return redact(url) or ""
 
 
+def _insert(table: pgs.ShippedTable) -> str:
+    """From the staging table into the table: new keys only, or for a table whose rows change, the
+    rows newer (by its change column) than what the fleet ledger holds."""
+    cols = ", ".join(f'"{n}"' for n, _ in table.columns)
+    key = ", ".join(f'"{k}"' for k in table.key)
+    head = f'INSERT INTO "{table.name}" ({cols}) SELECT {cols} FROM "ship_{table.name}" ON CONFLICT ({key}) '
+    if not table.upsert:
+        return head + "DO NOTHING"
+    sets = ", ".join(f'"{n}" = EXCLUDED."{n}"' for n, _ in table.columns if n not in table.key)
+    c = f'"{table.cursor}"'
+    return head + f'DO UPDATE SET {sets} WHERE "{table.name}".{c} IS NULL OR "{table.name}".{c} < EXCLUDED.{c}'
+
+
 class Shipper:
     def __init__(self, settings: ShipperSettings, duck_cursor: Any) -> None:
         """`duck_cursor()` gives a new cursor on the ledger's DuckDB connection (LedgerWriter.cursor)."""
@@ -84,6 +103,7 @@ class Shipper:
         cur = self.duck_cursor()
         try:
             cur.execute(CREATE_CURSOR)
+            reconcile_store.create(cur)  # made at a run's first store otherwise; shipped from the start
         finally:
             cur.close()
         self._measure()
@@ -207,7 +227,8 @@ class Shipper:
         try:
             after = self._cursor_of(cur, table)
             exprs = ", ".join(_expr(n, t) for n, t in table.columns)
-            rows = cur.execute(f'SELECT rowid, {exprs} FROM "{table.name}" WHERE rowid > ? ORDER BY rowid LIMIT ?',
+            c = table.cursor
+            rows = cur.execute(f'SELECT {c}, {exprs} FROM "{table.name}" WHERE {c} > ? ORDER BY {c} LIMIT ?',
                                [after, self.settings.batch_rows]).fetchall()
         finally:
             cur.close()
@@ -218,18 +239,19 @@ class Shipper:
     def _ship(self, con: Any, table: pgs.ShippedTable, rows: list[tuple[Any, ...]]) -> None:
         names = [n for n, _ in table.columns]
         cols = ", ".join(f'"{n}"' for n in names)
-        part = names.index(table.partition_by)
-        months = {(int(r[part][:4]), int(r[part][5:7])) for r in rows if r[part]}
+        months: set[tuple[int, int]] = set()
+        if table.partition_by is not None:
+            part = names.index(table.partition_by)
+            months = {(int(r[part][:4]), int(r[part][5:7])) for r in rows if r[part]}
         try:
             with con.transaction():
-                pgs.ensure_partitions(con, table, months, self._partitions)
+                if months:
+                    pgs.ensure_partitions(con, table, months, self._partitions)
                 with con.cursor() as cur:
                     with cur.copy(f'COPY "ship_{table.name}" ({cols}) FROM STDIN') as copy:
                         for row in rows:
                             copy.write_row(row)
-                    key = ", ".join(f'"{k}"' for k in table.key)
-                    cur.execute(f'INSERT INTO "{table.name}" ({cols}) SELECT {cols} FROM "ship_{table.name}" '
-                                f"ON CONFLICT ({key}) DO NOTHING")
+                    cur.execute(_insert(table))
         except BaseException:
             self._partitions = set()  # what this transaction created is gone with it
             raise
@@ -249,9 +271,9 @@ class Shipper:
         try:
             for table in pgs.SHIPPED:
                 after = self._cursor_of(cur, table)
+                at = f'epoch(min("{table.at}"))' if table.at else "NULL"
                 count, first = cur.execute(
-                    f'SELECT count(*), epoch(min("{table.partition_by}")) FROM "{table.name}" WHERE rowid > ?',
-                    [after]).fetchone()
+                    f'SELECT count(*), {at} FROM "{table.name}" WHERE {table.cursor} > ?', [after]).fetchone()
                 backlog += count
                 if first is not None:
                     oldest = first if oldest is None else min(oldest, first)

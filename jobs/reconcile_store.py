@@ -33,6 +33,8 @@ RUN_COLUMNS = {
     "until": "TIMESTAMPTZ", "bucket": "VARCHAR", "tolerance": RATIO, "scope": "JSON", "ledger_usd": MONEY,
     "provider_usd": MONEY, "covered_share": RATIO, "rows_over": "INTEGER", "max_drift": RATIO, "status": "VARCHAR",
 }
+# set by the sidecar that stores a run (fleet.instance), not by the run's sender; added later, so last
+INSTANCE = {"instance": "VARCHAR"}
 _SIDES = {f"{side}_{m}": METRIC_TYPES[m] for m in _FIRST_METRICS for side in ("ledger", "provider")}
 _ADDED = {f"{side}_{m}": METRIC_TYPES[m] for m in ("images", "seconds") for side in ("ledger", "provider")}
 # columns added after the table first shipped go last, so a migrated table and a new one look alike
@@ -57,25 +59,29 @@ class Refused(ValueError):
 
 def create(con: Any) -> None:
     """Creates the tables, or adds the columns a ledger made by an earlier version lacks."""
-    cols = ",\n  ".join(f"{name} {kind}{' PRIMARY KEY' if name == 'run_id' else ''}" for name, kind in RUN_COLUMNS.items())
+    cols = ",\n  ".join(f"{name} {kind}{' PRIMARY KEY' if name == 'run_id' else ''}"
+                         for name, kind in {**RUN_COLUMNS, **INSTANCE}.items())
     con.execute(f"CREATE TABLE IF NOT EXISTS reconciliations (\n  {cols})")
-    cols = ",\n  ".join(f"{name} {kind}" for name, kind in ROW_COLUMNS.items())
+    cols = ",\n  ".join(f"{name} {kind}" for name, kind in {**ROW_COLUMNS, **INSTANCE}.items())
     con.execute(f"CREATE TABLE IF NOT EXISTS reconciliation_rows (\n  {cols})")
-    for name, kind in _ADDED.items():
+    for name, kind in {**_ADDED, **INSTANCE}.items():
         con.execute(f"ALTER TABLE reconciliation_rows ADD COLUMN IF NOT EXISTS {name} {kind}")
+    con.execute("ALTER TABLE reconciliations ADD COLUMN IF NOT EXISTS instance VARCHAR")
 
 
-def insert(con: Any, run: dict[str, Any], rows: list[dict[str, Any]]) -> None:
-    """Appends the run and its rows in one transaction (python values: Decimal, datetime, int, str, dict)."""
+def insert(con: Any, run: dict[str, Any], rows: list[dict[str, Any]], instance: str | None = None) -> None:
+    """Appends the run and its rows in one transaction (python values: Decimal, datetime, int, str, dict),
+    naming `instance` (fleet.instance of the sidecar storing it) on each."""
     create(con)
     con.execute("BEGIN")
     try:
-        names = list(run)
-        con.execute(f"INSERT INTO reconciliations ({', '.join(names)}) VALUES ({', '.join('?' * len(names))})",
-                    [orjson.dumps(run[n]).decode() if RUN_COLUMNS[n] == "JSON" else run[n] for n in names])
+        names = [n for n in run if n != "instance"]
+        con.execute(f"INSERT INTO reconciliations ({', '.join(names)}, instance) VALUES ({', '.join('?' * len(names))}, ?)",
+                    [orjson.dumps(run[n]).decode() if RUN_COLUMNS[n] == "JSON" else run[n] for n in names] + [instance])
         by_columns: dict[tuple[str, ...], list[list[Any]]] = {}
         for r in rows:
-            by_columns.setdefault(("run_id", *r), []).append([run["run_id"], *r.values()])
+            r = {k: v for k, v in r.items() if k != "instance"}
+            by_columns.setdefault(("run_id", *r, "instance"), []).append([run["run_id"], *r.values(), instance])
         for columns, values in by_columns.items():
             con.executemany(f"INSERT INTO reconciliation_rows ({', '.join(columns)}) "
                             f"VALUES ({', '.join('?' * len(columns))})", values)
@@ -169,7 +175,8 @@ def _run(doc: Any, run_id: str) -> dict[str, Any]:
 class Uploads:
     """The parts of runs being handed over, until each run's last part arrives (in the sinks process)."""
 
-    def __init__(self) -> None:
+    def __init__(self, instance: str | None = None) -> None:
+        self.instance = instance  # fleet.instance: the `instance` of the runs stored here
         self._lock = threading.Lock()
         self._open: dict[str, tuple[int, list[dict[str, Any]], float]] = {}  # run_id -> (next part, rows, last seen)
 
@@ -226,7 +233,7 @@ class Uploads:
                 return {"run_id": run_id, "received": part + 1, "parts": count}
             self._open.pop(run_id, None)
         try:
-            insert(con, run, held + rows)
+            insert(con, run, held + rows, self.instance)
         except Exception as e:  # noqa: BLE001 - DuckDB's constraint message is the useful one
             if "primary key" in str(e).lower() or "duplicate key" in str(e).lower():
                 raise Refused(f"run {run_id} is stored already") from None

@@ -1,9 +1,15 @@
 """The `jobs` table's reads and writes (DuckDB, on the sinks process's threads): job events upserted, unsettled jobs for the guard and the poller.
 
 Every function takes a DuckDB cursor: call them from a worker thread, never an event loop.
+
+Each change of a row sets its `change_seq` to one more than the table's highest: the fleet shipper
+(fleet/postgres_shipper.py) ships the rows past the last `change_seq` it sent. Writes take `_WRITING`
+from their first statement to their commit, so `change_seq` order is commit order: a shipper that
+saw seq N committed never later finds an N-1 it skipped.
 """
 from __future__ import annotations
 
+import threading
 import uuid
 from collections.abc import Callable, Iterable
 from datetime import datetime
@@ -19,6 +25,10 @@ PriceUnits = Callable[[str, "str | None", dict[str, Any], datetime], "Decimal | 
 
 _COLS = ("job_id", "call_id", "upstream", "provider", "model", "provider_job_id", "state", "submitted_at",
          "settled_at", "units_asked", "units_made", "estimate_usd", "cost_usd", "cost_source")
+
+
+_WRITING = threading.Lock()  # one writer of `jobs` at a time in this process (the writer thread, the poller)
+_NEXT = "(SELECT coalesce(max(change_seq), 0) + 1 FROM jobs)"
 
 
 def _json(units: dict[str, Any] | None) -> str | None:
@@ -38,30 +48,31 @@ def _find(con: Any, ev: JobEvent) -> tuple | None:
     return None
 
 
-def apply(con: Any, events: Iterable[JobEvent], price: PriceUnits | None = None) -> int:
+def apply(con: Any, events: Iterable[JobEvent], price: PriceUnits | None = None, instance: str | None = None) -> int:
     """Upserts the rows of these events, in order; returns how many rows changed. A settled row
-    never changes again (a late poll of a finished job only counts)."""
+    never changes again (a late poll of a finished job only counts). New rows name `instance`
+    (fleet.instance). Call it through apply_job_events (the lock that keeps change_seq in commit order)."""
     changed = 0
     for ev in events:
         if ev.event == "submit":
             con.execute("INSERT INTO jobs (job_id, call_id, upstream, provider, model, provider_job_id, state, "
-                        "submitted_at, updated_at, units_asked, estimate_usd, output_file_id) "
-                        "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?) ON CONFLICT (job_id) DO NOTHING",
+                        "submitted_at, updated_at, units_asked, estimate_usd, output_file_id, instance, change_seq) "
+                        f"VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, {_NEXT}) ON CONFLICT (job_id) DO NOTHING",
                         [ev.job_id, ev.call_id, ev.upstream, ev.provider, ev.model, ev.provider_job_id, ev.state,
-                         ev.at, ev.at, _json(ev.units_asked), ev.estimate_usd, ev.output_file_id])
+                         ev.at, ev.at, _json(ev.units_asked), ev.estimate_usd, ev.output_file_id, instance])
             changed += 1
             continue  # (a synchronous job, each::labs /run, is followed by its settle event)
         row = _find(con, ev)
         if row is None:
             # a job this ledger never saw submitted (before meterline, or another sidecar's)
             job_id = ev.job_id or uuid.uuid4().hex
-            con.execute("INSERT INTO jobs (job_id, upstream, provider, model, provider_job_id, state, updated_at) "
-                        "VALUES (?, ?, ?, ?, ?, ?, ?)",
-                        [job_id, ev.upstream, ev.provider, ev.model, ev.provider_job_id, ev.state, ev.at])
+            con.execute("INSERT INTO jobs (job_id, upstream, provider, model, provider_job_id, state, updated_at, "
+                        f"instance, change_seq) VALUES (?, ?, ?, ?, ?, ?, ?, ?, {_NEXT})",
+                        [job_id, ev.upstream, ev.provider, ev.model, ev.provider_job_id, ev.state, ev.at, instance])
             row = (job_id, ev.state, None, ev.provider, ev.model, None, None)
         job_id, _, settled_at, provider, model, asked, estimate = row
         if settled_at is not None:
-            con.execute("UPDATE jobs SET polls = polls + 1 WHERE job_id = ?", [job_id])
+            con.execute(f"UPDATE jobs SET polls = polls + 1, change_seq = {_NEXT} WHERE job_id = ?", [job_id])
             continue
         cost, source = ev.cost_usd, ev.cost_source
         terminal = ev.event == "settle" or (ev.state in TERMINAL and ev.output_file_id is None)
@@ -71,7 +82,7 @@ def apply(con: Any, events: Iterable[JobEvent], price: PriceUnits | None = None)
                 if price and ev.units_made else None
             cost, source = settle_cost(ev.state, ev.cost_usd if ev.cost_source == "provider" else None, made,
                                        Decimal(estimate) if estimate is not None else None)
-        con.execute("UPDATE jobs SET state = coalesce(?, state), updated_at = ?, "
+        con.execute(f"UPDATE jobs SET state = coalesce(?, state), updated_at = ?, change_seq = {_NEXT}, "
                     "provider_job_id = coalesce(provider_job_id, ?), model = coalesce(model, ?), units_made = coalesce(?, units_made), "
                     "output_file_id = coalesce(?, output_file_id), "
                     "cost_usd = CASE WHEN ? THEN ? ELSE cost_usd END, "
@@ -129,13 +140,15 @@ def job_spend(con: Any, starts: set[datetime]) -> list[tuple[dict[str, Any], dat
     return out
 
 
-def apply_job_events(con: Any, events: list[JobEvent], price: PriceUnits | None = None) -> int:
+def apply_job_events(con: Any, events: list[JobEvent], price: PriceUnits | None = None,
+                     instance: str | None = None) -> int:
     """`apply` inside one transaction (the sinks process's poller and its writer-thread sink)."""
-    con.execute("BEGIN")
-    try:
-        n = apply(con, events, price)
-        con.execute("COMMIT")
-    except BaseException:
-        con.execute("ROLLBACK")
-        raise
+    with _WRITING:
+        con.execute("BEGIN")
+        try:
+            n = apply(con, events, price, instance)
+            con.execute("COMMIT")
+        except BaseException:
+            con.execute("ROLLBACK")
+            raise
     return n

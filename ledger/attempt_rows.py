@@ -40,6 +40,7 @@ COLUMNS: list[tuple[str, str, pa.DataType]] = [
     ("cost_usd", MONEY, _money),
     ("price_source", "VARCHAR", pa.string()),
     ("response_model", "VARCHAR", pa.string()),
+    ("instance", "VARCHAR", pa.string()),
 ]
 _NAMES = [name for name, _, _ in COLUMNS]
 assert _NAMES == [f.name for f in dataclasses.fields(Attempt)], "attempts schema and Attempt drifted"
@@ -62,8 +63,9 @@ def create(con: Any) -> None:
             con.execute(f"ALTER TABLE attempts ADD COLUMN {name} {sql_type}")
 
 
-def read(items: Any, call_id: str) -> list[Attempt]:
-    """A journal line's attempts (dicts, or Attempt objects in-process) as clean Attempts of `call_id`:
+def read(items: Any, call_id: str, instance: str | None = None) -> list[Attempt]:
+    """A journal line's attempts (dicts, or Attempt objects in-process) as clean Attempts of `call_id`
+    (metered by `instance`, the call's):
     a value that does not fit its column becomes NULL; an item that is no attempt at all is dropped."""
     if not isinstance(items, list):
         return []
@@ -82,7 +84,7 @@ def read(items: Any, call_id: str) -> list[Attempt]:
             continue
         a = Attempt(call_id=call_id, attempt=doc.get("attempt") if _int_ok(doc.get("attempt")) else n,
                     upstream=_text(doc.get("upstream")) or "", provider=_text(doc.get("provider")) or "",
-                    model=_text(doc.get("model")) or "", started_at=started)
+                    model=_text(doc.get("model")) or "", started_at=started, instance=instance)
         for name in _STRINGS[3:]:
             setattr(a, name, _text(doc.get(name)))
         a.outcome = a.outcome or "interrupted"

@@ -4,6 +4,7 @@ Every function here does DuckDB I/O: call them from a worker thread, never the e
 """
 from __future__ import annotations
 
+import uuid
 from collections.abc import Iterable
 from dataclasses import dataclass
 from datetime import datetime, timezone
@@ -14,17 +15,30 @@ import orjson
 
 from .budgets import Budgets, CallAttrs, Crossing, CrossingNote, Rule, RuleError, Tally, parse_rule
 
-CREATE = [
-    """CREATE TABLE IF NOT EXISTS budget_rules (
-         name VARCHAR PRIMARY KEY, spec JSON NOT NULL, updated_at TIMESTAMPTZ NOT NULL)""",
-    """CREATE TABLE IF NOT EXISTS budget_topups (
-         topped_at TIMESTAMPTZ NOT NULL, rule VARCHAR NOT NULL, split_key VARCHAR NOT NULL,
-         amount_usd DECIMAL(38, 12) NOT NULL)""",
-    """CREATE TABLE IF NOT EXISTS alerts (
-         fired_at TIMESTAMPTZ NOT NULL, rule VARCHAR NOT NULL, split_key VARCHAR, window_start TIMESTAMPTZ NOT NULL,
-         threshold DECIMAL(6, 3) NOT NULL, utilization DECIMAL(18, 6) NOT NULL,
-         spent_usd DECIMAL(38, 12), limit_usd DECIMAL(38, 12), action VARCHAR, call_id VARCHAR)""",
+CREATE_RULES = """CREATE TABLE IF NOT EXISTS budget_rules (
+         name VARCHAR PRIMARY KEY, spec JSON NOT NULL, updated_at TIMESTAMPTZ NOT NULL)"""
+# (column, DuckDB type) of the tables the fleet ledger receives too (fleet/postgres_schema.py); the id and
+# `instance` came later and go last, so a migrated table and a new one look alike
+TOPUP_COLUMNS: list[tuple[str, str]] = [
+    ("topped_at", "TIMESTAMPTZ"), ("rule", "VARCHAR"), ("split_key", "VARCHAR"), ("amount_usd", "DECIMAL(38, 12)"),
+    ("topup_id", "VARCHAR"), ("instance", "VARCHAR"),
 ]
+ALERT_COLUMNS: list[tuple[str, str]] = [
+    ("fired_at", "TIMESTAMPTZ"), ("rule", "VARCHAR"), ("split_key", "VARCHAR"), ("window_start", "TIMESTAMPTZ"),
+    ("threshold", "DECIMAL(6, 3)"), ("utilization", "DECIMAL(18, 6)"), ("spent_usd", "DECIMAL(38, 12)"),
+    ("limit_usd", "DECIMAL(38, 12)"), ("action", "VARCHAR"), ("call_id", "VARCHAR"),
+    ("alert_id", "VARCHAR"), ("instance", "VARCHAR"),
+]
+_NOT_NULL = {"topped_at", "rule", "split_key", "amount_usd", "fired_at", "window_start", "threshold", "utilization"}
+
+
+def _create(table: str, columns: list[tuple[str, str]]) -> str:
+    cols = ", ".join(f"{n} {t}{' NOT NULL' if n in _NOT_NULL and not (table == 'alerts' and n == 'split_key') else ''}"
+                     for n, t in columns)
+    return f"CREATE TABLE IF NOT EXISTS {table} ({cols})"
+
+
+CREATE = [CREATE_RULES, _create("budget_topups", TOPUP_COLUMNS), _create("alerts", ALERT_COLUMNS)]
 
 # a call counts against budgets unless it was refused; tokens are input plus output
 _HISTORY = """
@@ -40,6 +54,11 @@ _HISTORY = """
 def create(con: Any) -> None:
     for statement in CREATE:
         con.execute(statement)
+    for table, columns, ident in (("budget_topups", TOPUP_COLUMNS, "topup_id"), ("alerts", ALERT_COLUMNS, "alert_id")):
+        for name, sql_type in columns:  # a ledger made by an older version gains the columns added since
+            con.execute(f"ALTER TABLE {table} ADD COLUMN IF NOT EXISTS {name} {sql_type}")
+        # rows of an older version get an id (the fleet ledger's key)
+        con.execute(f"UPDATE {table} SET {ident} = CAST(uuid() AS VARCHAR) WHERE {ident} IS NULL")
 
 
 def api_rules(con: Any) -> list[Rule]:
@@ -61,15 +80,18 @@ def delete_rule(con: Any, name: str) -> None:
     con.execute("DELETE FROM budget_rules WHERE name = ?", [name])
 
 
-def save_topup(con: Any, rule: str, key: str, amount: Decimal, at: datetime) -> None:
-    con.execute("INSERT INTO budget_topups VALUES (?, ?, ?, ?)", [at, rule, key, amount])
+def save_topup(con: Any, rule: str, key: str, amount: Decimal, at: datetime, instance: str | None = None) -> None:
+    con.execute("INSERT INTO budget_topups (topped_at, rule, split_key, amount_usd, topup_id, instance) "
+                "VALUES (?, ?, ?, ?, ?, ?)", [at, rule, key, amount, uuid.uuid4().hex, instance])
 
 
-def save_alert(con: Any, crossing: Crossing | CrossingNote, call_id: str | None) -> None:
+def save_alert(con: Any, crossing: Crossing | CrossingNote, call_id: str | None, instance: str | None = None) -> None:
     n = crossing if isinstance(crossing, CrossingNote) else CrossingNote.of(crossing)
-    con.execute("INSERT INTO alerts VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+    con.execute("INSERT INTO alerts (fired_at, rule, split_key, window_start, threshold, utilization, spent_usd, "
+                "limit_usd, action, call_id, alert_id, instance) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
                 [n.at, n.rule, n.key or None, n.window_start, n.threshold,
-                 n.utilization.quantize(Decimal("0.000001")), n.spent_usd, n.limit_usd, n.action, call_id])
+                 n.utilization.quantize(Decimal("0.000001")), n.spent_usd, n.limit_usd, n.action, call_id,
+                 uuid.uuid4().hex, instance])
 
 
 @dataclass(slots=True)

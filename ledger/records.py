@@ -187,3 +187,4 @@ class Attempt:
     cost_usd: Decimal | None = None
     price_source: str | None = None
     response_model: str | None = None
+    instance: str | None = None  # the sidecar that metered it (its call's `instance`)

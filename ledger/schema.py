@@ -101,22 +101,42 @@ CREATE_REJECTED = ("CREATE TABLE IF NOT EXISTS rejected "
 # --- async media jobs (jobs/): one row per job, upserted by the sinks process from job events -------
 # state: submitted, running, succeeded, failed, cancelled, expired, unknown; cost_source: provider,
 # price, estimate. A row with settled_at NULL still holds a budget reservation of estimate_usd.
-CREATE_JOBS = f"""CREATE TABLE IF NOT EXISTS jobs (
-  job_id VARCHAR PRIMARY KEY, call_id VARCHAR, upstream VARCHAR, provider VARCHAR, model VARCHAR,
-  provider_job_id VARCHAR, state VARCHAR, submitted_at TIMESTAMPTZ, updated_at TIMESTAMPTZ,
-  settled_at TIMESTAMPTZ, units_asked JSON, units_made JSON, estimate_usd {MONEY}, cost_usd {MONEY},
-  cost_source VARCHAR, output_file_id VARCHAR, polls INTEGER DEFAULT 0)"""
+# (column, DuckDB type), in the table's order; `instance` and `change_seq` came later and go last, so a
+# migrated table and a new one look alike
+JOB_COLUMNS: list[tuple[str, str]] = [
+    ("job_id", "VARCHAR"), ("call_id", "VARCHAR"), ("upstream", "VARCHAR"), ("provider", "VARCHAR"),
+    ("model", "VARCHAR"), ("provider_job_id", "VARCHAR"), ("state", "VARCHAR"), ("submitted_at", "TIMESTAMPTZ"),
+    ("updated_at", "TIMESTAMPTZ"), ("settled_at", "TIMESTAMPTZ"), ("units_asked", "JSON"), ("units_made", "JSON"),
+    ("estimate_usd", MONEY), ("cost_usd", MONEY), ("cost_source", "VARCHAR"), ("output_file_id", "VARCHAR"),
+    ("polls", "INTEGER"),
+    ("instance", "VARCHAR"),  # the sidecar whose ledger holds the job (fleet.instance)
+    # grows with every change of the row, in commit order (jobs/store.py): the fleet shipper's cursor
+    ("change_seq", "BIGINT"),
+]
+_JOB_SQL = {"job_id": "VARCHAR PRIMARY KEY", "polls": "INTEGER DEFAULT 0"}
+CREATE_JOBS = "CREATE TABLE IF NOT EXISTS jobs (\n  " + ",\n  ".join(
+    f"{name} {_JOB_SQL.get(name, sql)}" for name, sql in JOB_COLUMNS) + ")"
+
+
+def _add_columns(con: Any, table: str, columns: Any) -> None:
+    """Adds the columns of `columns` ((name, type, ...) tuples) that `table`, made by an older version, lacks."""
+    have = {row[0] for row in con.execute(
+        "SELECT column_name FROM information_schema.columns WHERE table_name = ?", [table]).fetchall()}
+    for name, sql_type, *_ in columns:
+        if name not in have:
+            con.execute(f"ALTER TABLE {table} ADD COLUMN {name} {sql_type}")
 
 
 def create(con: Any) -> None:
     con.execute(CREATE_CALLS)
     con.execute(CREATE_JOBS)
     # a ledger made by an older version gains the columns added since (as NULLs for old rows)
-    have = {row[0] for row in con.execute(
-        "SELECT column_name FROM information_schema.columns WHERE table_name = 'calls'").fetchall()}
-    for name, sql_type, _ in COLUMNS:
-        if name not in have:
-            con.execute(f"ALTER TABLE calls ADD COLUMN {name} {sql_type}")
+    _add_columns(con, "calls", COLUMNS)
+    _add_columns(con, "jobs", JOB_COLUMNS)
+    # rows of an older version get their place in the change order (so the shipper sees them once)
+    con.execute("UPDATE jobs SET change_seq = s.n FROM (SELECT job_id, row_number() OVER (ORDER BY rowid) "
+                "+ (SELECT coalesce(max(change_seq), 0) FROM jobs) AS n FROM jobs WHERE change_seq IS NULL) s "
+                "WHERE jobs.job_id = s.job_id")
     con.execute(CREATE_META)
     con.execute(CREATE_REJECTED)
     attempt_rows.create(con)

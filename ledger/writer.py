@@ -314,7 +314,7 @@ class LedgerWriter:
             table = schema.to_arrow(records)
             # a routed call's tries go to `attempts` in the same transaction as its row
             tries = [a for r, e in zip(records, extras or ()) if e is not None and e.attempts
-                     for a in attempt_rows.read(e.attempts, r.call_id)]
+                     for a in attempt_rows.read(e.attempts, r.call_id, r.instance)]
             tries_table = attempt_rows.to_arrow(tries) if tries else None
         except Exception as e:  # noqa: BLE001 - a value Arrow cannot hold: the data's fault
             raise _Refused(f"{type(e).__name__}: {e}") from e

@@ -329,19 +329,41 @@ class Guard:
 
     # --- async jobs (jobs/, sidecar/jobs_hook.py) ------------------------------------------------
 
-    def admit_job(self, info: CallInfo, attrs: CallAttrs, at: datetime, usd: Decimal | None) -> Reservation | Refusal:
+    def admit_job(self, info: CallInfo, attrs: CallAttrs, at: datetime,
+                  usd: Decimal | None) -> Reservation | Refusal | Pending:
         """Reserves a job's estimate (its units asked times their price) until the job settles. A job
-        with no estimate (no price, or a batch whose requests are in a file) reserves only its request."""
+        with no estimate (no price, or a batch whose requests are in a file) reserves only its request.
+        In a fleet the estimate is held on this forwarder's leases, as a call's is: `Pending` when
+        they lack room (await `resolve`)."""
         if not self.budgets.rules:
             return NO_RESERVATION
         decision = self.budgets.admit(attrs, at, lambda rules: Tally(usd or Decimal(0), 0, 1))
+        leases = self.leases
+        if leases is not None:
+            if isinstance(decision, Refusal) and not leases.state.up and self.policy == "open":
+                return self._admit_anyway(attrs, at, decision.estimate)
+            if not isinstance(decision, Refusal) and decision.holds:
+                taken = leases.try_hold(decision.holds)
+                if taken is not None:
+                    decision.fleet = taken
+                    return decision
+                if not leases.state.up:
+                    return self._redis_down(decision, at)
+                return Pending(decision, info, attrs, at, [])
         if isinstance(decision, Refusal):
             self.refused += 1
-            decision.bounded = True
-            model = info.request_model or "an unnamed model"
-            decision.basis = f"the estimate of this {model} job from the units it asks for"
+            self.job_refused(decision, info)
             if decision.account.refused == 1:
                 log.warning("refused a job: %s", decision.message.removeprefix("meterline: "))
+        return decision
+
+    @staticmethod
+    def job_refused(decision: Refusal, info: CallInfo) -> Refusal:
+        """Says how a refused job's reservation was made (here, or after the fleet's `resolve`, which
+        counted and logged it)."""
+        decision.bounded = True
+        model = info.request_model or "an unnamed model"
+        decision.basis = f"the estimate of this {model} job from the units it asks for"
         return decision
 
     def settle_job(self, reservation: Reservation, usd: Decimal | None, at: datetime, call_id: str | None,
@@ -350,7 +372,10 @@ class Guard:
         the call that saw it end (`extras`); settled from the ledger (no call), they are logged."""
         if not reservation.holds:
             return
-        crossings = self.budgets.settle(reservation, Tally(usd or Decimal(0), 0, 1), at)
+        actual = Tally(usd or Decimal(0), 0, 1)
+        crossings = self.budgets.settle(reservation, actual, at)
+        if reservation.fleet is not None and self.leases is not None:
+            self.leases.settle(reservation.fleet, actual)  # the fleet's accounts get the job's cost
         if extras is not None:
             for acct in reservation.counted:
                 extras.utilization.append((acct.rule.name, acct.key or None, str(acct.settled_utilization)))
@@ -366,7 +391,12 @@ class Guard:
         holds = [(self.budgets.account(r, r.split_key(attrs), at), est) for r in self.budgets.matching(attrs)]
         for acct, e in holds:
             acct.reserved.add(e)
-        return Reservation(holds, attrs=attrs)
+        reservation = Reservation(holds, attrs=attrs)
+        if self.leases is not None and holds:
+            # held on this forwarder's new leases again (the old ones went back, or expired, with the old
+            # process): past their room if need be, as while Redis is down; settled as the job ends
+            reservation.fleet = self.leases.hold_anyway(holds)
+        return reservation
 
     async def _restore_jobs(self, now: datetime) -> None:
         """Unsettled jobs hold their reservations again; settled jobs' costs count in their windows

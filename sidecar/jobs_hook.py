@@ -25,7 +25,7 @@ from ledger.records import CallExtras, CallInfo, CallRecord, Observation, Usage
 
 from .adapters.base import JsonObserver
 from .config import Upstream
-from .guard import NO_RESERVATION
+from .guard import NO_RESERVATION, Pending
 from .job_book import Held, Replay
 from .runtime import Runtime
 
@@ -60,7 +60,8 @@ def estimate(rt: Runtime, info: CallInfo, ask: JobAsk, at: datetime) -> Decimal 
     return rt.pricer.units_cost(info.provider, ask.model, ask.units, at)
 
 
-def admit(rt: Runtime, info: CallInfo, attrs: CallAttrs, at: datetime) -> tuple[Reservation | Refusal, Decimal | None]:
+def admit(rt: Runtime, info: CallInfo, attrs: CallAttrs, at: datetime,
+          ) -> tuple[Reservation | Refusal | Pending, Decimal | None]:
     ask = info.job
     usd = estimate(rt, info, ask, at)
     return rt.guard.admit_job(info, attrs, at, usd), usd

@@ -161,6 +161,10 @@ async def forward(rt: Runtime, incoming: Incoming, reply: Reply, t0: float) -> N
                 _replay(rt, call, record_base, extras, found, reply)
                 return
             decision, est = jobs_hook.admit(rt, info, _attrs(info, record_base), started_at)
+            if isinstance(decision, Pending):  # a fleet lease without room for the job's estimate
+                decision = await rt.guard.resolve(decision)
+                if isinstance(decision, Refusal):
+                    decision = rt.guard.job_refused(decision, info)
         else:
             decision = rt.guard.admit(info, _attrs(info, record_base), started_at) if rt.guard.active else NO_RESERVATION
             if isinstance(decision, Pending):  # a fleet lease without room for it: one round trip to Redis

@@ -60,7 +60,7 @@ class Sinks:
         self.telemetry = Telemetry(config.telemetry, os.environ, config.app)
         self.alerts = AlertDispatcher(config.alerts, persist=self._persist_alert)
         self.queries = Queries(config.sql_max_concurrent, config.sql_timeout_s)
-        self.reconciliations = reconcile_store.Uploads()  # runs `meterline reconcile` hands over, part by part
+        self.reconciliations = reconcile_store.Uploads(config.fleet.instance)  # runs `meterline reconcile` hands over, part by part
         self.loop: asyncio.AbstractEventLoop | None = None
         self.started_at = time.time()
         self._polling = threading.Lock()  # the tail thread and `sync` take turns reading the journals
@@ -226,7 +226,7 @@ class Sinks:
         for attempt in range(5):
             cur = self.writer.cursor()
             try:
-                job_store.apply_job_events(cur, events, self.pricer.units_cost)
+                job_store.apply_job_events(cur, events, self.pricer.units_cost, self.config.fleet.instance)
                 return
             except Exception:  # noqa: BLE001 - the calls are written; a job row fault is logged, counted
                 if attempt == 4:
@@ -238,7 +238,7 @@ class Sinks:
         for event in events:
             cur = self.writer.cursor()
             try:
-                job_store.apply_job_events(cur, [event], self.pricer.units_cost)
+                job_store.apply_job_events(cur, [event], self.pricer.units_cost, self.config.fleet.instance)
             except Exception:  # noqa: BLE001 - the calls are written; a job row fault is logged, counted
                 self.job_failures += 1
                 log.exception("a job event of job %s could not be written", event.job_id or event.provider_job_id)
@@ -259,13 +259,13 @@ class Sinks:
     async def _run_jobs(self, name: str, *args: Any) -> Any:
         fn = {"unsettled_jobs": job_store.unsettled_jobs, "apply_job_events": job_store.apply_job_events}[name]
         if name == "apply_job_events":
-            args = (*args, self.pricer.units_cost)
+            args = (*args, self.pricer.units_cost, self.config.fleet.instance)
         return await asyncio.get_running_loop().run_in_executor(None, self._db, fn, list(args))
 
     def _persist_alert(self, note: CrossingNote, call_id: str | None) -> None:
         cur = self.writer.cursor()
         try:
-            budget_store.save_alert(cur, note, call_id)
+            budget_store.save_alert(cur, note, call_id, self.config.fleet.instance)
         finally:
             cur.close()
 
@@ -299,6 +299,8 @@ class Sinks:
             fn = DB_FUNCTIONS.get(name)
             if fn is None:
                 raise ValueError(f"no ledger function {name!r}")
+            if fn is budget_store.save_topup:  # the row names this sidecar (the forwarder does not say)
+                rest = [*rest[:4], self.config.fleet.instance]
             return await loop.run_in_executor(None, self._db, fn, rest)
         if op == "reconciliation":  # one part of a finished run (jobs/reconcile_store.py), as the CLI sent it
             try:

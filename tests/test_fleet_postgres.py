@@ -22,6 +22,7 @@ import psycopg
 import pytest
 import urllib.request
 
+from fleet import postgres_schema as pgs
 from tests.conftest import E2E, upstreams_for
 from tests.fleet_servers import PG_PASSWORD, PostgresServer
 from tests.sidecar_process import Sidecar
@@ -128,7 +129,7 @@ def test_two_sidecars_share_one_fleet_ledger(fake: Any, fleet_sidecars: Any, pos
         assert len(rows) == len(ids[instance])
         assert all(isinstance(r[2], Decimal) and r[2] > 0 for r in rows), "money is NUMERIC, and these calls cost"
     # the schema meterline made: a version, monthly partitions, money as numeric
-    assert pg(postgres_url, "SELECT max(version) FROM meterline_schema") == [(1,)]
+    assert pg(postgres_url, "SELECT max(version) FROM meterline_schema") == [(pgs.VERSION,)]
     assert pg(postgres_url, "SELECT count(*) FROM pg_inherits WHERE inhparent = 'calls'::regclass")[0][0] >= 2
     assert pg(postgres_url, "SELECT data_type FROM information_schema.columns WHERE table_name = 'calls' "
                             "AND column_name = 'cost_usd'") == [("numeric",)]

@@ -102,7 +102,7 @@ def test_schema_is_versioned_and_gains_missing_columns(writer: LedgerWriter, pos
     s = shipper(writer, postgres_url)
     assert s.ship_pending() == 1
     assert rows(postgres_url, "SELECT call_id, service_tier FROM calls ORDER BY 1") == [("m1", None), ("m2", "default")]
-    assert rows(postgres_url, "SELECT version FROM meterline_schema") == [(pgs.VERSION,)]
+    assert rows(postgres_url, "SELECT max(version) FROM meterline_schema") == [(pgs.VERSION,)]
     assert rows(postgres_url, "SELECT calls FROM spend_by_model") == [(2,)]
     s.stop()
 
@@ -136,3 +136,130 @@ def test_urls_are_shown_without_their_secrets() -> None:
     cfg = config_mod.parse({})
     assert cfg.fleet.postgres is None and cfg.fleet.instance  # the host name
     assert dataclasses.fields(config_mod.FleetConfig)
+
+
+# --- every table that carries rows (issue 14's follow-up) --------------------------------------------
+
+def _job(event: str, state: str, at_s: int, **more: Any) -> Any:
+    from jobs.model import JobEvent
+
+    return JobEvent(event, "job-1", "veo", "op-1", state, datetime(2026, 11, 26, 3, 0, at_s, tzinfo=timezone.utc),
+                    provider="gemini", model="veo-3", **more)
+
+
+def _apply(w: LedgerWriter, *events: Any) -> None:
+    from jobs import store as job_store
+
+    cur = w.cursor()
+    try:
+        job_store.apply_job_events(cur, list(events), None, w.instance)
+    finally:
+        cur.close()
+
+
+def test_every_table_ships_once_with_its_instance(writer: LedgerWriter, postgres_url: str,
+                                                  postgres_server: Any) -> None:
+    from jobs import reconcile_store
+    from ledger import budget_store
+    from ledger.budgets import CrossingNote
+    from ledger.records import Attempt, CallExtras
+
+    at = datetime(2026, 11, 26, 3, 0, tzinfo=timezone.utc)
+    tries = [Attempt("routed", 1, "openai", "openai", "gpt-4o-mini", at, status_code=429, outcome="error"),
+             Attempt("routed", 2, "backup", "openai", "gpt-4o", at, status_code=200, cost_usd=Decimal("0.000123"))]
+    assert writer.catch_up([(record("routed"), None, CallExtras(attempts=tries))]) == 1
+    _apply(writer, _job("submit", "submitted", 1, call_id="routed", estimate_usd=Decimal("0.50"),
+                        units_asked={"seconds": 8}))
+    cur = writer.cursor()
+    note = CrossingNote("r", None, "", "day", at, Decimal("0.8"), Decimal("0.81234567"), at, Decimal("8.1"),
+                        Decimal("10"), 0, None, 1, None, "alert", "")
+    budget_store.save_alert(cur, note, "routed", writer.instance)
+    budget_store.save_topup(cur, "r", "", Decimal("2.5"), at, writer.instance)
+    reconcile_store.create(cur)
+    reconcile_store.insert(cur, {"run_id": "run-1", "ran_at": at, "provider": "openai", "since": at, "until": at,
+                                 "status": "ok", "ledger_usd": Decimal("1.000000000001")},
+                           [{"bucket": at, "width": "1h", "model": "gpt-4o", "ledger_usd": Decimal("1.000000000001")}],
+                           writer.instance)
+    cur.close()
+    s = shipper(writer, postgres_url)
+    assert s.backlog_rows == 8
+    assert s.ship_pending() == 8
+    _apply(writer, _job("poll", "running", 2))
+    # Postgres stops with a change waiting: it waits in the ledger, and arrives once Postgres is back
+    postgres_server.stop()
+    try:
+        with pytest.raises(psycopg.OperationalError):
+            s._close()
+            s.ship_pending()
+        _apply(writer, _job("settle", "succeeded", 3, cost_usd=Decimal("0.400000000001"), cost_source="provider",
+                            units_made={"seconds": 8}))
+    finally:
+        postgres_server.start()
+    s._measure()
+    assert s.backlog_rows == 1  # one row of jobs, changed twice
+    assert s.ship_pending() == 1
+    # killed after Postgres committed, before the cursors moved: every table is sent again
+    cur = writer.cursor()
+    cur.execute("DELETE FROM fleet_cursor")
+    cur.close()
+    assert s.ship_pending() == 8
+    one = {t.name: rows(postgres_url, f'SELECT count(*), count(DISTINCT instance), min(instance) FROM "{t.name}"')[0]
+           for t in pgs.SHIPPED}
+    assert one == {"calls": (1, 1, "unit-1"), "attempts": (2, 1, "unit-1"), "jobs": (1, 1, "unit-1"),
+                   "alerts": (1, 1, "unit-1"), "budget_topups": (1, 1, "unit-1"),
+                   "reconciliations": (1, 1, "unit-1"), "reconciliation_rows": (1, 1, "unit-1")}
+    assert rows(postgres_url, "SELECT attempt, upstream, status_code, cost_usd FROM attempts ORDER BY 1") == [
+        (1, "openai", 429, None), (2, "backup", 200, Decimal("0.000123"))]
+    assert rows(postgres_url, "SELECT state, cost_usd, cost_source, units_made, estimate_usd, settled_at IS NOT NULL "
+                              "FROM jobs") == [("succeeded", Decimal("0.400000000001"), "provider", {"seconds": 8},
+                                                Decimal("0.5"), True)]
+    assert rows(postgres_url, "SELECT utilization, limit_usd FROM alerts") == [(Decimal("0.812346"), Decimal("10"))]
+    assert rows(postgres_url, "SELECT amount_usd FROM budget_topups") == [(Decimal("2.5"),)]
+    assert rows(postgres_url, "SELECT r.ledger_usd, w.ledger_usd FROM reconciliations r "
+                              "JOIN reconciliation_rows w USING (run_id)") == [(Decimal("1.000000000001"),) * 2]
+    # an older copy of a job's row never overwrites a newer one (only a higher change_seq does)
+    rows(postgres_url, "UPDATE jobs SET change_seq = change_seq + 100, state = 'newer'")
+    cur = writer.cursor()
+    cur.execute("DELETE FROM fleet_cursor WHERE tbl = 'jobs'")
+    cur.close()
+    assert s.ship_pending() == 1
+    assert rows(postgres_url, "SELECT state FROM jobs") == [("newer",)]
+    s.stop()
+
+
+def test_a_version_1_fleet_ledger_gains_the_other_tables(writer: LedgerWriter, postgres_url: str) -> None:
+    s = shipper(writer, postgres_url)
+    s.ship_pending()
+    s.stop()
+    rows(postgres_url, "DROP TABLE attempts, jobs, alerts, budget_topups, reconciliations, reconciliation_rows")
+    rows(postgres_url, "DELETE FROM meterline_schema WHERE version > 1")
+    _apply(writer, _job("submit", "submitted", 1))
+    s = shipper(writer, postgres_url)
+    assert s.ship_pending() == 1
+    assert rows(postgres_url, "SELECT job_id, instance FROM jobs") == [("job-1", "unit-1")]
+    assert rows(postgres_url, "SELECT max(version) FROM meterline_schema") == [(pgs.VERSION,)]
+    s.stop()
+
+
+def test_an_older_ledger_gains_instance_ids_and_change_order(tmp_path: Path) -> None:
+    import duckdb
+
+    path = tmp_path / "old.duckdb"
+    con = duckdb.connect(str(path))
+    con.execute("CREATE TABLE jobs (job_id VARCHAR PRIMARY KEY, call_id VARCHAR, upstream VARCHAR, provider VARCHAR, "
+                "model VARCHAR, provider_job_id VARCHAR, state VARCHAR, submitted_at TIMESTAMPTZ, updated_at TIMESTAMPTZ, "
+                "settled_at TIMESTAMPTZ, units_asked JSON, units_made JSON, estimate_usd DECIMAL(38, 12), "
+                "cost_usd DECIMAL(38, 12), cost_source VARCHAR, output_file_id VARCHAR, polls INTEGER DEFAULT 0)")
+    con.execute("INSERT INTO jobs (job_id, state) VALUES ('a', 'running'), ('b', 'running')")
+    con.execute("CREATE TABLE alerts (fired_at TIMESTAMPTZ NOT NULL, rule VARCHAR NOT NULL, split_key VARCHAR, "
+                "window_start TIMESTAMPTZ NOT NULL, threshold DECIMAL(6, 3) NOT NULL, utilization DECIMAL(18, 6) NOT NULL, "
+                "spent_usd DECIMAL(38, 12), limit_usd DECIMAL(38, 12), action VARCHAR, call_id VARCHAR)")
+    con.execute("INSERT INTO alerts VALUES (now(), 'r', NULL, now(), 0.5, 0.5, 1, 2, 'alert', NULL)")
+    con.close()
+    w = LedgerWriter(path)
+    w.open()
+    cur = w.cursor()
+    assert cur.execute("SELECT job_id, change_seq FROM jobs ORDER BY 1").fetchall() == [("a", 1), ("b", 2)]
+    assert cur.execute("SELECT count(alert_id), count(instance) FROM alerts").fetchall() == [(1, 0)]
+    cur.close()
+    w.stop()

@@ -183,6 +183,6 @@ def test_a_ledger_with_the_first_shape_of_the_table_gains_the_new_columns(tmp_pa
     run = a_run(2)
     reconcile.store(con, run)
     columns = [r[0] for r in con.execute("DESCRIBE reconciliation_rows").fetchall()]
-    assert columns == list(reconcile_store.ROW_COLUMNS)
+    assert columns == [*reconcile_store.ROW_COLUMNS, *reconcile_store.INSTANCE]
     assert con.execute("SELECT count(*) FROM reconciliation_rows").fetchone() == (len(run.rows),)
     con.close()

@@ -23,6 +23,7 @@ from . import attribution, content, hostcheck, jobs_hook, memory
 from .adapters.base import JsonObserver
 from .decoding import Decoder, decoder_for
 from .guard import NO_RESERVATION, Pending
+from .oneapi import call as oneapi_call
 from .routes import attempts
 from .reply import AioReply, Incoming, Reply, incoming_of, read_body, timed_out
 from .runtime import ADAPTER_MODULES, Runtime
@@ -91,6 +92,9 @@ async def forward(rt: Runtime, incoming: Incoming, reply: Reply, t0: float) -> N
     name = incoming.upstream
     upstream = rt.config.upstreams.get(name)
     if upstream is None:
+        if name == "v1" and oneapi_call.serves(incoming.path):  # the root paths: One API (sidecar/oneapi)
+            await oneapi_call.forward(rt, incoming, reply, t0, forward)
+            return
         reply.simple(404, orjson.dumps(
             {"error": {"message": f"meterline: no upstream named {name!r}; configure it under 'upstreams:'",
                        "type": "meterline_unknown_upstream"}}))
@@ -133,6 +137,8 @@ async def forward(rt: Runtime, incoming: Incoming, reply: Reply, t0: float) -> N
         key_fingerprint=attribution.fingerprint(attribution.api_key(headers, query), rt.salt),
         trace_id=trace_id, span_id=span_id, request_bytes=len(raw),
     )
+    if incoming.formats is not None:
+        record_base["client_format"], record_base["upstream_format"] = incoming.formats
 
     est = mine = idem_key = None  # an async job's estimate, its idempotency entry and key (jobs_hook)
     # a route: one dict hit (a job's submit or poll is never routed)
@@ -523,6 +529,7 @@ def _record(rt: Runtime, call: _Call, base: dict[str, Any], provisional: bool) -
         trace_id=base["trace_id"], span_id=base["span_id"], request_bytes=base["request_bytes"],
         response_bytes=call.response_bytes, anomaly=None if provisional else seen.anomaly,
         service_tier=seen.service_tier, instance=rt.config.fleet.instance,
+        client_format=base.get("client_format"), upstream_format=base.get("upstream_format"),
     )
     if not provisional:
         validate.mark(record, bad)

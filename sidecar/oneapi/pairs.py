@@ -1,0 +1,87 @@
+"""The registry of translator pairs: (client format, upstream adapter) -> how one call's request
+is translated (body, upstream path) and which module translates its answer back."""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from types import ModuleType
+from typing import Callable
+
+from ..translate import (anthropic_to_gemini, anthropic_to_openai_chat, openai_chat_to_anthropic,
+                         openai_chat_to_gemini, openai_embeddings_to_gemini)
+
+CHAT = "chat"  # /v1/chat/completions (OpenAI format)
+MESSAGES = "messages"  # /v1/messages (Anthropic format)
+EMBEDDINGS = "embeddings"  # /v1/embeddings (OpenAI format)
+
+# root path -> (operation, client format: the adapter whose error bodies and headers the app reads)
+ROOT_PATHS = {"/chat/completions": (CHAT, "openai"), "/messages": (MESSAGES, "anthropic"),
+              "/embeddings": (EMBEDDINGS, "openai")}
+# the path each adapter serves an operation on when no translation is needed
+NATIVE_PATHS = {(CHAT, "openai"): "/v1/chat/completions", (MESSAGES, "anthropic"): "/v1/messages",
+                (EMBEDDINGS, "openai"): "/v1/embeddings"}
+
+
+@dataclass(slots=True)
+class Translated:
+    """One request, translated: the upstream's body and target, and what the answer needs."""
+
+    body: dict
+    target: str  # upstream path and query, after the upstream's base path
+    dropped: list[str]
+    stream: bool
+    include_usage: bool = True
+    extra: dict = field(default_factory=dict)  # per pair (embeddings: model, encoding)
+
+
+@dataclass(frozen=True, slots=True)
+class Pair:
+    module: ModuleType  # response(), error(), StreamTranslator (not for embeddings)
+    translate: Callable[[dict, str], Translated]
+
+
+def _usage_wanted(doc: dict) -> bool:
+    opts = doc.get("stream_options")
+    return bool(isinstance(opts, dict) and opts.get("include_usage"))
+
+
+def _chat_to_anthropic(doc: dict, model: str) -> Translated:
+    body, dropped = openai_chat_to_anthropic.request(doc, model)
+    return Translated(body, "/v1/messages", dropped, bool(doc.get("stream")), _usage_wanted(doc))
+
+
+def _chat_to_gemini(doc: dict, model: str) -> Translated:
+    body, dropped = openai_chat_to_gemini.request(doc, model, {})
+    stream = bool(doc.get("stream"))
+    return Translated(body, "/v1beta" + openai_chat_to_gemini.upstream_path(model, stream), dropped, stream,
+                      _usage_wanted(doc))
+
+
+def _messages_to_openai(doc: dict, model: str) -> Translated:
+    body, dropped = anthropic_to_openai_chat.request(doc, model)
+    return Translated(body, "/v1/chat/completions", dropped, bool(doc.get("stream")))
+
+
+def _messages_to_gemini(doc: dict, model: str) -> Translated:
+    body, dropped = anthropic_to_gemini.request(doc, model)
+    stream = bool(doc.get("stream"))
+    return Translated(body, anthropic_to_gemini.path(model, stream), dropped, stream)
+
+
+def _embeddings_to_gemini(doc: dict, model: str) -> Translated:
+    call = openai_embeddings_to_gemini.request(doc, model)
+    return Translated(call.body, "/v1beta/" + openai_embeddings_to_gemini.path(model, call.method), call.dropped,
+                      False, extra={"model": model, "encoding": call.encoding_format})
+
+
+PAIRS: dict[tuple[str, str], Pair] = {
+    (CHAT, "anthropic"): Pair(openai_chat_to_anthropic, _chat_to_anthropic),
+    (CHAT, "gemini"): Pair(openai_chat_to_gemini, _chat_to_gemini),
+    (MESSAGES, "openai"): Pair(anthropic_to_openai_chat, _messages_to_openai),
+    (MESSAGES, "gemini"): Pair(anthropic_to_gemini, _messages_to_gemini),
+    (EMBEDDINGS, "gemini"): Pair(openai_embeddings_to_gemini, _embeddings_to_gemini),
+}
+
+
+def reachable(operation: str, adapter: str) -> bool:
+    """Whether a call of this operation can go to an upstream of this adapter (natively or translated)."""
+    return (operation, adapter) in NATIVE_PATHS or (operation, adapter) in PAIRS

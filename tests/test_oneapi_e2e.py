@@ -58,3 +58,128 @@ def test_openai_sdk_to_anthropic(e2e: E2E) -> None:
                client_format="openai", upstream_format="anthropic", outcome="ok",
                input_tokens=doc["usage"]["input_tokens"], output_tokens=doc["usage"]["output_tokens"])
     e2e.expect_cost(row, e2e.extract(doc, "anthropic"), "claude-haiku-4-5", "anthropic")
+
+
+def test_openai_sdk_streams_from_anthropic_with_configured_key(e2e: E2E) -> None:
+    case = e2e.case(chunks=4)
+    client = oai(e2e, case)
+    chunks = list(client.chat.completions.create(model="claude/claude-haiku-4-5", messages=MESSAGES, max_tokens=100,
+                                                 stream=True, stream_options={"include_usage": True}))
+    ex = e2e.exchange(case)
+    assert ex.request_headers["x-api-key"] == "sk-ant-configured"  # the upstream's `api_key:` wins
+    text = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
+    finish = [c.choices[0].finish_reason for c in chunks if c.choices and c.choices[0].finish_reason]
+    assert text and finish == ["stop"]
+    assert chunks[-1].usage is not None and chunks[-1].usage.completion_tokens > 0
+    row = e2e.row(case)
+    e2e.expect(row, upstream="claude", stream=True, client_format="openai", upstream_format="anthropic",
+               outcome="ok", output_tokens=chunks[-1].usage.completion_tokens)
+    assert row["cost_usd"] is not None
+
+
+def test_openai_sdk_to_gemini(e2e: E2E) -> None:
+    case = e2e.case()
+    client = oai(e2e, case, api_key="gm-app-own")
+    resp = client.chat.completions.create(model="gemini/gemini-2.5-flash", messages=MESSAGES)
+    ex = e2e.exchange(case)
+    doc = json.loads(ex.response_body)
+    assert ex.path == "/v1beta/models/gemini-2.5-flash:generateContent"
+    assert ex.request_headers["x-goog-api-key"] == "gm-app-own"
+    assert resp.choices[0].message.content == doc["candidates"][0]["content"]["parts"][0]["text"]
+    assert resp.choices[0].finish_reason == "stop"
+    row = e2e.row(case)
+    e2e.expect(row, upstream="gemini", provider="google", client_format="openai", upstream_format="gemini",
+               input_tokens=doc["usageMetadata"]["promptTokenCount"], outcome="ok")
+    e2e.expect_cost(row, e2e.extract(doc, "google"), "gemini-2.5-flash", "google")
+
+
+def test_openai_sdk_streams_from_gemini(e2e: E2E) -> None:
+    case = e2e.case(chunks=3)
+    client = oai(e2e, case, api_key="gm-app-own")
+    chunks = list(client.chat.completions.create(model="gemini/gemini-2.5-flash", messages=MESSAGES, stream=True,
+                                                 stream_options={"include_usage": True}))
+    ex = e2e.exchange(case)
+    assert ex.path.endswith(":streamGenerateContent") and ex.query_string == "alt=sse"
+    assert "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
+    assert chunks[-1].usage is not None
+    row = e2e.row(case)
+    e2e.expect(row, stream=True, client_format="openai", upstream_format="gemini", outcome="ok",
+               output_tokens=chunks[-1].usage.completion_tokens)
+
+
+def test_anthropic_sdk_to_openai(e2e: E2E) -> None:
+    case = e2e.case()
+    client = ant(e2e, case)
+    raw = client.messages.with_raw_response.create(model="openai/gpt-4o-mini", max_tokens=100, messages=MESSAGES,
+                                                   extra_body={"top_k": 5})
+    msg = raw.parse()
+    ex = e2e.exchange(case)
+    doc = json.loads(ex.response_body)
+    assert ex.path == "/v1/chat/completions" and ex.request_json["model"] == "gpt-4o-mini"
+    assert ex.request_headers["authorization"] == "Bearer sk-ant-app-own"
+    assert msg.content[0].text == doc["choices"][0]["message"]["content"]
+    assert msg.stop_reason == "end_turn" and msg.usage.output_tokens == doc["usage"]["completion_tokens"]
+    assert raw.headers["x-meterline-dropped"] == "top_k"
+    row = e2e.row(case)
+    e2e.expect(row, upstream="openai", provider="openai", client_format="anthropic", upstream_format="openai",
+               input_tokens=doc["usage"]["prompt_tokens"], outcome="ok")
+    e2e.expect_cost(row, e2e.extract(doc, "openai", "chat"), "gpt-4o-mini", "openai")
+
+
+def test_anthropic_sdk_streams_from_openai(e2e: E2E) -> None:
+    case = e2e.case(chunks=4)
+    client = ant(e2e, case)
+    with client.messages.stream(model="openai/gpt-4o-mini", max_tokens=100, messages=MESSAGES) as stream:
+        text = "".join(stream.text_stream)
+        final = stream.get_final_message()
+    assert text and final.stop_reason == "end_turn" and final.usage.output_tokens > 0
+    row = e2e.row(case)
+    e2e.expect(row, stream=True, client_format="anthropic", upstream_format="openai", outcome="ok",
+               output_tokens=final.usage.output_tokens)
+    assert row["cost_usd"] is not None
+
+
+def test_anthropic_sdk_to_gemini(e2e: E2E) -> None:
+    case = e2e.case()
+    msg = ant(e2e, case).messages.create(model="gemini/gemini-2.5-flash", max_tokens=100, messages=MESSAGES)
+    ex = e2e.exchange(case)
+    doc = json.loads(ex.response_body)
+    assert msg.content[-1].text == doc["candidates"][0]["content"]["parts"][-1]["text"]
+    e2e.expect(e2e.row(case), client_format="anthropic", upstream_format="gemini", outcome="ok")
+
+
+def test_same_format_only_rewrites_the_model(e2e: E2E) -> None:
+    case = e2e.case()
+    resp = oai(e2e, case).chat.completions.create(model="openai/gpt-4o-mini", messages=MESSAGES)
+    ex = e2e.exchange(case)
+    assert ex.request_json["model"] == "gpt-4o-mini" and ex.request_json["messages"] == MESSAGES
+    assert resp.id == json.loads(ex.response_body)["id"]
+    e2e.expect(e2e.row(case), client_format="openai", upstream_format="openai", request_model="gpt-4o-mini")
+
+
+def test_unknown_model_in_each_clients_format(e2e: E2E) -> None:
+    case = e2e.case()
+    with pytest.raises(openai.NotFoundError) as got:
+        oai(e2e, case).chat.completions.create(model="nowhere/gpt-4o", messages=MESSAGES)
+    assert "nowhere/gpt-4o" in got.value.message and "upstreams:" in got.value.message
+    with pytest.raises(anthropic.NotFoundError) as got2:
+        ant(e2e, case).messages.create(model="no-such-route", max_tokens=10, messages=MESSAGES)
+    assert got2.value.body["error"]["type"] == "api_error" and "no-such-route" in str(got2.value)
+
+
+def test_refused_field_is_a_400_in_the_clients_format(e2e: E2E) -> None:
+    case = e2e.case()
+    with pytest.raises(openai.BadRequestError) as got:
+        oai(e2e, case).chat.completions.create(model="anthropic/claude-haiku-4-5", messages=MESSAGES, n=2)
+    assert "n" in got.value.message
+    assert e2e.exchanges(case, 0, timeout=0.2) == []  # never sent upstream
+
+
+def test_embeddings_to_gemini_through_the_openai_sdk(e2e: E2E) -> None:
+    case = e2e.case()
+    resp = oai(e2e, case, api_key="gm-app-own").embeddings.create(model="gemini/gemini-embedding-001",
+                                                                 input=["one", "two"])
+    ex = e2e.exchange(case)
+    assert ex.path == "/v1beta/models/gemini-embedding-001:batchEmbedContents"
+    assert len(resp.data) == 2 and len(resp.data[0].embedding) > 0
+    e2e.expect(e2e.row(case), client_format="openai", upstream_format="gemini", provider="google", outcome="ok")

@@ -4,26 +4,44 @@ objects carry the upstream's answer, and the ledger meters the upstream's own by
 from __future__ import annotations
 
 import json
-from typing import Any
+from typing import Any, Iterator
 
 import anthropic
 import openai
 import pytest
 
-from tests.conftest import E2E, Case
+from tests.conftest import CASE_HEADER, E2E, Case
 from tests.fakes import FakeProvider
+
 
 pytestmark = pytest.mark.filterwarnings("ignore::DeprecationWarning")
 MESSAGES = [{"role": "user", "content": "Say hello to the meter."}]
 
 
 @pytest.fixture(scope="module")
-def sidecar_config(fake: FakeProvider) -> dict[str, Any]:
+def down() -> Iterator[FakeProvider]:
+    """A second fake that answers every call with a 503 (the first target of a falling-back route)."""
+    server = FakeProvider().start_in_thread()
+    server.fail_with("error503")
+    try:
+        yield server
+    finally:
+        server.stop_thread()
+
+
+@pytest.fixture(scope="module")
+def sidecar_config(fake: FakeProvider, down: FakeProvider) -> dict[str, Any]:
     return {"upstreams": {
+        "claude-down": {"base_url": down.base_url, "adapter": "anthropic", "provider": "anthropic"},
         "openai": {"base_url": fake.base_url}, "anthropic": {"base_url": fake.base_url},
         "gemini": {"base_url": fake.base_url},
         "claude": {"base_url": fake.base_url, "adapter": "anthropic", "provider": "anthropic",
                    "api_key": "sk-ant-configured"},
+    }, "routes": {
+        "route-claude": {"targets": [{"upstream": "claude", "model": "claude-haiku-4-5"},
+                                     {"upstream": "openai", "model": "gpt-4o-mini"}], "circuit": {"failures": 100}},
+        "route-503": {"targets": [{"upstream": "claude-down", "model": "claude-haiku-4-5"},
+                                  {"upstream": "openai", "model": "gpt-4o-mini"}], "circuit": {"failures": 100}},
     }}
 
 
@@ -183,3 +201,44 @@ def test_embeddings_to_gemini_through_the_openai_sdk(e2e: E2E) -> None:
     assert ex.path == "/v1beta/models/gemini-embedding-001:batchEmbedContents"
     assert len(resp.data) == 2 and len(resp.data[0].embedding) > 0
     e2e.expect(e2e.row(case), client_format="openai", upstream_format="gemini", provider="google", outcome="ok")
+
+
+def test_models_through_both_sdks(e2e: E2E) -> None:
+    case = e2e.case()
+    ids = [m.id for m in oai(e2e, case).models.list()]
+    assert "route-claude" in ids and "claude/claude-haiku-4-5" in ids and "openai/gpt-4o-mini" in ids
+    assert oai(e2e, case).models.retrieve("openai/gpt-4o-mini").id == "openai/gpt-4o-mini"
+    page = ant(e2e, case).models.list()
+    assert {m.id for m in page.data} == set(ids)
+    assert ant(e2e, case).models.retrieve("route-claude").id == "route-claude"
+    with pytest.raises(openai.NotFoundError):
+        oai(e2e, case).models.retrieve("nowhere/x")
+
+
+def test_mixed_route_falls_back_from_anthropic_to_openai(e2e: E2E, down: FakeProvider) -> None:
+    case = e2e.case()
+    raw = oai(e2e, case).chat.completions.with_raw_response.create(model="route-503", messages=MESSAGES, max_tokens=50)
+    resp = raw.parse()
+    assert raw.headers["x-meterline-served-by"] == "openai/gpt-4o-mini" and raw.headers["x-meterline-attempts"] == "2"
+    failed = [e for e in down.exchanges if e.request_headers.get(CASE_HEADER) == case.id]
+    assert [(e.path, e.request_json["model"], e.request_json["max_tokens"]) for e in failed] == [
+        ("/v1/messages", "claude-haiku-4-5", 50)]  # translated for the Anthropic target
+    served = e2e.exchange(case)
+    assert served.path == "/v1/chat/completions" and served.request_json["model"] == "gpt-4o-mini"
+    doc = json.loads(served.response_body)
+    assert resp.choices[0].message.content == doc["choices"][0]["message"]["content"]
+    row = e2e.row(case)
+    e2e.expect(row, route="route-503", served_by="openai/gpt-4o-mini", client_format="openai",
+               upstream_format="openai", outcome="ok")
+    tries = e2e.sidecar.sql(f"SELECT * FROM attempts WHERE call_id = '{row['call_id']}' ORDER BY attempt")
+    assert [(t["upstream"], t["status_code"]) for t in tries] == [("claude-down", 503), ("openai", 200)]
+    e2e.expect_cost(row, e2e.extract(doc, "openai", "chat"), "gpt-4o-mini", "openai")
+    assert tries[1]["cost_usd"] == row["cost_usd"]
+
+
+def test_route_of_another_format_for_an_anthropic_client(e2e: E2E) -> None:
+    case = e2e.case()
+    msg = ant(e2e, case).messages.create(model="route-claude", max_tokens=50, messages=MESSAGES)
+    ex = e2e.exchange(case)
+    assert ex.path == "/v1/messages" and msg.content[0].text
+    e2e.expect(e2e.row(case), route="route-claude", client_format="anthropic", upstream_format="anthropic")

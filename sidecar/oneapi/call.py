@@ -90,10 +90,22 @@ async def _routed(rt: Runtime, incoming: Incoming, reply: Reply, t0: float, dire
                   operation: str, client: str, route: Any) -> None:
     """A route name: the route's own machinery (sidecar/routes) runs it on a path of its format."""
     adapter = route.route.adapter
+    adapters = {rt.config.upstreams[t.upstream].adapter for t in route.route.targets}
+    if adapters != {client} and all(pairs.reachable(operation, a) for a in adapters) \
+            and operation in (pairs.CHAT, pairs.MESSAGES):
+        # each try is translated for its target (sidecar/oneapi/routed.py); the call itself is
+        # described in the app's format, on an upstream of that format (a target's if there is one)
+        names = [t.upstream for t in route.route.targets] + list(rt.config.upstreams)
+        first = next((n for n in names if n != "_meterline" and rt.config.upstreams[n].adapter == client), None)
+        if first is not None:
+            native = pairs.NATIVE_PATHS[(operation, client)]
+            await direct(rt, _incoming(incoming, first, native, incoming.body, incoming.headers, (client, client)),
+                         reply, t0)
+            return
     native = pairs.NATIVE_PATHS.get((operation, adapter))
     if native is None:
         reply.simple(400, _error(client, 400, f"route {route.route.name!r} has {adapter} targets; /v1{incoming.path} "
-                                 "cannot reach a route of another format yet", "meterline_route_format"))
+                                 "cannot be translated to them", "meterline_route_format"))
         return
     first = route.route.targets[0].upstream
     upstream = rt.config.upstreams[first]

@@ -85,3 +85,12 @@ PAIRS: dict[tuple[str, str], Pair] = {
 def reachable(operation: str, adapter: str) -> bool:
     """Whether a call of this operation can go to an upstream of this adapter (natively or translated)."""
     return (operation, adapter) in NATIVE_PATHS or (operation, adapter) in PAIRS
+
+
+# the chat formats: a chat client (CHAT or MESSAGES) reaches each of them, natively or translated
+CHAT_FORMATS = frozenset({"openai", "anthropic", "gemini"})
+
+
+def mixable(adapters: set[str] | frozenset[str]) -> bool:
+    """Whether one route may hold targets of these adapters: every chat client reaches each of them."""
+    return all(reachable(op, a) for op in (CHAT, MESSAGES) for a in adapters)

@@ -12,6 +12,7 @@ import pytest
 
 from tests.conftest import CASE_HEADER, E2E, Case
 from tests.fakes import FakeProvider
+from tests.fakes.tools import TOOL_ARGS
 
 
 pytestmark = pytest.mark.filterwarnings("ignore::DeprecationWarning")
@@ -242,3 +243,56 @@ def test_route_of_another_format_for_an_anthropic_client(e2e: E2E) -> None:
     ex = e2e.exchange(case)
     assert ex.path == "/v1/messages" and msg.content[0].text
     e2e.expect(e2e.row(case), route="route-claude", client_format="anthropic", upstream_format="anthropic")
+
+
+WEATHER = {"type": "function", "function": {"name": "get_weather", "description": "The weather in a city",
+                                            "parameters": {"type": "object", "properties": {
+                                                "city": {"type": "string"}, "days": {"type": "integer"}}}}}
+ANT_WEATHER = {"name": "get_weather", "description": "The weather in a city",
+               "input_schema": WEATHER["function"]["parameters"]}
+
+
+@pytest.mark.parametrize("stream", [False, True])
+def test_openai_sdk_tool_call_from_anthropic(e2e: E2E, stream: bool) -> None:
+    case = e2e.case("tool-call")
+    client = oai(e2e, case)
+    kw: dict[str, Any] = dict(model="anthropic/claude-haiku-4-5", messages=MESSAGES, max_tokens=100, tools=[WEATHER])
+    if stream:
+        with client.chat.completions.stream(**kw) as s:  # the SDK assembles the call from the deltas
+            for _ in s:
+                pass
+            resp = s.get_final_completion()
+    else:
+        resp = client.chat.completions.create(**kw)
+    ex = e2e.exchange(case)
+    assert ex.request_json["tools"][0]["name"] == "get_weather" and "input_schema" in ex.request_json["tools"][0]
+    choice = resp.choices[0]
+    assert choice.finish_reason == "tool_calls"
+    call = choice.message.tool_calls[0]
+    assert call.function.name == "get_weather" and json.loads(call.function.arguments) == TOOL_ARGS
+    assert call.id.startswith("toolu_")  # Anthropic's id, so the app's tool result finds its call
+    row = e2e.row(case)
+    e2e.expect(row, finish_reason="tool_use", client_format="openai", upstream_format="anthropic", outcome="ok")
+    assert row["cost_usd"] is not None
+
+
+@pytest.mark.parametrize("stream", [False, True])
+def test_anthropic_sdk_tool_call_from_openai(e2e: E2E, stream: bool) -> None:
+    case = e2e.case("tool-call")
+    client = ant(e2e, case)
+    kw: dict[str, Any] = dict(model="openai/gpt-4o-mini", max_tokens=100, messages=MESSAGES, tools=[ANT_WEATHER])
+    if stream:
+        with client.messages.stream(**kw) as s:
+            msg = s.get_final_message()
+    else:
+        msg = client.messages.create(**kw)
+    ex = e2e.exchange(case)
+    assert ex.request_json["tools"][0]["function"]["name"] == "get_weather"
+    assert msg.stop_reason == "tool_use"
+    use = [b for b in msg.content if b.type == "tool_use"][0]
+    assert use.name == "get_weather" and use.input == TOOL_ARGS and use.id.startswith("call_")
+    row = e2e.row(case)
+    e2e.expect(row, finish_reason="tool_calls", client_format="anthropic", upstream_format="openai", outcome="ok",
+               output_tokens=msg.usage.output_tokens)
+    if stream:  # the app's usage is the upstream's
+        assert msg.usage.output_tokens == row["output_tokens"]

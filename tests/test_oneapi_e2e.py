@@ -296,3 +296,28 @@ def test_anthropic_sdk_tool_call_from_openai(e2e: E2E, stream: bool) -> None:
                output_tokens=msg.usage.output_tokens)
     if stream:  # the app's usage is the upstream's
         assert msg.usage.output_tokens == row["output_tokens"]
+
+
+@pytest.mark.parametrize("stream", [False, True])
+def test_openai_sdk_tool_call_from_gemini(e2e: E2E, stream: bool) -> None:
+    case = e2e.case("tool-call")
+    client = oai(e2e, case, api_key="gm-app-own")
+    kw: dict[str, Any] = dict(model="gemini/gemini-2.5-flash", messages=MESSAGES, tools=[WEATHER])
+    if stream:
+        with client.chat.completions.stream(**kw) as s:
+            for _ in s:
+                pass
+            resp = s.get_final_completion()
+    else:
+        resp = client.chat.completions.create(**kw)
+    ex = e2e.exchange(case)
+    assert ex.request_json["tools"][0]["functionDeclarations"][0]["name"] == "get_weather"
+    choice = resp.choices[0]
+    assert choice.finish_reason == "tool_calls"
+    call = choice.message.tool_calls[0]
+    assert call.function.name == "get_weather" and json.loads(call.function.arguments) == TOOL_ARGS
+    row = e2e.row(case)
+    e2e.expect(row, client_format="openai", upstream_format="gemini", outcome="ok", stream=stream)
+    doc = json.loads(ex.response_body) if not stream else None
+    if doc is not None:
+        e2e.expect_cost(row, e2e.extract(doc, "google"), "gemini-2.5-flash", "google")

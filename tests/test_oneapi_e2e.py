@@ -321,3 +321,30 @@ def test_openai_sdk_tool_call_from_gemini(e2e: E2E, stream: bool) -> None:
     doc = json.loads(ex.response_body) if not stream else None
     if doc is not None:
         e2e.expect_cost(row, e2e.extract(doc, "google"), "gemini-2.5-flash", "google")
+
+
+def _image_messages(url: str) -> list[dict[str, Any]]:
+    return [{"role": "user", "content": [{"type": "text", "text": "What is this?"},
+                                         {"type": "image_url", "image_url": {"url": url}}]}]
+
+
+def test_an_image_url_for_gemini_is_refused_naming_the_config_key(e2e: E2E, fake: FakeProvider) -> None:
+    case = e2e.case()
+    with pytest.raises(openai.BadRequestError) as got:
+        oai(e2e, case).chat.completions.create(model="gemini/gemini-2.5-flash",
+                                               messages=_image_messages(f"{fake.base_url}/_fake/images/a.png"))
+    assert "translate.fetch_images" in got.value.message
+    assert e2e.exchanges(case, 0, timeout=0.2) == []
+
+
+def test_an_image_url_is_fetched_and_sent_inline_when_allowed(e2e: E2E, fake: FakeProvider, start_sidecar: Any) -> None:
+    process = start_sidecar({"translate": {"fetch_images": True, "max_image_bytes": 100_000}})
+    case = e2e.case()
+    client = openai.OpenAI(api_key="gm-app-own", base_url=f"{process.url}/v1", max_retries=0,
+                           default_headers=case.headers, timeout=20)
+    resp = client.chat.completions.create(model="gemini/gemini-2.5-flash",
+                                          messages=_image_messages(f"{fake.base_url}/_fake/images/a.png"))
+    assert resp.choices[0].message.content
+    ex = e2e.exchange(case)
+    parts = ex.request_json["contents"][0]["parts"]
+    assert parts[1]["inlineData"]["mimeType"] == "image/png" and parts[1]["inlineData"]["data"]

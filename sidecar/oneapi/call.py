@@ -13,7 +13,7 @@ from ..reply import Incoming, Reply
 from ..runtime import ADAPTER_MODULES, Runtime
 from ..translate import models_list
 from ..translate.base import TranslateError, dropped_header
-from . import pairs
+from . import images, pairs
 
 Forward = Callable[[Runtime, Incoming, Reply, float], Awaitable[None]]
 
@@ -78,7 +78,16 @@ async def forward(rt: Runtime, incoming: Incoming, reply: Reply, t0: float, dire
                                  f"translated to it", "meterline_no_translator"))
         return
     try:
-        done = pair.translate(doc, model)
+        fetched: dict[str, tuple[str, bytes]] = {}
+        urls = pair.image_urls(doc) if pair.image_urls is not None else []
+        if urls:
+            opts = rt.config.translate
+            if not opts.fetch_images:
+                raise TranslateError(400, f"upstream {up_name!r} ({adapter}) takes only inline image data and this "
+                                          f"request names image URLs ({urls[0]}); send the image as base64 data, or "
+                                          "set the config key translate.fetch_images: true to let meterline fetch them")
+            fetched = await images.fetch(urls, opts.max_image_bytes, opts.image_timeout_s)
+        done = pair.translate(doc, model, fetched)
     except TranslateError as e:
         reply.simple(e.status, _error(client, e.status, e.message, "meterline_translate"))
         return

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 from types import ModuleType
-from typing import Callable
+from typing import Any, Callable, Mapping
 
 from ..translate import (anthropic_to_gemini, anthropic_to_openai_chat, openai_chat_to_anthropic,
                          openai_chat_to_gemini, openai_embeddings_to_gemini)
@@ -33,10 +33,15 @@ class Translated:
     extra: dict = field(default_factory=dict)  # per pair (embeddings: model, encoding)
 
 
+Fetched = Mapping[str, tuple[str, bytes]]  # image URL -> (media type, bytes), for inline-only upstreams
+
+
 @dataclass(frozen=True, slots=True)
 class Pair:
     module: ModuleType  # response(), error(), StreamTranslator (not for embeddings)
-    translate: Callable[[dict, str], Translated]
+    translate: Callable[[dict, str, Fetched], Translated]
+    # the http(s) image URLs a request names, for upstreams that take only inline images; None: URLs pass
+    image_urls: Callable[[dict], list[str]] | None = None
 
 
 def _usage_wanted(doc: dict) -> bool:
@@ -44,40 +49,63 @@ def _usage_wanted(doc: dict) -> bool:
     return bool(isinstance(opts, dict) and opts.get("include_usage"))
 
 
-def _chat_to_anthropic(doc: dict, model: str) -> Translated:
+def _chat_to_anthropic(doc: dict, model: str, fetched: Fetched) -> Translated:
     body, dropped = openai_chat_to_anthropic.request(doc, model)
     return Translated(body, "/v1/messages", dropped, bool(doc.get("stream")), _usage_wanted(doc))
 
 
-def _chat_to_gemini(doc: dict, model: str) -> Translated:
-    body, dropped = openai_chat_to_gemini.request(doc, model, {})
+def _chat_to_gemini(doc: dict, model: str, fetched: Fetched) -> Translated:
+    body, dropped = openai_chat_to_gemini.request(doc, model, fetched)
     stream = bool(doc.get("stream"))
     return Translated(body, "/v1beta" + openai_chat_to_gemini.upstream_path(model, stream), dropped, stream,
                       _usage_wanted(doc))
 
 
-def _messages_to_openai(doc: dict, model: str) -> Translated:
+def _messages_to_openai(doc: dict, model: str, fetched: Fetched) -> Translated:
     body, dropped = anthropic_to_openai_chat.request(doc, model)
     return Translated(body, "/v1/chat/completions", dropped, bool(doc.get("stream")))
 
 
-def _messages_to_gemini(doc: dict, model: str) -> Translated:
-    body, dropped = anthropic_to_gemini.request(doc, model)
+def _messages_to_gemini(doc: dict, model: str, fetched: Fetched) -> Translated:
+    body, dropped = anthropic_to_gemini.request(doc, model, fetched_images=fetched)
     stream = bool(doc.get("stream"))
     return Translated(body, anthropic_to_gemini.path(model, stream), dropped, stream)
 
 
-def _embeddings_to_gemini(doc: dict, model: str) -> Translated:
+def _embeddings_to_gemini(doc: dict, model: str, fetched: Fetched) -> Translated:
     call = openai_embeddings_to_gemini.request(doc, model)
     return Translated(call.body, "/v1beta/" + openai_embeddings_to_gemini.path(model, call.method), call.dropped,
                       False, extra={"model": model, "encoding": call.encoding_format})
 
 
+def anthropic_image_urls(doc: dict) -> list[str]:
+    """The http(s) URLs of an Anthropic request's URL image sources (tool results' too), once each."""
+    found: dict[str, None] = {}
+
+    def walk(blocks: Any) -> None:
+        if not isinstance(blocks, list):
+            return
+        for block in blocks:
+            if not isinstance(block, dict):
+                continue
+            source = block.get("source")
+            if block.get("type") == "image" and isinstance(source, dict) and source.get("type") == "url":
+                url = source.get("url")
+                if isinstance(url, str) and url.startswith(("http://", "https://")):
+                    found[url] = None
+            walk(block.get("content"))
+
+    for message in doc.get("messages") or []:
+        if isinstance(message, dict):
+            walk(message.get("content"))
+    return list(found)
+
+
 PAIRS: dict[tuple[str, str], Pair] = {
     (CHAT, "anthropic"): Pair(openai_chat_to_anthropic, _chat_to_anthropic),
-    (CHAT, "gemini"): Pair(openai_chat_to_gemini, _chat_to_gemini),
+    (CHAT, "gemini"): Pair(openai_chat_to_gemini, _chat_to_gemini, openai_chat_to_gemini.image_urls),
     (MESSAGES, "openai"): Pair(anthropic_to_openai_chat, _messages_to_openai),
-    (MESSAGES, "gemini"): Pair(anthropic_to_gemini, _messages_to_gemini),
+    (MESSAGES, "gemini"): Pair(anthropic_to_gemini, _messages_to_gemini, lambda doc: anthropic_image_urls(doc)),
     (EMBEDDINGS, "gemini"): Pair(openai_embeddings_to_gemini, _embeddings_to_gemini),
 }
 

@@ -52,7 +52,7 @@ class RouteTranslation:
     def prepare(self, doc: Any, model: str, upstream: Any) -> Try:
         """Raises TranslateError when the request cannot go to this target unchanged in meaning."""
         pair = pairs.PAIRS[(self.operation, upstream.adapter)]
-        done = pair.translate(dict(doc), model)
+        done = pair.translate(dict(doc), model, {})  # image URLs are fetched only for unrouted calls
         adapter = ADAPTER_MODULES[upstream.adapter]
         raw = orjson.dumps(done.body)
         path_only = done.target.partition("?")[0]

@@ -5,9 +5,10 @@ from __future__ import annotations
 
 import time
 from typing import Any, Awaitable, Callable
+from urllib.parse import parse_qsl
 
 import orjson
-from multidict import CIMultiDict
+from multidict import CIMultiDict, MultiDict
 
 from ..reply import Incoming, Reply
 from ..runtime import ADAPTER_MODULES, Runtime
@@ -174,8 +175,6 @@ def _models(rt: Runtime, incoming: Incoming, reply: Reply) -> None:
             if up is not None:
                 entries.append(models_list.ModelEntry(t.upstream, t.model, up.provider))
     if incoming.path == "/models":
-        from urllib.parse import parse_qsl
-        from multidict import MultiDict
         query = MultiDict(parse_qsl(incoming.query, keep_blank_values=True))
         body = models_list.models_list(entries, names, incoming.headers, query)
         reply.simple(200, orjson.dumps(body))

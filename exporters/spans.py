@@ -173,6 +173,9 @@ class SpanBuilder:
                 attrs["meterline.route.served_by"] = r.served_by
             if r.arm is not None:
                 attrs["meterline.route.arm"] = r.arm
+        if r.client_format is not None:  # a One API call (docs/one-api.md): the formats on each side
+            attrs["meterline.client_format"] = r.client_format
+            attrs["meterline.upstream_format"] = r.upstream_format or ""
         events: tuple[Event, ...] | list[Event] = ()
         if x is not None:
             if x.attributes:

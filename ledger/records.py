@@ -130,6 +130,10 @@ class CallRecord:
     attempts: int | None = None
     served_by: str | None = None
     arm: str | None = None
+    # One API (sidecar/oneapi): the format the app spoke (`openai`, `anthropic`) and the upstream's
+    # adapter format, for calls made on the root paths; None for calls made on /<upstream>/ paths
+    client_format: str | None = None
+    upstream_format: str | None = None
 
 
 @dataclass(slots=True)

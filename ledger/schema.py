@@ -60,6 +60,9 @@ COLUMNS: list[tuple[str, str, pa.DataType]] = [
     ("attempts", "INTEGER", pa.int32()),
     ("served_by", "VARCHAR", pa.string()),
     ("arm", "VARCHAR", pa.string()),
+    # One API (sidecar/oneapi): the format the app spoke and the upstream's; None for direct calls
+    ("client_format", "VARCHAR", pa.string()),
+    ("upstream_format", "VARCHAR", pa.string()),
 ]
 assert [c[0] for c in COLUMNS] == [f.name for f in dataclasses.fields(CallRecord)], "schema and CallRecord drifted"
 

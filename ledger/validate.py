@@ -37,7 +37,7 @@ _UPSTREAM_STRINGS = ("request_model", "response_model", "response_id", "finish_r
 _STRINGS = ("app", "upstream", "provider", "operation", "endpoint", "request_model", "response_model",
             "response_id", "outcome", "error_type", "finish_reason", "price_source", "user_id",
             "key_fingerprint", "trace_id", "span_id", "anomaly", "service_tier", "instance", "route", "served_by",
-            "arm")
+            "arm", "client_format", "upstream_format")
 _FLOATS = ("duration_ms", "ttft_ms", "overhead_ms")
 _BYTES = ("request_bytes", "response_bytes")
 

@@ -116,11 +116,22 @@ class Config:
     fleet: FleetConfig = field(default_factory=FleetConfig)
     routes: dict[str, Route] = field(default_factory=dict)  # routes: model names standing for targets
     jobs: JobsConfig = field(default_factory=JobsConfig)  # `jobs:`: async media jobs (docs/jobs.md)
+    translate: TranslateConfig = field(default_factory=lambda: TranslateConfig())  # `translate:` (docs/one-api.md)
+
+
+@dataclass(slots=True)
+class TranslateConfig:
+    """`translate:`: One API (docs/one-api.md). Fetching image URLs for an upstream that takes only
+    inline images (Gemini) makes the sidecar fetch URLs the app names, so it is off unless asked."""
+
+    fetch_images: bool = False
+    max_image_bytes: int = 10 * 1024 * 1024
+    image_timeout_s: float = 10.0
 
 
 _TOP_KEYS = {"listen", "app", "ledger", "upstreams", "prices", "budgets", "alerts", "telemetry", "timeouts",
              "admin_token", "default_max_output_tokens", "allowed_hosts", "reconcile", "sql", "workers",
-             "fleet", "routes", "jobs"}
+             "fleet", "routes", "jobs", "translate"}
 MAX_WORKERS = 64
 
 
@@ -169,6 +180,7 @@ def parse(doc: Any) -> Config:
     cfg.upstreams = _upstreams(_map(doc, "upstreams"))
     cfg.prices = [_price(i, p) for i, p in enumerate(_list(doc, "prices"))]
     cfg.routes = _routes(doc.get("routes"), cfg.upstreams)
+    cfg.translate = _translate(_map(doc, "translate"))
     timeouts = _map(doc, "timeouts")
     unknown = set(timeouts) - set(_TIMEOUT_KEYS)
     if unknown:
@@ -353,6 +365,27 @@ def _upstreams(doc: dict[str, Any]) -> dict[str, Upstream]:
         if spec.get("api_key") is not None:
             result[name].api_key = _env_value(spec["api_key"], f"{key}.api_key")
     return result
+
+
+def _translate(doc: dict[str, Any]) -> TranslateConfig:
+    out = TranslateConfig()
+    unknown = set(doc) - {"fetch_images", "max_image_bytes", "image_timeout_s"}
+    if unknown:
+        raise ConfigError(f"unknown config key 'translate.{sorted(map(str, unknown))[0]}' "
+                          "(known: fetch_images, image_timeout_s, max_image_bytes)")
+    fetch = doc.get("fetch_images", False)
+    if not isinstance(fetch, bool):
+        raise ConfigError(f"config key 'translate.fetch_images': expected true or false, got {fetch!r}")
+    out.fetch_images = fetch
+    size = doc.get("max_image_bytes", out.max_image_bytes)
+    if isinstance(size, bool) or not isinstance(size, int) or size <= 0:
+        raise ConfigError(f"config key 'translate.max_image_bytes': expected a positive whole number, got {size!r}")
+    out.max_image_bytes = size
+    wait = doc.get("image_timeout_s", out.image_timeout_s)
+    if isinstance(wait, bool) or not isinstance(wait, (int, float)) or not 0 < wait <= 600:
+        raise ConfigError(f"config key 'translate.image_timeout_s': expected seconds above 0 (at most 600), got {wait!r}")
+    out.image_timeout_s = float(wait)
+    return out
 
 
 def _routes(doc: Any, upstreams: dict[str, Upstream]) -> dict[str, Route]:

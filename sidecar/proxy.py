@@ -23,6 +23,7 @@ from . import attribution, content, hostcheck, jobs_hook, memory
 from .adapters.base import JsonObserver
 from .decoding import Decoder, decoder_for
 from .guard import NO_RESERVATION, Pending
+from .oneapi import call as oneapi_call, routed as oneapi_routed
 from .routes import attempts
 from .reply import AioReply, Incoming, Reply, incoming_of, read_body, timed_out
 from .runtime import ADAPTER_MODULES, Runtime
@@ -91,6 +92,9 @@ async def forward(rt: Runtime, incoming: Incoming, reply: Reply, t0: float) -> N
     name = incoming.upstream
     upstream = rt.config.upstreams.get(name)
     if upstream is None:
+        if name == "v1" and oneapi_call.serves(incoming.path):  # the root paths: One API (sidecar/oneapi)
+            await oneapi_call.forward(rt, incoming, reply, t0, forward)
+            return
         reply.simple(404, orjson.dumps(
             {"error": {"message": f"meterline: no upstream named {name!r}; configure it under 'upstreams:'",
                        "type": "meterline_unknown_upstream"}}))
@@ -133,17 +137,24 @@ async def forward(rt: Runtime, incoming: Incoming, reply: Reply, t0: float) -> N
         key_fingerprint=attribution.fingerprint(attribution.api_key(headers, query), rt.salt),
         trace_id=trace_id, span_id=span_id, request_bytes=len(raw),
     )
+    if incoming.formats is not None:
+        record_base["client_format"], record_base["upstream_format"] = incoming.formats
 
     est = mine = idem_key = None  # an async job's estimate, its idempotency entry and key (jobs_hook)
     # a route: one dict hit (a job's submit or poll is never routed)
     routed = rt.routes.get(info.request_model) if rt.routes and job is None else None
     if routed is not None:
-        if routed.route.adapter != upstream.adapter:
+        if routed.route.adapter != upstream.adapter and incoming.formats is None:
             reply.simple(400, adapter.error_body(400, (
                 f"meterline: route {routed.route.name!r} has {routed.route.adapter} targets; call it on a "
-                f"{routed.route.adapter} path, not /{name}/ ({upstream.adapter})"), "meterline_route_format"))
+                f"{routed.route.adapter} path, not /{name}/ ({upstream.adapter})"
+                + (" (its targets mix formats: call it on the root /v1/ paths)" if routed.route.mixed else "")),
+                "meterline_route_format"))
             return
         routed = attempts.RoutedCall(routed)
+        if incoming.formats is not None and (routed.state.route.mixed or routed.state.route.adapter != upstream.adapter):
+            # a root-path call (sidecar/oneapi): each try of another format is translated for its target
+            routed.oneapi = oneapi_routed.RouteTranslation(incoming.formats[0], incoming.path)
         decision = NO_RESERVATION  # each try is admitted at its own model's price (routes/attempts.py)
         rewritten = None
         traceparent = f"00-{trace_id}-{span_id}-{'01' if sampled else '00'}" \
@@ -194,6 +205,8 @@ async def forward(rt: Runtime, incoming: Incoming, reply: Reply, t0: float) -> N
         t_end = time.perf_counter()
         record = _record(rt, call, record_base, provisional=False)
         if routed is not None:
+            if routed.oneapi is not None:  # the format of the target that answered
+                record.upstream_format = rt.config.upstreams[call.upstream].adapter
             routed.finish(record, call)
             extras.attempts = routed.attempts
             rt.guard.settle(decision if routed.reservation is None else routed.reservation, record, extras)
@@ -212,6 +225,7 @@ async def forward(rt: Runtime, incoming: Incoming, reply: Reply, t0: float) -> N
 
     call.conclude = conclude
     rt.in_flight += 1
+    app_reply = reply  # the app's own Reply (a translated try's answer goes through routed.reply)
     started = False
     pending: bytes | None = None
     try:
@@ -222,6 +236,8 @@ async def forward(rt: Runtime, incoming: Incoming, reply: Reply, t0: float) -> N
         else:
             started, pending = await attempts.run(rt, routed, call, incoming, adapter, info, body, record_base,
                                                   extras, reply, upstream_headers, _exchange)
+            if routed.reply is not None:  # a translated try answered: its answer goes back translated
+                reply = routed.reply
     except asyncio.CancelledError:
         # the app went away: the upstream request was dropped with it
         if not call.concluded:
@@ -239,8 +255,8 @@ async def forward(rt: Runtime, incoming: Incoming, reply: Reply, t0: float) -> N
         message = f"meterline: upstream {upstream.name} ({where}) failed: {call.error_detail or call.error_type}"
         log.warning("%s", message.removeprefix("meterline: "))
         status = 504 if call.outcome == records.TIMEOUT else 502
-        reply.simple(status, adapter.error_body(status, message, "api_error"),
-                     None if routed is None else dict(routed.headers()))
+        app_reply.simple(status, adapter.error_body(status, message, "api_error"),
+                         None if routed is None else dict(routed.headers()))
         return
     if call.outcome in (records.CANCELLED, records.BLOCKED):  # BLOCKED: a route whose every try was refused
         return
@@ -527,6 +543,7 @@ def _record(rt: Runtime, call: _Call, base: dict[str, Any], provisional: bool) -
         trace_id=base["trace_id"], span_id=base["span_id"], request_bytes=base["request_bytes"],
         response_bytes=call.response_bytes, anomaly=None if provisional else seen.anomaly,
         service_tier=seen.service_tier, instance=rt.config.fleet.instance,
+        client_format=base.get("client_format"), upstream_format=base.get("upstream_format"),
     )
     if not provisional:
         validate.mark(record, bad)

@@ -21,6 +21,8 @@ class Incoming:
     target: str  # the rest of the path and the query exactly as sent, for the upstream request line
     headers: CIMultiDict[str] | CIMultiDictProxy[str]
     body: bytes
+    # One API (sidecar/oneapi): (client format, upstream format) of a call made on a root path
+    formats: tuple[str, str] | None = None
 
 
 class Reply(Protocol):

@@ -551,7 +551,8 @@ async def serve(rt: Runtime, forward: Callable[..., Any], aiohttp_protocol: Call
     """Listens on host:port (or the listening `sock` given) with the front; `aiohttp_protocol` makes
     aiohttp's protocol for hand-overs."""
     loop = asyncio.get_running_loop()
-    prefixes = frozenset(f"/{name}/".encode() for name in rt.config.upstreams if name != "_meterline")
+    # b"/v1/": the One API root paths (sidecar/oneapi), unless an upstream is named "v1"
+    prefixes = frozenset([f"/{name}/".encode() for name in rt.config.upstreams if name != "_meterline"] + [b"/v1/"])
     hosts = _Hosts(rt.config.allowed_hosts)
     make = lambda: Front(rt, forward, aiohttp_protocol, prefixes, hosts)  # noqa: E731
     if sock is not None:

@@ -76,9 +76,17 @@ def test_a_malformed_route_names_its_key(routes: object, key: str) -> None:
 
 def test_a_target_of_another_wire_format_is_refused_naming_it() -> None:
     with pytest.raises(config.ConfigError) as err:
-        parse({"r": {"targets": targets("openai/gpt-4o-mini", "anthropic/claude-haiku-4-5")}})
+        config.parse({**UPSTREAMS, "upstreams": {**UPSTREAMS.get("upstreams", {}), "each": {
+            "base_url": "https://api.eachlabs.ai", "adapter": "eachlabs", "provider": "eachlabs"}},
+            "routes": {"r": {"targets": targets("openai/gpt-4o-mini", "each/flux")}}})
     message = str(err.value)
-    assert "routes.r.targets[1]" in message and "anthropic/claude-haiku-4-5" in message and "One API" in message
+    assert "routes.r.targets[1]" in message and "each/flux" in message and "One API" in message
+
+
+def test_targets_a_translator_joins_may_mix_formats() -> None:
+    route = parse({"r": {"targets": targets("openai/gpt-4o-mini", "anthropic/claude-haiku-4-5")}}).routes["r"]
+    assert route.mixed and route.adapter == "openai"
+    assert not parse({"r": {"targets": targets("openai/gpt-4o-mini")}}).routes["r"].mixed
 
 
 def test_a_target_key_comes_from_the_environment(monkeypatch: pytest.MonkeyPatch) -> None:
@@ -210,8 +218,8 @@ def test_attempts_travel_in_the_final_journal_line_into_the_attempts_table(tmp_p
 def test_an_old_journal_line_without_route_fields_still_reads() -> None:
     record = _record("c2")
     line = journal.encode_final(record, CallExtras())
-    fields = journal._FIELDS[:-4]  # a segment header of a version before routes
-    old = journal.orjson.dumps([*journal._ROW(record)[:-4], None], default=str)
+    fields = journal._FIELDS[:-6]  # a segment header of a version before routes (and One API's formats)
+    old = journal.orjson.dumps([*journal._ROW(record)[:-6], None], default=str)
     got = journal.read_line(old, fields)
     assert got.record.route is None and got.record.attempts is None and got.record.call_id == "c2"
     assert journal.read_line(line).extras.attempts == []

@@ -27,6 +27,7 @@ from ledger.records import Attempt, CallExtras, CallInfo, CallRecord, Observatio
 
 from ..decoding import decoder_for
 from ..guard import Pending
+from ..translate.base import TranslateError
 from ..upstream import Response as UpstreamResponse, UpstreamError
 from .circuit import Breaker
 from .config import Target
@@ -84,7 +85,7 @@ class RoutedCall:
     """What one routed call knows of its tries; `finish` folds them into the call's record."""
 
     __slots__ = ("state", "arm", "attempts", "reservation", "committed", "t_commit", "started_commit",
-                 "breaker", "target")
+                 "breaker", "target", "oneapi", "reply")
 
     def __init__(self, state: RouteState) -> None:
         self.state = state
@@ -96,6 +97,8 @@ class RoutedCall:
         self.started_commit: datetime | None = None
         self.breaker: Breaker | None = None
         self.target: Target | None = None
+        self.oneapi: Any = None  # a root-path call of a mixed-format route (sidecar/oneapi/routed.py)
+        self.reply: Any = None  # the translating Reply of the try that answered, when it was translated
 
     def headers(self) -> list[tuple[str, str]]:
         out = [(ROUTE_HEADER, self.state.route.name), (ATTEMPTS_HEADER, str(len(self.attempts) + self.committed))]
@@ -163,6 +166,7 @@ async def run(rt: Any, rc: RoutedCall, call: Any, incoming: Any, adapter: Any, i
     refusal: Refusal | None = None
     failure: tuple[Any, ...] | None = None  # the last failed try: replayed to the app if none follows
     skip: Target | None = None  # a target whose remaining tries are skipped
+    untranslatable: TranslateError | None = None  # a mixed route's target the request cannot be translated to
     i = -1
     while i + 1 < len(plan):
         i += 1
@@ -176,7 +180,18 @@ async def run(rt: Any, rc: RoutedCall, call: Any, incoming: Any, adapter: Any, i
             skip = target
             continue
         upstream = rt.config.upstreams[target.upstream]
-        tinfo = _target_info(info, upstream.provider, target.model, route.name, adapter)
+        xl = tadapter = None  # a try translated for a target of another wire format
+        if rc.oneapi is not None and rc.oneapi.needed(upstream.adapter):
+            try:
+                xl = rc.oneapi.prepare(body, target.model, upstream)
+            except TranslateError as e:
+                breaker.release()
+                untranslatable, skip = e, target
+                continue
+            tadapter, tinfo = xl.adapter, xl.info
+        else:
+            tadapter = adapter
+            tinfo = _target_info(info, upstream.provider, target.model, route.name, adapter)
         started_at = datetime.now(timezone.utc)
         decision: Any = Reservation([])
         if rt.guard.active:
@@ -192,11 +207,15 @@ async def run(rt: Any, rc: RoutedCall, call: Any, incoming: Any, adapter: Any, i
                 skip = target  # the budget would refuse its retries too
                 continue
         more = i + 1 < len(plan)  # another try may follow (circuits and budgets permitting)
-        raw, rewritten, path = _request(adapter, tinfo, body, incoming, route.name, target.model)
-        headers = forward_headers(rewritten is not None)
+        if xl is None:
+            raw, rewritten, path = _request(adapter, tinfo, body, incoming, route.name, target.model)
+            headers = forward_headers(rewritten is not None)
+        else:
+            raw, rewritten, path = xl.raw, xl.rewritten, xl.path
+            headers = xl.headers(forward_headers(True))
         key = target.api_key or getattr(upstream, "api_key", None)
         if key:
-            path = _with_key(headers, path, adapter, key)
+            path = _with_key(headers, path, tadapter, key)
         t_try = time.perf_counter()
         up: UpstreamResponse | None = None
         first: bytes | None = None
@@ -249,14 +268,14 @@ async def run(rt: Any, rc: RoutedCall, call: Any, incoming: Any, adapter: Any, i
             continue
         assert up is not None
         if fails:
-            obs = _observe(adapter, tinfo, up, data, rewritten is not None)
+            obs = _observe(tadapter, tinfo, up, data, rewritten is not None)
             up.close()
             breaker.record(False)
             _hold(rt, rc, decision, started_at)
             cost = _price(rt, tinfo, obs, started_at)
             rc.attempts.append(_failed_attempt(base["call_id"], len(rc.attempts) + 1, target, upstream.provider,
                                                started_at, t_try, up.status, obs, cost))
-            failure = ("response", up, data, target, tinfo, obs)
+            failure = ("response", up, data, target, tinfo, obs, xl)
             if k + 1 < tries:
                 after = await _backoff(route, k, up, waited)
                 skip, waited = (target, waited) if after is None else (skip, after)
@@ -266,11 +285,15 @@ async def run(rt: Any, rc: RoutedCall, call: Any, incoming: Any, adapter: Any, i
         _hold(rt, rc, decision, started_at)
         rc.breaker, rc.target = breaker, target
         call.info, call.upstream = tinfo, target.upstream
-        return await exchange(rt, incoming.method, adapter, upstream.origin, path, raw, headers, call,
+        if xl is not None:
+            rc.reply = reply = xl.reply(reply, rc.oneapi.client)
+        return await exchange(rt, incoming.method, tadapter, upstream.origin, path, raw, headers, call,
                               rewritten is not None, reply, opened=Opened(up, _chain(first, chunks), rc.headers()))
     # no try was committed
     if failure is not None and failure[0] == "response":
-        _, up, data, target, tinfo, obs = failure
+        _, up, data, target, tinfo, obs, xl = failure
+        if xl is not None:
+            rc.reply = reply = xl.reply(reply, rc.oneapi.client)
         rc.target = target
         call.info, call.upstream, call.status, call.observation = tinfo, target.upstream, up.status, obs
         call.outcome = records.UPSTREAM_ERROR
@@ -293,6 +316,11 @@ async def run(rt: Any, rc: RoutedCall, call: Any, incoming: Any, adapter: Any, i
         if refusal.retry_after is not None:
             hdrs["retry-after"] = str(refusal.retry_after)
         reply.simple(429, adapter.error_body(429, refusal.message, "budget_exceeded"), hdrs)
+        return False, None
+    if untranslatable is not None:  # every target left was of a format this request cannot be translated to
+        call.outcome, call.status, call.error_type = records.BLOCKED, untranslatable.status, "untranslatable"
+        reply.simple(untranslatable.status, adapter.error_body(untranslatable.status, untranslatable.message,
+                                                               "meterline_translate"), dict(rc.headers()))
         return False, None
     call.outcome, call.error_type = records.NETWORK_ERROR, "circuit_open"
     call.error_detail = f"route {route.name!r}: every target's circuit is open (or its time is up)"

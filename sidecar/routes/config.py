@@ -7,6 +7,8 @@ import re
 from dataclasses import dataclass, field
 from typing import Any
 
+from ..oneapi import pairs
+
 STRATEGIES = ("fallback", "weighted", "cheapest", "fastest")
 # what a failure may be; statuses are listed as numbers (429, 503) or classes ("5xx")
 _CLASSES = ("timeout", "network")
@@ -84,7 +86,7 @@ class Rule:
 @dataclass(frozen=True, slots=True)
 class Route:
     name: str
-    adapter: str  # the wire format every target speaks (and the app must use)
+    adapter: str  # the wire format of the first target (and of every target unless `mixed`)
     strategy: str
     targets: tuple[Target, ...]
     retry: Retry = field(default_factory=Retry)
@@ -92,6 +94,9 @@ class Route:
     timeouts: Timeouts = field(default_factory=Timeouts)
     circuit: Circuit = field(default_factory=Circuit)
     rules: tuple[Rule, ...] = ()
+    # targets of several wire formats, each reachable by translation (sidecar/oneapi): the route is
+    # called on the root paths (/v1/chat/completions, /v1/messages), each try translated for its target
+    mixed: bool = False
 
 
 def parse_routes(doc: Any, upstreams: dict[str, Any]) -> dict[str, Route]:
@@ -125,13 +130,16 @@ def _route(name: str, spec: Any, upstreams: dict[str, Any]) -> Route:
         raise RouteConfigError(f"config key '{key}.targets': expected a list of {{upstream, model}}")
     targets = tuple(_target(f"{key}.targets[{i}]", t, upstreams) for i, t in enumerate(raw_targets))
     adapter = upstreams[targets[0].upstream].adapter
-    for i, t in enumerate(targets):
-        other = upstreams[t.upstream].adapter
-        if other != adapter:
-            raise RouteConfigError(
-                f"config key '{key}.targets[{i}]' ({t.key}): upstream {t.upstream!r} speaks the {other} wire "
-                f"format but the route's first target speaks {adapter}; translating between formats "
-                "(\"One API\") is not wired to routes yet, so a route's targets must share one format")
+    formats = {upstreams[t.upstream].adapter for t in targets}
+    mixed = len(formats) > 1
+    if mixed and not pairs.mixable(formats):
+        for i, t in enumerate(targets):
+            other = upstreams[t.upstream].adapter
+            if other != adapter:
+                raise RouteConfigError(
+                    f"config key '{key}.targets[{i}]' ({t.key}): upstream {t.upstream!r} speaks the {other} wire "
+                    f"format but the route's first target speaks {adapter}, and no translator (\"One API\") joins "
+                    f"them; a route may mix only {', '.join(sorted(pairs.CHAT_FORMATS))} targets")
     keys = [t.key for t in targets]
     if len(set(keys)) != len(keys):
         raise RouteConfigError(f"config key '{key}.targets': {max(keys, key=keys.count)} is listed twice")
@@ -141,7 +149,7 @@ def _route(name: str, spec: Any, upstreams: dict[str, Any]) -> Route:
     return Route(name, adapter, strategy, targets, _retry(spec.get("retry"), f"{key}.retry"),
                  _fallback_on(spec.get("fallback_on"), f"{key}.fallback_on"),
                  _timeouts(spec.get("timeouts"), f"{key}.timeouts"),
-                 _circuit(spec.get("circuit"), f"{key}.circuit"), rules)
+                 _circuit(spec.get("circuit"), f"{key}.circuit"), rules, mixed)
 
 
 def _target(key: str, spec: Any, upstreams: dict[str, Any]) -> Target:

@@ -18,6 +18,7 @@ from aiohttp import web
 from . import naming
 from .scenarios import Scenario
 from .tokens import Counts, reply_parts, reply_text
+from .tools import TOOL_ARGS, argument_pieces, first_tool
 from .wire import BadRequest, Ctx, Provider, SseFraming, dumps_compact
 
 JSON_CT = "application/json"
@@ -113,6 +114,9 @@ async def messages(ctx: Ctx) -> web.StreamResponse:
     ctx.describe(model=model, response_model=rmodel, response_id=mid, stream=stream, computed_usage=usage)
     thinking = "Let me think about this step by step." if c.reasoning else None
     signature = _signature(mid)
+    tool = first_tool(body) if ctx.scenario.has("tool-call") else None
+    tool_id = f"toolu_{mid[-24:]}"
+    stop = "tool_use" if tool else "end_turn"
 
     def message(content: list[dict[str, Any]], stop_reason: Optional[str], msg_usage: dict[str, Any]) -> dict[str, Any]:
         return {
@@ -130,8 +134,11 @@ async def messages(ctx: Ctx) -> web.StreamResponse:
         content: list[dict[str, Any]] = []
         if thinking:
             content.append({"type": "thinking", "thinking": thinking, "signature": signature})
-        content.append({"type": "text", "text": reply_text(ctx.scenario.chunks)})
-        return await ctx.send_json(message(content, "end_turn", usage), usage=usage)
+        if tool:
+            content.append({"type": "tool_use", "id": tool_id, "name": tool, "input": TOOL_ARGS})
+        else:
+            content.append({"type": "text", "text": reply_text(ctx.scenario.chunks)})
+        return await ctx.send_json(message(content, stop, usage), usage=usage)
 
     s = await ctx.open_stream(content_type=SSE_CT, framing=SseFraming(), error_event=_stream_error_event)
 
@@ -150,12 +157,20 @@ async def messages(ctx: Ctx) -> web.StreamResponse:
         await send({"type": "content_block_delta", "index": 0, "delta": {"type": "signature_delta", "signature": signature}})
         await send({"type": "content_block_stop", "index": 0})
         index = 1
-    await send({"type": "content_block_start", "index": index, "content_block": {"type": "text", "text": ""}})
-    if not thinking:
-        await send({"type": "ping"})
-    for part in reply_parts(ctx.scenario.chunks):
-        delta = {"type": "content_block_delta", "index": index, "delta": {"type": "text_delta", "text": part}}
-        await s.content(delta, event="content_block_delta")
+    if tool:
+        block = {"type": "tool_use", "id": tool_id, "name": tool, "input": {}}
+        await send({"type": "content_block_start", "index": index, "content_block": block})
+        for piece in argument_pieces():
+            delta = {"type": "content_block_delta", "index": index,
+                     "delta": {"type": "input_json_delta", "partial_json": piece}}
+            await s.content(delta, event="content_block_delta")
+    else:
+        await send({"type": "content_block_start", "index": index, "content_block": {"type": "text", "text": ""}})
+        if not thinking:
+            await send({"type": "ping"})
+        for part in reply_parts(ctx.scenario.chunks):
+            delta = {"type": "content_block_delta", "index": index, "delta": {"type": "text_delta", "text": part}}
+            await s.content(delta, event="content_block_delta")
     await send({"type": "content_block_stop", "index": index})
 
     if ctx.scenario.has("delta-output-only"):
@@ -169,7 +184,7 @@ async def messages(ctx: Ctx) -> web.StreamResponse:
         }
     if c.reasoning:
         delta_usage["output_tokens_details"] = {"thinking_tokens": c.reasoning}
-    await send({"type": "message_delta", "delta": {"stop_reason": "end_turn", "stop_sequence": None}, "usage": delta_usage})
+    await send({"type": "message_delta", "delta": {"stop_reason": stop, "stop_sequence": None}, "usage": delta_usage})
     merged = {**start_usage, **delta_usage}
     s.note_usage(merged)
     return await s.finish(b"event: message_stop\ndata: " + dumps_compact({"type": "message_stop"}) + b"\n\n")

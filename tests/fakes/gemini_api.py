@@ -17,6 +17,7 @@ from . import naming
 from .openai_api import embedding_vector
 from .scenarios import Scenario
 from .tokens import Counts, reply_parts, reply_text
+from .tools import TOOL_ARGS, first_tool
 from .wire import BadRequest, Ctx, JsonArrayFraming, Provider, SseFraming, dumps_pretty, dumps_spaced
 
 JSON_CT = "application/json; charset=UTF-8"
@@ -84,8 +85,10 @@ def usage_metadata(c: Counts, final: bool = True) -> dict[str, Any]:
     return usage
 
 
-def _candidate(text: str, finished: bool) -> dict[str, Any]:
-    out: dict[str, Any] = {"content": {"parts": [{"text": text}], "role": "model"}}
+def _candidate(text: str, finished: bool, tool: Optional[str] = None) -> dict[str, Any]:
+    # a function call comes whole, in one part (Gemini does not stream its arguments)
+    part = {"functionCall": {"name": tool, "args": TOOL_ARGS}} if tool else {"text": text}
+    out: dict[str, Any] = {"content": {"parts": [part], "role": "model"}}
     if finished:
         out["finishReason"] = "STOP"
     out["index"] = 0
@@ -109,7 +112,8 @@ async def generate_content(ctx: Ctx, model: str) -> web.StreamResponse:
     response_id = naming.gemini_response_id()
     ctx.describe(model=model, response_model=model, response_id=response_id, stream=False, computed_usage=usage)
     obj = {
-        "candidates": [_candidate(reply_text(ctx.scenario.chunks), True)],
+        "candidates": [_candidate(reply_text(ctx.scenario.chunks), True,
+                                  first_tool(body) if ctx.scenario.has("tool-call") else None)],
         "usageMetadata": usage,
         "modelVersion": model,
         "responseId": response_id,
@@ -134,12 +138,13 @@ async def stream_generate_content(ctx: Ctx, model: str) -> web.StreamResponse:
         s = await ctx.open_stream(
             content_type=JSON_CT, framing=JsonArrayFraming(), dumps=dumps_pretty, error_event=_stream_error_event
         )
-    parts = reply_parts(ctx.scenario.chunks)
+    tool = first_tool(body) if ctx.scenario.has("tool-call") else None
+    parts = [""] if tool else reply_parts(ctx.scenario.chunks)
     for i, part in enumerate(parts):
         last = i == len(parts) - 1
         usage = final_usage if last else partial_usage
         chunk = {
-            "candidates": [_candidate(part, last)],
+            "candidates": [_candidate(part, last, tool)],
             "usageMetadata": usage,
             "modelVersion": model,
             "responseId": response_id,

@@ -25,6 +25,7 @@ from aiohttp import web
 
 from . import naming
 from .scenarios import Scenario
+from .tools import argument_pieces, first_tool
 from .tokens import Counts, reply_parts, reply_text, text_tokens
 from .wire import BadRequest, Ctx, Provider, SseFraming, dumps_pretty
 
@@ -144,14 +145,21 @@ async def chat_completions(ctx: Ctx) -> web.StreamResponse:
     fingerprint = naming.system_fingerprint()
     ctx.describe(model=model, response_model=rmodel, response_id=cid, stream=stream, computed_usage=usage)
 
+    tool = first_tool(body) if ctx.scenario.has("tool-call") else None
+    call_id = f"call_{cid[-24:]}"
     if not stream:
         message = {"role": "assistant", "content": reply_text(ctx.scenario.chunks), "refusal": None, "annotations": []}
+        if tool:
+            message["content"] = None
+            message["tool_calls"] = [{"id": call_id, "type": "function",
+                                      "function": {"name": tool, "arguments": "".join(argument_pieces())}}]
         obj = {
             "id": cid,
             "object": "chat.completion",
             "created": created,
             "model": rmodel,
-            "choices": [{"index": 0, "message": message, "logprobs": None, "finish_reason": "stop"}],
+            "choices": [{"index": 0, "message": message, "logprobs": None,
+                         "finish_reason": "tool_calls" if tool else "stop"}],
             "usage": usage,
             "service_tier": "default",
             "system_fingerprint": fingerprint,
@@ -179,9 +187,15 @@ async def chat_completions(ctx: Ctx) -> web.StreamResponse:
 
     s = await ctx.open_stream(content_type=SSE_CT, framing=SseFraming(), error_event=_stream_error_event)
     await s.send(chunk(choice({"role": "assistant", "content": "", "refusal": None})))
-    for part in reply_parts(ctx.scenario.chunks):
-        await s.content(chunk(choice({"content": part})))
-    await s.send(chunk(choice({}, "stop")))
+    if tool:
+        await s.content(chunk(choice({"tool_calls": [{"index": 0, "id": call_id, "type": "function",
+                                                      "function": {"name": tool, "arguments": ""}}]})))
+        for piece in argument_pieces():
+            await s.content(chunk(choice({"tool_calls": [{"index": 0, "function": {"arguments": piece}}]})))
+    else:
+        for part in reply_parts(ctx.scenario.chunks):
+            await s.content(chunk(choice({"content": part})))
+    await s.send(chunk(choice({}, "tool_calls" if tool else "stop")))
     if include_usage:
         final = chunk([])
         final["usage"] = usage

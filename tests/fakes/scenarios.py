@@ -23,6 +23,7 @@ KNOWN_TOKENS = frozenset(
         "stream-error",  # streams: provider-shaped error event after a few content chunks
         "delta-output-only",  # Anthropic: message_delta.usage carries only output_tokens
         "stall",  # streams: the head goes out, then nothing (until the client leaves, at most 30 s)
+        "tool-call",  # chat: the answer calls the request's first tool (tests/fakes/tools.py)
     }
 )
 

@@ -43,7 +43,7 @@ BUILTIN_UPSTREAMS = {
     "anthropic": ("https://api.anthropic.com", "anthropic", "anthropic"),
     "gemini": ("https://generativelanguage.googleapis.com", "gemini", "google"),
 }
-RESERVED_NAMES = ("_meterline",)
+RESERVED_NAMES = ("_meterline", "v1")  # the admin routes; the root paths of One API (/v1/...)
 INSTANCE_MAX = 200  # characters of `fleet.instance`
 
 

@@ -134,7 +134,8 @@ async def forward(rt: Runtime, incoming: Incoming, reply: Reply, t0: float) -> N
         call_id=call_id, app=attribution.text(headers.get(attribution.APP_HEADER)) or rt.config.app,
         user_id=attribution.text(headers.get(attribution.USER_HEADER)) or info.user_id,
         tags=attribution.parse_tags(attribution.text(headers.get(attribution.TAGS_HEADER))),
-        key_fingerprint=attribution.fingerprint(attribution.api_key(headers, query), rt.salt),
+        key_fingerprint=attribution.fingerprint(
+            attribution.api_key(headers, query) if incoming.formats is None else incoming.app_key, rt.salt),
         trace_id=trace_id, span_id=span_id, request_bytes=len(raw),
     )
     if incoming.formats is not None:

@@ -23,6 +23,9 @@ class Incoming:
     body: bytes
     # One API (sidecar/oneapi): (client format, upstream format) of a call made on a root path
     formats: tuple[str, str] | None = None
+    # ...and the app's own API key as it sent it (the headers sent upstream may carry the upstream's
+    # configured key instead): the row's key_fingerprint is the app's, never the config's
+    app_key: str | None = None
 
 
 class Reply(Protocol):

@@ -10,6 +10,8 @@ import anthropic
 import openai
 import pytest
 
+from ledger.defaults import read_salt
+from sidecar.attribution import fingerprint
 from tests.conftest import CASE_HEADER, E2E, Case
 from tests.fakes import FakeProvider
 from tests.fakes.tools import TOOL_ARGS
@@ -94,6 +96,8 @@ def test_openai_sdk_streams_from_anthropic_with_configured_key(e2e: E2E) -> None
     e2e.expect(row, upstream="claude", stream=True, client_format="openai", upstream_format="anthropic",
                outcome="ok", output_tokens=chunks[-1].usage.completion_tokens)
     assert row["cost_usd"] is not None
+    # the row names the app's key, not the configured one the upstream was sent
+    assert row["key_fingerprint"] == fingerprint("sk-app-own", read_salt(e2e.sidecar.db))
 
 
 def test_openai_sdk_to_gemini(e2e: E2E) -> None:

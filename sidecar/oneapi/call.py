@@ -10,6 +10,7 @@ from urllib.parse import parse_qsl
 import orjson
 from multidict import CIMultiDict, MultiDict
 
+from .. import attribution
 from ..reply import Incoming, Reply
 from ..runtime import ADAPTER_MODULES, Runtime
 from ..translate import models_list
@@ -126,14 +127,8 @@ async def _routed(rt: Runtime, incoming: Incoming, reply: Reply, t0: float, dire
 def _incoming(incoming: Incoming, upstream: str, target: str, body: bytes, headers: CIMultiDict[str],
               formats: tuple[str, str]) -> Incoming:
     path, _, query = target.partition("?")
-    return Incoming(incoming.method, upstream, path, query, target, headers, body, formats)
-
-
-def _client_key(headers: Any) -> str | None:
-    auth = headers.get("authorization", "")
-    if auth[:7].lower() == "bearer ":
-        return auth[7:].strip() or None
-    return headers.get("x-api-key") or headers.get("x-goog-api-key") or None
+    return Incoming(incoming.method, upstream, path, query, target, headers, body, formats,
+                    attribution.api_key(incoming.headers, incoming.query))
 
 
 def _upstream_headers(headers: Any, api_key: str | None, adapter: str) -> CIMultiDict[str]:
@@ -143,7 +138,7 @@ def _upstream_headers(headers: Any, api_key: str | None, adapter: str) -> CIMult
         (k, v) for k, v in headers.items() if k.lower() not in _CLIENT_HEADERS)
     out["Content-Type"] = "application/json"
     out["Accept-Encoding"] = "identity"  # the answer is translated, so it must come uncompressed
-    key = api_key or _client_key(headers)
+    key = api_key or attribution.api_key(headers, "")
     if adapter == "anthropic":
         out["anthropic-version"] = headers.get("anthropic-version") or ANTHROPIC_VERSION
         if headers.get("anthropic-beta"):

@@ -248,6 +248,10 @@ def test_a_routed_call_span_has_a_child_per_attempt() -> None:
     assert first.context.trace_id == call.context.trace_id and first.context.span_id != second.context.span_id
     assert first.attributes["http.response.status_code"] == 503 and not first.status.is_ok
     assert second.attributes["gen_ai.request.model"] == "gpt-4o" and second.status.is_unset
+    # one try: the call's span alone, with its route attributes (no child repeating it)
+    got = journal.read_line(journal.encode_final(record, CallExtras(attempts=tries[1:])))
+    alone = SpanBuilder(load_settings({}, {})).build_all([(got.record, got.extras)])
+    assert len(alone) == 1 and alone[0].attributes["meterline.route"] == "fb"
 
 
 def _state() -> RouteState:

@@ -10,7 +10,7 @@ from typing import Any, Mapping
 
 import orjson
 
-from sidecar.translate.base import Dropped, TranslateError, map_stop
+from sidecar.translate.base import Dropped, SseData, TranslateError, map_stop
 
 # output_config.effort -> Gemini thinking. Gemini 3 models take thinkingLevel (its enum: MINIMAL,
 # LOW, MEDIUM, HIGH; HIGH is their most); Gemini 1.x/2.x models take only thinkingBudget, and
@@ -555,8 +555,7 @@ class StreamTranslator:
     usage); they keep every pair's constructor the same."""
 
     def __init__(self, created: int = 0, include_usage: bool = True) -> None:
-        self._buf = b""
-        self._data: list[bytes] = []  # data: lines of the event being read
+        self._sse = SseData()  # the upstream's events, whole, from bytes split anywhere
         self._started = False
         self._id: str | None = None
         self._blocks = 0                 # content blocks opened so far (the next block's index)
@@ -683,29 +682,16 @@ class StreamTranslator:
     def feed(self, chunk: bytes) -> bytes:
         if self._done:
             return b""
-        buf = self._buf + chunk if self._buf else chunk
         out = []
-        start = 0
-        while not self._done:
-            end = buf.find(b"\n", start)
-            if end < 0:
-                break
-            line = buf[start:end]
-            start = end + 1
-            if line.endswith(b"\r"):
-                line = line[:-1]
-            if line.startswith(b"data:"):
-                self._data.append(line[6:] if line[5:6] == b" " else line[5:])
-            elif not line and self._data:
-                data, self._data = b"\n".join(self._data), []
-                try:
-                    ev = orjson.loads(data)
-                except orjson.JSONDecodeError:
-                    continue  # not JSON: metering counts it from the upstream bytes
-                if isinstance(ev, dict):
-                    out.append(self._chunk(ev))
-        # Only the unfinished line is kept between feeds.
-        self._buf = b"" if self._done else buf[start:]
+        for data in self._sse.feed(chunk):
+            if self._done:
+                break  # nothing after the stream's end reaches the client
+            try:
+                ev = orjson.loads(data)
+            except orjson.JSONDecodeError:
+                continue  # not JSON: metering counts it from the upstream bytes
+            if isinstance(ev, dict):
+                out.append(self._chunk(ev))
         return b"".join(out)
 
     def finish(self) -> bytes:
@@ -715,7 +701,7 @@ class StreamTranslator:
         if self._done:
             return b""
         # The last event may end with the body rather than with a blank line.
-        out = self.feed(b"\n\n") if self._buf or self._data else b""
+        out = self.feed(b"\n\n") if self._sse.pending else b""
         if self._done:
             return out
         if self._finish is not None:

@@ -9,7 +9,7 @@ from typing import Any, Mapping
 
 import orjson
 
-from sidecar.translate.base import Dropped, TranslateError, map_stop
+from sidecar.translate.base import Dropped, SseData, TranslateError, map_stop
 
 # thinking.budget_tokens -> reasoning_effort, as budget floors: the inverse of the other pair's
 # THINKING_BUDGETS (low 1024, medium 2048, high 4096), so a round trip keeps the level. Never
@@ -502,8 +502,7 @@ class StreamTranslator:
     every pair's constructor the same."""
 
     def __init__(self, created: int = 0, include_usage: bool = True) -> None:
-        self._buf = b""
-        self._data: list[bytes] = []  # data: lines of the event being read
+        self._sse = SseData()  # the upstream's events, whole, from bytes split anywhere
         self._started = False
         self._blocks = 0                 # content blocks opened so far (the next block's index)
         # The one open block, (kind, index): Anthropic streams one block at a time.
@@ -623,32 +622,19 @@ class StreamTranslator:
     def feed(self, chunk: bytes) -> bytes:
         if self._done:
             return b""
-        buf = self._buf + chunk if self._buf else chunk
         out = []
-        start = 0
-        while not self._done:
-            end = buf.find(b"\n", start)
-            if end < 0:
-                break
-            line = buf[start:end]
-            start = end + 1
-            if line.endswith(b"\r"):
-                line = line[:-1]
-            if line.startswith(b"data:"):
-                self._data.append(line[6:] if line[5:6] == b" " else line[5:])
-            elif not line and self._data:
-                data, self._data = b"\n".join(self._data), []
-                if data == b"[DONE]":
-                    out.append(self._end() if self._finish is not None else self.finish())
-                    continue
-                try:
-                    ev = orjson.loads(data)
-                except orjson.JSONDecodeError:
-                    continue  # not JSON: metering counts it from the upstream bytes
-                if isinstance(ev, dict):
-                    out.append(self._chunk(ev))
-        # Only the unfinished line is kept between feeds.
-        self._buf = b"" if self._done else buf[start:]
+        for data in self._sse.feed(chunk):
+            if self._done:
+                break  # nothing after the stream's end reaches the client
+            if data == b"[DONE]":
+                out.append(self._end() if self._finish is not None else self.finish())
+                continue
+            try:
+                ev = orjson.loads(data)
+            except orjson.JSONDecodeError:
+                continue  # not JSON: metering counts it from the upstream bytes
+            if isinstance(ev, dict):
+                out.append(self._chunk(ev))
         return b"".join(out)
 
     def finish(self) -> bytes:

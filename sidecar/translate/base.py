@@ -60,3 +60,8 @@ class SseData:
                 self._data = []
         self._buf = buf[start:]
         return out
+
+    @property
+    def pending(self) -> bool:
+        """An event begun and not yet ended by its blank line (or a line not yet whole)."""
+        return bool(self._buf or self._data)

@@ -8,7 +8,7 @@ from typing import Any
 
 import orjson
 
-from sidecar.translate.base import Dropped, TranslateError, map_stop
+from sidecar.translate.base import Dropped, SseData, TranslateError, map_stop
 
 # Anthropic requires max_tokens; OpenAI does not. Used when the client sends neither
 # max_completion_tokens nor max_tokens (plus the thinking budget, which counts toward it).
@@ -365,8 +365,7 @@ class StreamTranslator:
     def __init__(self, created: int, include_usage: bool) -> None:
         self.created = created
         self.include_usage = include_usage
-        self._buf = b""
-        self._data: list[bytes] = []  # data: lines of the event being read
+        self._sse = SseData()  # the upstream's events, whole, from bytes split anywhere
         self._id = None
         self._model = None
         self._usage: dict = {}
@@ -454,29 +453,16 @@ class StreamTranslator:
     def feed(self, chunk: bytes) -> bytes:
         if self._done:
             return b""
-        buf = self._buf + chunk if self._buf else chunk
         out = []
-        start = 0
-        while not self._done:
-            end = buf.find(b"\n", start)
-            if end < 0:
-                break
-            line = buf[start:end]
-            start = end + 1
-            if line.endswith(b"\r"):
-                line = line[:-1]
-            if line.startswith(b"data:"):
-                self._data.append(line[6:] if line[5:6] == b" " else line[5:])
-            elif not line and self._data:
-                data, self._data = b"\n".join(self._data), []
-                try:
-                    ev = orjson.loads(data)
-                except orjson.JSONDecodeError:
-                    continue  # not JSON: metering counts it from the upstream bytes
-                if isinstance(ev, dict):
-                    out.append(self._event(ev))
-        # Only the unfinished line is kept between feeds.
-        self._buf = b"" if self._done else buf[start:]
+        for data in self._sse.feed(chunk):
+            if self._done:
+                break  # nothing after the stream's end reaches the client
+            try:
+                ev = orjson.loads(data)
+            except orjson.JSONDecodeError:
+                continue  # not JSON: metering counts it from the upstream bytes
+            if isinstance(ev, dict):
+                out.append(self._event(ev))
         return b"".join(out)
 
     def finish(self) -> bytes:

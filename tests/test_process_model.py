@@ -188,7 +188,9 @@ def test_sigterm_drains_a_call_in_flight_then_both_processes(fake: FakeProvider,
     slow = threading.Thread(target=lambda: result.append(_post(sidecar, tag, {
         "x-fake-scenario": "slow", "x-fake-chunks": "40", "x-fake-chunk-delay-ms": "25"})))
     slow.start()
-    time.sleep(0.4)  # the call is under way (about a second long)
+    # the call is under way upstream (about a second long): a fixed wait raced the accept on a busy
+    # machine, and a connection still in the listen backlog at SIGTERM is reset, not drained
+    _until(lambda: sidecar.health()["in_flight"] >= 1, "the slow call in flight")
     assert sidecar.proc is not None
     sidecar.proc.send_signal(signal.SIGTERM)
     slow.join(30)

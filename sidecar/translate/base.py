@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Mapping
+from typing import Any, Mapping
 
 
 class TranslateError(Exception):
@@ -30,6 +30,21 @@ def map_stop(table: Mapping[str, str], reason: str | None, unknown: str = "error
     if reason is None:
         return None
     return table.get(reason, unknown)
+
+
+def openai_error(status: int, kind: str | None, message: str, table: Mapping[str, tuple[int, str]],
+                 own_type: str = "") -> tuple[int, dict[str, Any]]:
+    """An upstream's error as (status, OpenAI error body). `kind` is the upstream's own error type,
+    looked up in `table` (-> status, OpenAI type); a kind the table lacks keeps its status and gets
+    `own_type`, and a 2xx/3xx carrying an error becomes 502. `kind` None: the body was not in the
+    upstream's documented shape and `message` is its text, passed on rather than lost."""
+    if kind is None:
+        new_status, new_type = (status if status >= 400 else 502), "upstream_error"
+    else:
+        new_status, new_type = table.get(kind, (status, own_type))
+        if kind not in table and status < 400:
+            new_status = 502
+    return new_status, {"error": {"message": message, "type": new_type, "param": None, "code": kind}}
 
 
 class SseData:

@@ -8,7 +8,7 @@ from typing import Any
 
 import orjson
 
-from sidecar.translate.base import Dropped, SseData, TranslateError, map_stop
+from sidecar.translate.base import Dropped, SseData, TranslateError, map_stop, openai_error
 
 # Anthropic requires max_tokens; OpenAI does not. Used when the client sends neither
 # max_completion_tokens nor max_tokens (plus the thinking budget, which counts toward it).
@@ -344,16 +344,8 @@ def error(status: int, doc: Any) -> tuple[int, dict]:
     err = doc.get("error") if isinstance(doc, dict) else None
     if isinstance(err, dict) and isinstance(err.get("type"), str):
         kind = err["type"]
-        new_status, new_type = _ERROR_STATUS.get(kind, (status, kind))
-        if kind not in _ERROR_STATUS and status < 400:
-            new_status = 502
-        message = str(err.get("message", ""))
-    else:
-        # Not Anthropic's documented shape: pass its text on rather than lose it.
-        kind, new_type = None, "upstream_error"
-        new_status = status if status >= 400 else 502
-        message = doc if isinstance(doc, str) else json.dumps(doc)
-    return new_status, {"error": {"message": message, "type": new_type, "param": None, "code": kind}}
+        return openai_error(status, kind, str(err.get("message", "")), _ERROR_STATUS, kind)
+    return openai_error(status, None, doc if isinstance(doc, str) else json.dumps(doc), _ERROR_STATUS)
 
 
 # ---------------------------------------------------------------- stream

@@ -10,7 +10,7 @@ from typing import Any, Mapping
 
 import orjson
 
-from sidecar.translate.base import Dropped, SseData, TranslateError, map_stop
+from sidecar.translate.base import Dropped, SseData, TranslateError, map_stop, openai_error
 
 # reasoning_effort -> thinkingConfig.thinkingBudget for Gemini 2.5 and older (0 turns thinking
 # off). low/medium/high are the budgets Google's own OpenAI compatibility layer uses; 24576 is
@@ -491,16 +491,8 @@ def error(status: int, doc: Any) -> tuple[int, dict]:
     err = doc.get("error") if isinstance(doc, dict) else None
     if isinstance(err, dict) and isinstance(err.get("status"), str):
         kind = err["status"]
-        new_status, new_type = _ERROR_STATUS.get(kind, (status, kind.lower()))
-        if kind not in _ERROR_STATUS and status < 400:
-            new_status = 502
-        message = str(err.get("message", ""))
-    else:
-        # Not Gemini's documented shape: pass its text on rather than lose it.
-        kind, new_type = None, "upstream_error"
-        new_status = status if status >= 400 else 502
-        message = doc if isinstance(doc, str) else json.dumps(doc)
-    return new_status, {"error": {"message": message, "type": new_type, "param": None, "code": kind}}
+        return openai_error(status, kind, str(err.get("message", "")), _ERROR_STATUS, kind.lower())
+    return openai_error(status, None, doc if isinstance(doc, str) else json.dumps(doc), _ERROR_STATUS)
 
 
 # ---------------------------------------------------------------- stream

@@ -19,7 +19,8 @@ from typing import Any
 
 import orjson
 
-MONEY = "DECIMAL(38, 12)"
+from ledger.columns import MONEY
+
 RATIO = "DECIMAL(38, 12)"
 SECONDS = "DECIMAL(38, 3)"
 # the compared metrics and their column types, in the order reports show them

@@ -11,10 +11,9 @@ import orjson
 import pyarrow as pa
 
 from . import validate
+from .columns import USAGE_AND_COST
 from .records import Attempt
 
-MONEY = "DECIMAL(38, 12)"
-_money = pa.decimal128(38, 12)
 
 # (column, DuckDB type, Arrow type), in Attempt's field order
 COLUMNS: list[tuple[str, str, pa.DataType]] = [
@@ -29,16 +28,7 @@ COLUMNS: list[tuple[str, str, pa.DataType]] = [
     ("status_code", "INTEGER", pa.int32()),
     ("outcome", "VARCHAR", pa.string()),
     ("error_type", "VARCHAR", pa.string()),
-    ("input_tokens", "BIGINT", pa.int64()),
-    ("output_tokens", "BIGINT", pa.int64()),
-    ("cache_read_tokens", "BIGINT", pa.int64()),
-    ("cache_write_tokens", "BIGINT", pa.int64()),
-    ("reasoning_tokens", "BIGINT", pa.int64()),
-    ("units", "JSON", pa.string()),
-    ("input_cost_usd", MONEY, _money),
-    ("output_cost_usd", MONEY, _money),
-    ("cost_usd", MONEY, _money),
-    ("price_source", "VARCHAR", pa.string()),
+    *USAGE_AND_COST,
     ("response_model", "VARCHAR", pa.string()),
     ("instance", "VARCHAR", pa.string()),
 ]

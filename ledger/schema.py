@@ -9,10 +9,9 @@ import orjson
 import pyarrow as pa
 
 from . import attempt_rows
+from .columns import MONEY, USAGE_AND_COST
 from .records import CallRecord
 
-MONEY = "DECIMAL(38, 12)"
-_money = pa.decimal128(38, 12)
 
 # (column, DuckDB type, Arrow type), in CallRecord's field order
 COLUMNS: list[tuple[str, str, pa.DataType]] = [
@@ -35,16 +34,7 @@ COLUMNS: list[tuple[str, str, pa.DataType]] = [
     ("outcome", "VARCHAR", pa.string()),
     ("error_type", "VARCHAR", pa.string()),
     ("finish_reason", "VARCHAR", pa.string()),
-    ("input_tokens", "BIGINT", pa.int64()),
-    ("output_tokens", "BIGINT", pa.int64()),
-    ("cache_read_tokens", "BIGINT", pa.int64()),
-    ("cache_write_tokens", "BIGINT", pa.int64()),
-    ("reasoning_tokens", "BIGINT", pa.int64()),
-    ("units", "JSON", pa.string()),
-    ("input_cost_usd", MONEY, _money),
-    ("output_cost_usd", MONEY, _money),
-    ("cost_usd", MONEY, _money),
-    ("price_source", "VARCHAR", pa.string()),
+    *USAGE_AND_COST,
     ("user_id", "VARCHAR", pa.string()),
     ("key_fingerprint", "VARCHAR", pa.string()),
     ("tags", "MAP(VARCHAR, VARCHAR)", pa.map_(pa.string(), pa.string())),
